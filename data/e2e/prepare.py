@@ -1,0 +1,123 @@
+"""
+The E2E NLG Challenge data set (restaurant meaning representations -> English) as GPT-2 BPE examples.
+
+    python data/e2e/prepare.py                          # downloads the official v1.0.0 release zip
+    python data/e2e/prepare.py --src ../shared/data/e2e  # a folder with the three CSVs
+    python data/e2e/prepare.py --src ../shared/data/e2e --limit 300 --out /tmp/e2e  # quick test
+
+Every CSV row (header `mr,ref`) becomes one example, context + completion:
+    context    = mr + " ||"                    e.g. "name[Blue Spice], eatType[coffee shop] ||"
+    completion = " " + ref + "<|endoftext|>"   e.g. " Blue Spice is a coffee shop.<|endoftext|>"
+tokenized separately and concatenated, so the boundary is exact: the loss counts only the completion.
+Splits: train = trainset.csv, val = devset.csv, test = testset_w_refs.csv. For each split we write
+  {split}.bin           all examples' tokens back to back, uint16 little-endian
+  {split}_examples.bin  int32 little-endian, 3 per example: (start, context_len, total_len), where
+                        start indexes {split}.bin and tokens[start+context_len : start+total_len] is
+                        the completion
+plus val_refs.json / test_refs.json, [{"mr": ..., "refs": [every ref of that MR]}, ...] in order of
+first appearance (for BLEU etc. against all references), and meta.json with the counts.
+On the full data set:
+train has 42,061 examples, 2,427,730 tokens, the longest 121 tokens
+val has 4,672 examples, 300,986 tokens, the longest 134 tokens (547 MRs)
+test has 4,693 examples, 342,912 tokens, the longest 142 tokens (630 MRs)
+"""
+import argparse
+import csv
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
+sys.path.insert(0, str(ROOT))
+from data.common import download, fail, run, write_bin, write_json  # noqa: E402
+from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
+
+URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
+CSVS = {"train": "trainset.csv", "val": "devset.csv", "test": "testset_w_refs.csv"}
+SEP = " ||"
+NEED = "trainset.csv, devset.csv and testset_w_refs.csv"
+
+
+def read_sources(src):
+    """{split: raw CSV bytes}, from the release zip (src None) or from the folder src."""
+    if src is None:
+        hint = f"pass --src DIR instead, a folder with {NEED} (e.g. --src ../shared/data/e2e)."
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(download(URL, hint)))
+        except zipfile.BadZipFile:
+            fail(f"{URL} did not give a zip file; {hint}")
+        by_name = {os.path.basename(n): n for n in zf.namelist()}  # the CSVs sit in a subfolder
+        missing = [f for f in CSVS.values() if f not in by_name]
+        if missing:
+            fail(f"the release zip has no {missing[0]}; {hint}")
+        return {split: zf.read(by_name[f]) for split, f in CSVS.items()}
+    for f in CSVS.values():
+        if not os.path.isfile(os.path.join(src, f)):
+            fail(f"--src {src} has no {f}; --src must be a folder with {NEED} (e.g. ../shared/data/e2e).")
+    return {split: Path(src, f).read_bytes() for split, f in CSVS.items()}
+
+
+def read_rows(data, name, limit=None):
+    """[(mr, ref), ...] from CSV bytes with the header `mr,ref` (quoted fields may hold commas)."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+    if next(reader, None) != ["mr", "ref"]:
+        fail(f"{name} does not start with the header `mr,ref`; is it an E2E CSV?")
+    rows = [(mr, ref) for mr, ref in reader]
+    return rows[:limit] if limit is not None else rows
+
+
+def tokenize(rows, enc):
+    """All rows' tokens back to back, and the (start, context_len, total_len) triples, flattened."""
+    tokens, index = [], []
+    for mr, ref in rows:
+        # encode_ordinary + [EOT] is what encode(" " + ref + "<|endoftext|>") gives, except that a
+        # literal "<|endoftext|>" inside the data could not sneak in a real EOT
+        ctx = enc.encode_ordinary(mr + SEP)
+        comp = enc.encode_ordinary(" " + ref) + [EOT]
+        index += [len(tokens), len(ctx), len(ctx) + len(comp)]
+        tokens += ctx + comp
+    return tokens, index
+
+
+def group_refs(rows):
+    """[{"mr": mr, "refs": [...]}, ...], MRs in order of first appearance (dicts keep insertion order)."""
+    refs = {}
+    for mr, ref in rows:
+        refs.setdefault(mr, []).append(ref)
+    return [{"mr": mr, "refs": r} for mr, r in refs.items()]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--src", help=f"folder with {NEED} instead of downloading the release zip")
+    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    p.add_argument("--limit", type=int, help="keep only the first N rows of each CSV (quick tests)")
+    args = p.parse_args()
+
+    sources = read_sources(args.src)
+    enc = get_tokenizer()
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"kind": "examples", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
+            "examples_format": "int32 (start, context_len, total_len) per example"}
+    for split, data in sources.items():
+        rows = read_rows(data, CSVS[split], args.limit)
+        tokens, index = tokenize(rows, enc)
+        write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
+        write_bin(os.path.join(args.out, f"{split}_examples.bin"), "i", index)
+        max_len = max(index[2::3], default=0)
+        meta.update({f"{split}_examples": len(rows), f"{split}_tokens": len(tokens), f"{split}_max_len": max_len})
+        msg = f"{split} has {len(rows):,} examples, {len(tokens):,} tokens, the longest {max_len} tokens"
+        if split != "train":  # the references for scoring generations
+            refs = group_refs(rows)
+            write_json(os.path.join(args.out, f"{split}_refs.json"), refs)
+            msg += f" ({len(refs)} MRs)"
+        print(msg)
+    meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
+    meta["source"] = args.src or URL
+    write_json(os.path.join(args.out, "meta.json"), meta)
+
+
+if __name__ == "__main__":
+    run(main)

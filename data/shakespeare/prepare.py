@@ -1,0 +1,60 @@
+"""
+Tiny Shakespeare as GPT-2 BPE tokens, for plain next-token prediction (a "stream" data set).
+
+    python data/shakespeare/prepare.py                 # downloads input.txt (1,115,394 characters)
+    python data/shakespeare/prepare.py --src ../shared/data/tinyshakespeare/input.txt
+
+The first 90% of the characters are train, the rest val. Writes, next to this script (or to --out):
+train.bin and val.bin, the token ids as raw uint16 little-endian (50,257 ids fit in 16 bits), and
+meta.json. On the full file:
+train has 301,966 tokens
+val has 36,059 tokens
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
+sys.path.insert(0, str(ROOT))
+from data.common import download, fail, run, write_bin, write_json  # noqa: E402
+from tokenizer import VOCAB_SIZE, get_tokenizer  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def read_text(src):
+    if src is None:
+        hint = "pass a local copy with --src FILE instead (e.g. --src ../shared/data/tinyshakespeare/input.txt)."
+        return download(URL, hint).decode("utf-8")
+    if not os.path.isfile(src):
+        fail(f"--src {src} is not a file; give the path of tinyshakespeare's input.txt.")
+    with open(src, encoding="utf-8") as f:
+        return f.read()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--src", help="local input.txt instead of downloading it")
+    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    args = p.parse_args()
+
+    text = read_text(args.src)
+    n = int(0.9 * len(text))
+    enc = get_tokenizer()
+    # encode_ordinary: Shakespeare has no special tokens, and a literal "<|endoftext|>" stays plain text
+    splits = {"train": enc.encode_ordinary(text[:n]), "val": enc.encode_ordinary(text[n:])}
+
+    os.makedirs(args.out, exist_ok=True)
+    for split, ids in splits.items():
+        write_bin(os.path.join(args.out, f"{split}.bin"), "H", ids)
+        print(f"{split} has {len(ids):,} tokens")
+    write_json(os.path.join(args.out, "meta.json"), {
+        "kind": "stream", "vocab_size": VOCAB_SIZE,
+        "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]),
+        "source": args.src or URL,
+    })
+
+
+if __name__ == "__main__":
+    run(main)

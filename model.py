@@ -1,0 +1,436 @@
+"""
+GPT-2 in one file: the model, loading the pretrained weights (hub name, local directory or file),
+writing them back in the Hugging Face layout, and generation with a KV cache.
+
+Module names follow the GPT-2 checkpoint (transformer.wte, wpe, h, ln_f, attn, mlp), so loading is a
+name-for-name copy plus two explicit changes: the checkpoint's Conv1D weights are stored transposed,
+and its fused attn.c_attn is split into attn.q, attn.k, attn.v (see CausalSelfAttention).
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# (n_layer, n_head, n_embd) of the four released sizes: 124M, 350M, 774M and 1558M parameters
+SIZES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length (the checkpoint's n_positions)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # GPT-2 was trained with 0.1; 0.0 is the usual choice for fine-tuning
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        if name not in SIZES:
+            raise ValueError(f"unknown GPT-2 size {name!r}: choose one of {', '.join(SIZES)}")
+        n_layer, n_head, n_embd = SIZES[name]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so that generating a token costs
+    one position's work instead of re-running the whole prefix. Preallocated for max_len positions;
+    `pos` is the number of positions filled. Allocation waits for the first keys, so the cache takes
+    their dtype (float32, or bfloat16 under autocast) and device."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
+        self.k = self.v = None  # (n_layer, B, n_head, max_len, head_size) once allocated
+
+    def update(self, layer, k, v):
+        """Store this forward pass's k, v (B, nh, T, hs) for `layer`; return all positions so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)
+            self.v = torch.empty_like(self.k)
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reorder(self, index):
+        """Keep the rows `index` of the batch (beam search: each surviving beam takes its parent's cache)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        C = config.n_embd
+        # The checkpoint fuses the three projections into one c_attn (768 -> 2304). We keep them as three
+        # nn.Linear maps because each one is an adapter target of its own (LoRA's GPT-2 recipe adapts q
+        # and v, not k): a plain nn.Linear per target lets sharelora.py find and wrap it by name without
+        # knowing anything about GPT-2, instead of masking thirds of a fused output (loralib's
+        # MergedLinear). The FLOPs are the same; the loader splits c_attn and save_pretrained re-fuses it.
+        self.q = nn.Linear(C, C, bias=config.bias)
+        self.k = nn.Linear(C, C, bias=config.bias)
+        self.v = nn.Linear(C, C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
+        split = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        mask, causal = None, T > 1
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+            if past > 0 and T > 1:  # new queries see all the past and the causal part of the present
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                causal = False
+            elif past > 0:  # one new query attends to everything cached
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's "gelu_new" is the tanh approximation of GELU
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ W.T, made and consumed a chunk of rows at a time.
+
+    Why: for a 4 x 256 batch the logits are 1024 x 50,257 floats = 206 MB, and autograd would keep them
+    and then make their gradient, as large again: the two biggest tensors of an adapter's training step.
+    The gradient of the loss with respect to the logits has a closed form, softmax - target
+    distribution, so the forward pass turns each chunk of logits into its loss and straight into the
+    gradients for h (and W, when it trains), then frees the chunk. Backward only scales what it stored.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, label_smoothing, chunk_rows):
+        # h (N, C): the hidden states whose target counts; weight (V, C); targets (N,)
+        N, V = h.size(0), weight.size(0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, N, chunk_rows):
+            hc, t = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = (hc @ weight.t()).float()  # (n, V), float32 for a stable softmax
+            lse = logits.logsumexp(dim=-1)
+            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if label_smoothing > 0:  # same definition as F.cross_entropy(label_smoothing=...)
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=-1))
+            loss += nll.sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are done with
+                g[torch.arange(len(t), device=g.device), t] -= 1 - label_smoothing
+                if label_smoothing > 0:
+                    g -= label_smoothing / V
+                g = (g / N).to(hc.dtype)
+                if need_h:
+                    grad_h[s:s + chunk_rows] = g @ weight.to(g.dtype)
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.name_or_path = "scratch"  # what the weights are: set by from_pretrained
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # GPT-2 ties the output layer to the input embedding
+        # GPT-2's init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss).
+
+        With `targets` (B, T), the loss is the mean cross-entropy over the positions whose target is
+        not -100 (so a prompt can be left out of the loss). return_logits=False is the training path:
+        the vocabulary projection is computed only where the loss counts, in chunks, and logits is None.
+        With a `cache` (KVCache), idx holds only the new positions."""
+        B, T = idx.size()
+        past = cache.pos if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"a sequence of {past + T} tokens is longer than the model's context of "
+                             f"{self.config.block_size}: shorten the input")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        if return_logits:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100, label_smoothing=label_smoothing)
+            return logits, loss
+        keep = targets != -100
+        weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
+        chunk_rows = max(1, 2**23 // self.config.vocab_size)  # 166 rows: 32 MB of float32 logits at a time
+        loss = LinearCrossEntropy.apply(x[keep], weight, targets[keep], label_smoothing, chunk_rows)
+        return None, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+                 use_cache=True):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens.
+
+        temperature=0 always takes the most likely token (greedy); otherwise sample from the softmax at
+        that temperature, restricted to the top_k most likely tokens and/or the smallest set whose
+        probability reaches top_p. A row that produced eos_token keeps emitting it; generation stops
+        early once every row has. With use_cache, the prompt runs once and each new token costs one
+        position; without it, every step re-runs the last block_size tokens."""
+        total = idx.size(1) + max_new_tokens
+        if use_cache and total > self.config.block_size:
+            raise ValueError(f"prompt plus max_new_tokens is {total} tokens, more than the context of "
+                             f"{self.config.block_size}: lower max_new_tokens or pass use_cache=False")
+        cache = KVCache(self.config.n_layer, total) if use_cache else None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        step_input = idx
+        for _ in range(max_new_tokens):
+            if cache is None:
+                step_input = idx[:, -self.config.block_size:]
+            logits, _ = self(step_input, cache=cache)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            if eos_token is not None:
+                next_token = next_token.masked_fill(done[:, None], eos_token)
+                done |= next_token[:, 0] == eos_token
+            idx = torch.cat((idx, next_token), dim=1)
+            step_input = next_token
+            if eos_token is not None and done.all():
+                break
+        return idx
+
+    # ---- loading and saving the Hugging Face GPT-2 layout ----------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """Load GPT-2 weights from
+        - a hub name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (or openai-community/gpt2, any repo id),
+          downloaded once into the Hugging Face cache (resumable) and read with safetensors;
+        - a local directory in the Hugging Face layout: config.json plus model.safetensors (or a sharded
+          model.safetensors.index.json, or pytorch_model.bin, read with weights_only=True);
+        - a local .safetensors file (its config.json beside it, or the size inferred from the shapes).
+        `overrides` set GPTConfig fields that are not in the checkpoint, e.g. dropout=0.1."""
+        config_dict, state = _read_checkpoint(str(name_or_path))
+        config = _config_from_checkpoint(config_dict, state, overrides)
+        model = cls(config)
+        model.load_hf_state_dict(state)
+        model.name_or_path = str(name_or_path)
+        return model
+
+    def load_hf_state_dict(self, state):
+        ours = {}
+        for key, t in state.items():
+            key = key.removeprefix("transformer.")
+            if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # tied to wte, and the causal-mask buffers of old checkpoints
+            if key.endswith(CONV1D):
+                t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
+            if ".attn.c_attn." in key:  # split the fused projection into q, k, v
+                for name, part in zip("qkv", t.chunk(3, dim=0)):
+                    ours["transformer." + key.replace("c_attn", name)] = part
+            else:
+                ours["transformer." + key] = t
+        expected = {k for k in self.state_dict() if k != "lm_head.weight"}
+        missing, unexpected = sorted(expected - ours.keys()), sorted(ours.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint is not a GPT-2 of this size: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            for key, t in ours.items():
+                if params[key].shape != t.shape:
+                    raise ValueError(f"{key} has shape {tuple(t.shape)} in the checkpoint, "
+                                     f"{tuple(params[key].shape)} in the model")
+                params[key].copy_(t)
+
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel, so that
+        `GPT2LMHeadModel.from_pretrained(path)` loads it. `state_dict` (our names) defaults to the
+        model's own; sharelora.export_merged passes the merged weights."""
+        from safetensors.torch import save_file
+        state = state_dict if state_dict is not None else self.state_dict()
+        hf = {}
+        for key, t in state.items():
+            if key == "lm_head.weight" or ".attn.k." in key or ".attn.v." in key:
+                continue  # tied; k and v go into c_attn together with q
+            if ".attn.q." in key:
+                key = key.replace(".attn.q.", ".attn.c_attn.")
+                t = torch.cat([state[key.replace("c_attn", n)] for n in "qkv"], dim=0)
+            if key.endswith(CONV1D):
+                t = t.t()
+            hf[key] = t.detach().to("cpu").contiguous()
+        c = self.config
+        config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                      n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=c.layer_norm_eps,
+                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                      bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
+        os.makedirs(path, exist_ok=True)
+        save_file(hf, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+# the checkpoint's Conv1D modules, stored (in, out): these weights are transposed on the way in and out
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the set has reached top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+def _read_checkpoint(name_or_path):
+    """-> (the config.json dict or None, the state dict in the checkpoint's own names)."""
+    if os.path.isdir(name_or_path):
+        d = name_or_path
+        config = _read_json(os.path.join(d, "config.json")) if os.path.exists(os.path.join(d, "config.json")) else None
+        for weights in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(d, weights)):
+                return config, _read_weights(os.path.join(d, weights))
+        raise FileNotFoundError(f"{d} holds no model.safetensors or pytorch_model.bin: point to a "
+                                "directory written by transformers' save_pretrained")
+    if os.path.isfile(name_or_path):
+        beside = os.path.join(os.path.dirname(name_or_path), "config.json")
+        return (_read_json(beside) if os.path.exists(beside) else None), _read_weights(name_or_path)
+    if name_or_path.endswith((".safetensors", ".bin")) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path} does not exist: give a hub name ({', '.join(SIZES)}), "
+                                "a directory in the Hugging Face layout, or a .safetensors file")
+    repo = f"openai-community/{name_or_path}" if name_or_path in SIZES else name_or_path
+    try:
+        from huggingface_hub import hf_hub_download
+        config = _read_json(hf_hub_download(repo, "config.json"))
+        return config, _read_weights(hf_hub_download(repo, "model.safetensors"))
+    except Exception as e:  # no network, unknown repo, hub client missing: one message for all
+        raise FileNotFoundError(
+            f"could not get {repo!r} from the Hugging Face hub ({type(e).__name__}); without a network, "
+            "pass a local directory with config.json and model.safetensors (e.g. written by transformers' "
+            "save_pretrained) or a .safetensors file instead") from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_weights(path):
+    if path.endswith(".index.json"):  # sharded: every shard named in the index's weight_map
+        shards = sorted(set(_read_json(path)["weight_map"].values()))
+        return {k: v for s in shards for k, v in _read_weights(os.path.join(os.path.dirname(path), s)).items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _config_from_checkpoint(config, state, overrides):
+    if config is not None:
+        unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn") if config.get(k)]
+        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") or unsupported:
+            raise ValueError(f"this checkpoint uses GPT-2 options that model.py does not implement: "
+                             f"{unsupported or config['activation_function']}")
+        if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+            raise ValueError("this checkpoint's MLP is not 4 x n_embd wide, which model.py assumes")
+        args = dict(block_size=config["n_positions"], vocab_size=config["vocab_size"],
+                    n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                    layer_norm_eps=config.get("layer_norm_epsilon", 1e-5))
+    else:  # a bare weights file: the shapes give everything but the number of heads
+        wte = next(v for k, v in state.items() if k.endswith("wte.weight"))
+        wpe = next(v for k, v in state.items() if k.endswith("wpe.weight"))
+        n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k)))
+        n_embd = wte.size(1)
+        n_head = {(l, e): h for l, h, e in SIZES.values()}.get((n_layer, n_embd))
+        if n_head is None:
+            raise ValueError(f"cannot tell the number of heads of a {n_layer}-layer, {n_embd}-wide model "
+                             "from its weights alone: put its config.json beside the weights file")
+        args = dict(block_size=wpe.size(0), vocab_size=wte.size(0), n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    known = {f.name for f in fields(GPTConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown GPTConfig field(s) {bad}: choose from {sorted(known)}")
+    return GPTConfig(**{**args, **overrides})

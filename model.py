@@ -10,7 +10,9 @@ import json
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, fields
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -299,9 +301,10 @@ class GPT(nn.Module):
                 continue  # tied to wte, and the causal-mask buffers of old checkpoints
             if key.endswith(CONV1D):
                 t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
-            if ".attn.c_attn." in key:  # split the fused projection into q, k, v
-                for name, part in zip("qkv", t.chunk(3, dim=0)):
-                    ours["transformer." + key.replace("c_attn", name)] = part
+            fused, parts = next(iter(HF_FUSED.items()))
+            if f".{fused}." in key:  # split the fused projection into q, k, v
+                for name, part in zip(parts, t.chunk(len(parts), dim=0)):
+                    ours["transformer." + key.replace(fused, name)] = part
             else:
                 ours["transformer." + key] = t
         expected = {k for k in self.state_dict() if k != "lm_head.weight"}
@@ -323,13 +326,14 @@ class GPT(nn.Module):
         model's own; sharelora.export_merged passes the merged weights."""
         from safetensors.torch import save_file
         state = state_dict if state_dict is not None else self.state_dict()
+        fused, (first, *others) = next(iter(HF_FUSED.items()))
         hf = {}
         for key, t in state.items():
-            if key == "lm_head.weight" or ".attn.k." in key or ".attn.v." in key:
+            if key == "lm_head.weight" or any(f".{o}." in key for o in others):
                 continue  # tied; k and v go into c_attn together with q
-            if ".attn.q." in key:
-                key = key.replace(".attn.q.", ".attn.c_attn.")
-                t = torch.cat([state[key.replace("c_attn", n)] for n in "qkv"], dim=0)
+            if f".{first}." in key:
+                key = key.replace(f".{first}.", f".{fused}.")
+                t = torch.cat([state[key.replace(fused, n)] for n in (first, *others)], dim=0)
             if key.endswith(CONV1D):
                 t = t.t()
             hf[key] = t.detach().to("cpu").contiguous()
@@ -347,6 +351,9 @@ class GPT(nn.Module):
 
 # the checkpoint's Conv1D modules, stored (in, out): these weights are transposed on the way in and out
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the checkpoint's fused module and the maps we keep apart, in the order of its output rows; also what
+# sharelora.export_peft(..., fused=HF_FUSED) needs to write an adapter on q, k or v for transformers' GPT-2
+HF_FUSED = {"attn.c_attn": ("attn.q", "attn.k", "attn.v")}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
@@ -383,9 +390,14 @@ def _read_checkpoint(name_or_path):
                                 "a directory in the Hugging Face layout, or a .safetensors file")
     repo = f"openai-community/{name_or_path}" if name_or_path in SIZES else name_or_path
     try:
-        from huggingface_hub import hf_hub_download
-        config = _read_json(hf_hub_download(repo, "config.json"))
-        return config, _read_weights(hf_hub_download(repo, "model.safetensors"))
+        from huggingface_hub import constants, hf_hub_download
+        try:  # no DNS means no network: read the local cache only, instead of retrying for ~30 s
+            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+            offline = constants.HF_HUB_OFFLINE
+        except OSError:
+            offline = True
+        config = _read_json(hf_hub_download(repo, "config.json", local_files_only=offline))
+        return config, _read_weights(hf_hub_download(repo, "model.safetensors", local_files_only=offline))
     except Exception as e:  # no network, unknown repo, hub client missing: one message for all
         raise FileNotFoundError(
             f"could not get {repo!r} from the Hugging Face hub ({type(e).__name__}); without a network, "

@@ -459,23 +459,33 @@ def _close(a, b, rel=1e-9):
 # ---- 7. Leaving this project: merged weights and the PEFT layout ---------------------------------
 
 @torch.no_grad()
-def merged_state_dict(model):
-    """The base model's state dict with every ΔW added to its W, under the names the model had before
-    add_adapters, with no adapter tensors: what a plain model loads. The model is left as it is."""
+def base_state_dict(model, add_delta=False):
+    """The base model's state dict under the names it had before add_adapters, without adapter
+    tensors: what a plain model loads. add_delta=True adds each ΔW to its W (see merged_state_dict).
+    The model is left as it is."""
     out = {}
     wrappers = {m.name: m for m in _require_adapters(model)}
     for key, t in model.state_dict().items():
-        if ".lora_" in key.rsplit(".", 1)[-1] or key.rsplit(".", 1)[-1].startswith("lora_"):
+        owner, _, leaf = key.rpartition(".")
+        if leaf.startswith("lora_"):
             continue
-        owner, _, leaf = key.rpartition(".base.")
-        m = wrappers.get(owner) if leaf else None
+        module, _, param = owner.rpartition(".") if owner.endswith(".base") else ("", "", "")
+        m = wrappers.get(module) if param == "base" else None
         if m is None:
             out[key] = t
-        elif leaf == "weight" and not m.merged:
-            out[f"{owner}.weight"] = (t.float() + m.delta_weight()).to(t.dtype)
+        elif leaf == "weight" and add_delta and not m.merged:
+            out[f"{module}.weight"] = (t.float() + m.delta_weight()).to(t.dtype)
+        elif leaf == "weight" and not add_delta and m.merged:
+            out[f"{module}.weight"] = (t.float() - m.delta_weight()).to(t.dtype)
         else:
-            out[f"{owner}.{leaf}"] = t
+            out[f"{module}.{leaf}"] = t
     return out
+
+
+def merged_state_dict(model):
+    """The base weights with every ΔW added, under the base's own names: a plain model with the
+    adapter built in."""
+    return base_state_dict(model, add_delta=True)
 
 
 def export_merged(model, path):

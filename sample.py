@@ -1,0 +1,77 @@
+"""
+Generate text from a base model plus an adapter.
+
+    python sample.py --out_dir=out-e2e-sharea --start="name[The Vaults], eatType[pub], food[Italian]"
+    python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=3 --top_p=0.9
+    python sample.py --adapter=out/adapter.safetensors --start="ROMEO:" --no_merge
+
+The adapter is merged into the base weights for speed (generation then costs what the base model
+costs); --no_merge keeps it separate. For an adapter trained on E2E, --start is a meaning
+representation: the separator " ||" is appended and the reply ends at <|endoftext|>.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import runtime
+from tokenizer import EOT, decode, encode
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors, or its whole model)")
+    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
+    p.add_argument("--init_from", help="the base model; default: the one the adapter names")
+    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--format", choices=("auto", "e2e", "text"), default="auto",
+                   help="e2e: the prompt is an MR (auto: e2e when out_dir's run trained on e2e)")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no_merge", action="store_true", help="keep the adapter unmerged")
+    args = p.parse_args(argv)
+    if args.out_dir is None and args.adapter is None and args.init_from is None:
+        p.error("give --out_dir, --adapter or --init_from")
+    runtime.run(generate, args)
+
+
+def generate(args):
+    model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
+                                     merge=not args.no_merge)
+    start = args.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "e2e")
+    if e2e and not start.rstrip().endswith("||"):
+        start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
+    torch.manual_seed(args.seed)
+    idx = torch.tensor([encode(start)] * args.num_samples, device=info["device"])
+    max_new = min(args.max_new_tokens, model.config.block_size - idx.size(1))
+    with runtime.autocast(info["device"], info["dtype"]):
+        out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_token=EOT if e2e else None)
+    print(f"# {info['base']} + {info['adapter'] or 'no adapter'}", file=sys.stderr)
+    for row in out:
+        text = decode([t for t in row[idx.size(1):].tolist() if t != EOT] if e2e else row[idx.size(1):].tolist())
+        print(text.strip() if e2e else start + text)
+        if args.num_samples > 1:
+            print("---------------")
+
+
+def _trained_on(out_dir):
+    """The dataset of the run in out_dir, if its checkpoint says."""
+    if out_dir is None or not os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)):
+        return None
+    return runtime.read_checkpoint(out_dir)["config"].get("dataset")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""
+Train a shared low-rank adapter on GPT-2 (or the whole model) on one GPU or a CPU.
+
+    python train.py config/e2e_gpt2m_sharea.py                 # a recipe from config/
+    python train.py config/cpu_demo_e2e.py --max_iters=100     # a recipe plus overrides
+    python train.py --help                                     # every option and its default
+
+Options come from three places, later ones winning: the defaults in TrainConfig below, a Python file
+of `name = value` lines, and `--name=value` arguments. Every value is checked against the type of its
+default; an unknown name is an error that suggests the closest ones.
+"""
+import dataclasses
+import difflib
+import math
+import os
+import random
+import runpy
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+import runtime
+import sharelora
+from data.loader import Batches
+from model import GPT, GPTConfig
+from tokenizer import decode, encode
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    init_from: str = "gpt2"  # gpt2 ... gpt2-xl, a local checkpoint path, 'scratch' or 'resume' (from out_dir)
+    # a model from scratch (init_from=scratch): its size; block_size is also the longest training sequence
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    dropout: float = 0.0  # the base model's dropout (GPT-2 was pretrained with 0.1)
+    # data: data_dir defaults to data/<dataset>, written by data/<dataset>/prepare.py
+    dataset: str = "shakespeare"
+    data_dir: str = ""
+    # the adapter (see sharelora.py and METHOD.md); adapter=none trains the whole model
+    adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | none
+    spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
+    r: int = 8
+    alpha: float = 16.0
+    adapter_dropout: float = 0.0
+    targets: str = "q,v"
+    adapter_seed: int = 0
+    init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
+    # optimisation: AdamW over the trainable tensors; weight decay on matrices only
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 1000
+    learning_rate: float = 2e-4
+    min_lr: float = 0.0
+    warmup_iters: int = 100
+    decay: str = "linear"  # linear | cosine | constant, from learning_rate after warm-up to min_lr
+    lr_decay_iters: int = 0  # where the decay ends; 0 means max_iters
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables
+    label_smoothing: float = 0.0
+    # evaluation and logging
+    eval_interval: int = 200
+    eval_iters: int = 20
+    eval_prompt: str = ""  # if set, one greedy sample of `sample_tokens` tokens at every eval
+    sample_tokens: int = 40
+    # system
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def parse_args(argv):
+    """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise runtime.UserError."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    values = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\noptions (default):\n" + "\n".join(
+                f"  --{f.name}={f.default!r}" for f in fields(TrainConfig)))
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                runtime.fail(f"write options as --{key}=value")
+            key = _known(key, types)
+            values[key] = _convert(key, value, types[key])
+        else:
+            if not os.path.isfile(arg):
+                runtime.fail(f"config file {arg} does not exist")
+            for key, value in runpy.run_path(arg).items():
+                if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
+                    key = _known(key, types, where=arg)
+                    values[key] = _check(key, value, types[key], arg)
+    return TrainConfig(**values)
+
+
+def _known(key, types, where="the command line"):
+    if key not in types:
+        close = difflib.get_close_matches(key, types, n=3)
+        runtime.fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                              "; see python train.py --help"))
+    return key
+
+
+def _convert(key, text, kind):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            runtime.fail(f"--{key} takes True or False, not {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        runtime.fail(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {text!r}")
+
+
+def _check(key, value, kind, where):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # 3 where 3.0 is expected is fine
+    if type(value) is not kind:
+        runtime.fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def get_lr(step, cfg):
+    """Linear warm-up, then linear or cosine decay to min_lr at lr_decay_iters, flat after it."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    end = cfg.lr_decay_iters or cfg.max_iters
+    if cfg.decay == "constant" or step >= end:
+        return cfg.learning_rate if cfg.decay == "constant" else cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    coeff = 1 - progress if cfg.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+def adapter_config(cfg):
+    return sharelora.AdapterConfig(preset=cfg.adapter, r=cfg.r, alpha=cfg.alpha, dropout=cfg.adapter_dropout,
+                                   targets=cfg.targets, seed=cfg.adapter_seed, spec=cfg.spec or None)
+
+
+def build_model(cfg, ckpt):
+    """The base (hub, path, or a fresh GPT), with the adapter when there is one. On resume the model is
+    rebuilt from the checkpoint's own config, then its tensors are loaded."""
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              block_size=cfg.block_size, dropout=cfg.dropout))
+    else:
+        model = runtime.load_base(cfg.init_from, dropout=cfg.dropout)
+    if ckpt is not None and "model" in ckpt:  # a base trained here (scratch, or adapter=none)
+        model.load_state_dict(ckpt["model"])
+    if cfg.adapter != "none":
+        sharelora.add_adapters(model, adapter_config(cfg))
+        if cfg.init_adapter and ckpt is None:
+            _, _, tensors = sharelora.read_adapter(cfg.init_adapter)
+            own = sharelora.adapter_state_dict(model)
+            with torch.no_grad():  # take the tensors both adapters have; the spec decides what trains
+                for key in own.keys() & tensors.keys():
+                    own[key].copy_(tensors[key])
+        if ckpt is not None:
+            with torch.no_grad():
+                for key, p in sharelora.adapter_state_dict(model).items():
+                    p.copy_(ckpt["adapter"][key])
+    return model
+
+
+def make_optimizer(model, cfg, device):
+    params = [p for p in model.parameters() if p.requires_grad]  # a shared tensor appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # u, v, biases, norms
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def checkpoint(model, cfg, optimizer, scaler, step, best_val):
+    """Everything needed to continue exactly: adapter tensors (the base is only named), optimizer and
+    scaler state, step, RNG states, config. Plus adapter.safetensors, the file to share and sample from;
+    or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base)."""
+    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
+        ckpt["model"] = model.state_dict() if cfg.adapter == "none" else sharelora.base_state_dict(model)
+    if cfg.adapter != "none":
+        ckpt["adapter"] = {k: v.detach() for k, v in sharelora.adapter_state_dict(model).items()}
+        name = os.path.abspath(cfg.out_dir) if cfg.init_from == "scratch" else runtime.base_identity(cfg.init_from)
+        sharelora.save_adapter(model, os.path.join(cfg.out_dir, runtime.ADAPTER_FILE), base=name)
+    else:
+        model.save_pretrained(cfg.out_dir)
+    runtime.atomic_save(ckpt, os.path.join(cfg.out_dir, runtime.CKPT_FILE))
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, device, ctx):
+    """Mean validation loss over eval_iters fixed batches (the same ones every time)."""
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_iters):
+        x, y = (t.to(device) for t in batches.get("val", i))
+        with ctx:
+            losses.append(model(x, y, return_logits=False)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample_text(model, cfg, device, ctx):
+    """One greedy continuation of eval_prompt: greedy, so it uses no random numbers and a resumed run
+    stays exactly on course."""
+    model.eval()
+    idx = torch.tensor([encode(cfg.eval_prompt)], device=device)
+    with ctx:
+        out = model.generate(idx, cfg.sample_tokens, temperature=0, eos_token=50256)
+    model.train()
+    return decode(out[0, idx.size(1):].tolist())
+
+
+def train(cfg):
+    """Run training as configured; returns the list of training losses (one per optimizer step)."""
+    resuming = cfg.init_from == "resume"
+    ckpt = runtime.read_checkpoint(cfg.out_dir) if resuming else None
+    if resuming:  # continue the stored run; options given now may extend it (max_iters, eval_interval)
+        stored = TrainConfig(**ckpt["config"])
+        changed = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)
+                   if f.name in ("max_iters", "eval_interval", "eval_iters", "device", "compile", "lr_decay_iters")
+                   and getattr(cfg, f.name) != f.default}
+        cfg = dataclasses.replace(stored, **changed)
+    for name, allowed in (("decay", ("linear", "cosine", "constant")),):
+        if getattr(cfg, name) not in allowed:
+            runtime.fail(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_iters < 0 or cfg.eval_iters < 1:
+        runtime.fail("batch_size, grad_accum and eval_iters must be at least 1, max_iters at least 0")
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    batches = Batches(cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset),
+                      cfg.batch_size, cfg.block_size, seed=cfg.seed)
+    model = build_model(cfg, ckpt)
+    if batches.meta.get("vocab_size", 50257) > model.config.vocab_size:
+        runtime.fail(f"the data's vocabulary ({batches.meta['vocab_size']}) is larger than the model's")
+    cfg.block_size = min(cfg.block_size, model.config.block_size)
+    batches.block_size = cfg.block_size
+    runtime.place(model, device, dtype).train()
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = runtime.grad_scaler(device, dtype)
+    ctx = runtime.autocast(device, dtype)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    forward = torch.compile(model) if cfg.compile else model
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
+          f"{n_trainable:,} trainable parameters")
+    if cfg.adapter != "none":
+        print(sharelora.parameter_table(model))
+    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum
+
+    losses = []
+    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        while True:
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                if not (resuming and step == ckpt["step"]):  # already evaluated and saved at this step
+                    val = evaluate(model, batches, cfg, device, ctx)
+                    best_val = min(best_val, val)
+                    record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
+                    if cfg.eval_prompt:
+                        record["sample"] = sample_text(model, cfg, device, ctx)
+                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+                    runtime.json_line(log_path, record)
+                    checkpoint(model, cfg, optimizer, scaler, step, best_val)
+            if step >= cfg.max_iters:
+                break
+            t0 = time.time()
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, n_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in batches.get("train", step * cfg.grad_accum + micro))
+                with ctx:
+                    _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
+                if not torch.isfinite(loss):
+                    runtime.fail(f"the loss became {loss.item()} at step {step}; the last good checkpoint in "
+                                 f"{cfg.out_dir} is kept: lower learning_rate, or use dtype=float32 or bfloat16")
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                n_tokens += x.numel()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss_sum)
+            rate = n_tokens / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            bar.update()
+            runtime.json_line(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate)})
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(model, cfg, optimizer, scaler, step, best_val)
+        print(f"\ninterrupted: saved step {step} to {cfg.out_dir}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+        sys.exit(130)
+    bar.close()
+    print(f"done: {step} steps, best val loss {best_val:.4f}; saved to {cfg.out_dir}")
+    return losses
+
+
+def main(argv=None):
+    runtime.run(lambda: train(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -391,11 +391,12 @@ def _read_checkpoint(name_or_path):
     repo = f"openai-community/{name_or_path}" if name_or_path in SIZES else name_or_path
     try:
         from huggingface_hub import constants, hf_hub_download
-        try:  # no DNS means no network: read the local cache only, instead of retrying for ~30 s
-            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-            offline = constants.HF_HUB_OFFLINE
-        except OSError:
-            offline = True
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if not offline:
+            try:  # no DNS means no network: read the local cache only, instead of retrying for ~30 s
+                socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+            except OSError:
+                offline = True
         config = _read_json(hf_hub_download(repo, "config.json", local_files_only=offline))
         return config, _read_weights(hf_hub_download(repo, "model.safetensors", local_files_only=offline))
     except Exception as e:  # no network, unknown repo, hub client missing: one message for all

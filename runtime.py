@@ -161,6 +161,37 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     return model, info
 
 
+def peak_memory_mb(device):
+    """Peak memory of this process so far: allocated tensors on CUDA; on CPU the peak resident set
+    (VmHWM: tensors plus the Python process itself, ~300 MB of it torch's own code and data)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource  # not Linux: ru_maxrss is in KB on Linux-likes, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def machine(device="auto"):
+    """One line naming the hardware and software a measurement came from."""
+    import platform
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        hw = torch.cuda.get_device_name(device)
+    else:
+        hw = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                hw = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return (f"{hw}, {device}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
 def json_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -329,7 +329,9 @@ def train(cfg):
         print(f"\ninterrupted: saved step {step} to {cfg.out_dir}; continue with --init_from=resume --out_dir={cfg.out_dir}")
         sys.exit(130)
     bar.close()
-    print(f"done: {step} steps, best val loss {best_val:.4f}; saved to {cfg.out_dir}")
+    peak = runtime.peak_memory_mb(device)
+    runtime.json_line(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
+    print(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB; saved to {cfg.out_dir}")
     return losses
 
 

@@ -1,0 +1,46 @@
+"""
+The E2E reference sentences alone, as a token stream: the corpus for a stand-in base model.
+
+    python data/e2e_refs/prepare.py --src ../shared/data/e2e
+
+Real GPT-2 weights cannot be downloaded everywhere (not on our CI machines, for one). A small GPT-2
+pretrained by train.py on these sentences knows the domain's English ("The Eagle is a cheap coffee
+shop near Burger King") but has never seen a meaning representation, so an adapter on top of it still
+has the data-to-text task to learn: compare.py uses it that way. Only train references go into train
+and dev references into val; the test set is never read. Each distinct sentence is followed by
+<|endoftext|>. On the full data set:
+train has 40,782 sentences, 1,017,236 tokens
+val has 4,499 sentences, 124,854 tokens
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from data.common import run, write_bin, write_json  # noqa: E402
+from data.e2e.prepare import CSVS, read_rows, read_sources  # noqa: E402
+from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--src", help="folder with the E2E CSVs instead of downloading the release zip")
+    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    args = p.parse_args()
+    sources = read_sources(args.src)
+    enc = get_tokenizer()
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or "the E2E release zip"}
+    for split in ("train", "val"):
+        sentences = list(dict.fromkeys(ref for _, ref in read_rows(sources[split], CSVS[split])))
+        tokens = [t for s in sentences for t in enc.encode_ordinary(" " + s) + [EOT]]
+        write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
+        meta[f"{split}_tokens"] = len(tokens)
+        print(f"{split} has {len(sentences):,} sentences, {len(tokens):,} tokens")
+    write_json(os.path.join(args.out, "meta.json"), meta)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,262 @@
+"""
+Evaluate a fine-tuned GPT-2 on the E2E NLG Challenge: decode one text per meaning representation (MR),
+score it against all of that MR's references, and write the files the official scorer reads.
+
+    python data/e2e/prepare.py --src ../shared/data/e2e     # once: writes data/e2e/test_refs.json
+    python evaluate_e2e.py --out_dir out-e2e                  # beam 10, as in the LoRA and ShareLoRA papers
+    python evaluate_e2e.py --out_dir out-e2e --beam_size 1 --limit 50   # greedy, a quick look
+
+The prompt is the training context, MR + " ||" (see data/e2e/prepare.py); the model writes " " + text
+and then <|endoftext|>. The test split has 630 MRs with 4,693 references (1 to 45 per MR, most have 6).
+
+Decoding follows the LoRA paper's E2E recipe (microsoft/LoRA, examples/NLG/src/gpt2_beam.py): beam
+search with 10 beams, a length penalty and no repeated 4-gram. The scores here are sacrebleu's BLEU
+(set up as the official scorer's BLEU) and rouge_score's ROUGE-L, both on a 0-100 scale like the
+papers' tables. For numbers to put next to published ones, run the official scorer (github
+tuetschek/e2e-metrics) on the predictions.txt and references.txt written here: it also gives NIST,
+METEOR and CIDEr, and its ROUGE-L is computed differently (see corpus_scores).
+"""
+import argparse
+import json
+import os
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import KVCache
+from runtime import autocast, fail, load_model, run
+from tokenizer import EOT, decode, get_tokenizer
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+def banned_tokens(seq, n):
+    """The tokens that would complete an n-gram already present in seq: the next token after seq's last
+    n-1 tokens wherever those n-1 tokens occurred before (fairseq's and Hugging Face's rule)."""
+    if n <= 0 or len(seq) < n:
+        return []
+    prefix = seq[len(seq) - n + 1:]
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
+
+
+@torch.no_grad()
+def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penalty=0.9,
+                no_repeat_ngram_size=4, eos_token=EOT, use_cache=True):
+    """The best continuation of one prompt (a list of ids): its new tokens, without the eos.
+
+    Each step extends every live beam by every token and keeps the beam_size best sums of log-probs.
+    A candidate ending in eos leaves for the pool of finished hypotheses, scored
+    sum_logprob / length ** length_penalty with length = new tokens including the eos (Hugging Face
+    and microsoft/LoRA both count it): length_penalty 0 ranks by total log-prob, which favours short
+    texts; 1 by the mean per token. As in Hugging Face, an eos only counts when it is among the
+    beam_size best candidates, and the pool keeps the beam_size best hypotheses.
+
+    Stopping rule, Hugging Face's default (early_stopping=False): stop once the pool is full and the
+    best live beam, scored as if it ended now, does not beat the pool's worst. This is a heuristic:
+    with length_penalty > 0 a longer text is divided by more and could still overtake. At
+    max_new_tokens the live beams join the pool unfinished. Without the n-gram ban this gives
+    transformers' generate(num_beams=..., early_stopping=False) token for token (a test checks).
+
+    no_repeat_ngram_size bans n-grams repeated within the generated tokens only, as microsoft/LoRA's
+    gpt2_beam.py does; Hugging Face also counts the prompt for a decoder-only model. On E2E that
+    difference matters: the prompt holds the MR's values, and a text that copies "1 out of 5" or
+    "Raja Indian Cuisine" with the MR's tokenization would be forbidden: 100 of the 4,672 validation
+    references (11 of the test's) could not be generated under Hugging Face's rule.
+
+    use_cache=False recomputes the whole sequence every step instead of feeding one token per beam to
+    the KV cache; the selection code is shared, so both must give the same tokens (a test checks)."""
+    if max_new_tokens < 1:
+        return []
+    device = next(model.parameters()).device
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    cache = KVCache(model.config.n_layer, len(prompt_ids) + max_new_tokens) if use_cache else None
+    seqs = [[]]  # the live beams' new tokens: a single empty beam until the first step
+    sums = torch.zeros(1, device=device)  # their summed log-probs, float32
+    pool = []  # finished hypotheses, (score, tokens), best first, at most beam_size
+    x = prompt  # what the model reads this step
+    for step in range(max_new_tokens):
+        if cache is None:  # the prompt, repeated for each beam, followed by that beam's tokens
+            x = torch.cat((prompt.expand(len(seqs), -1), torch.tensor(seqs, dtype=torch.long, device=device)), 1)
+        logits, _ = model(x, cache=cache)
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (beams, vocab)
+        for b, seq in enumerate(seqs):
+            logp[b, banned_tokens(seq, no_repeat_ngram_size)] = float("-inf")
+        vocab = logp.size(1)
+        # 2 x beam_size candidates: at most one eos per beam, so at least beam_size of them live on
+        top, index = (sums[:, None] + logp).view(-1).topk(2 * beam_size)
+        parents, tokens, live = [], [], []
+        for rank, (total, i) in enumerate(zip(top.tolist(), index.tolist())):
+            parent, token = divmod(i, vocab)
+            if token != eos_token:
+                parents.append(parent)
+                tokens.append(token)
+                live.append(total)
+            elif rank < beam_size:  # finished: step + 1 new tokens, counting the eos
+                pool.append((total / (step + 1) ** length_penalty, seqs[parent]))
+                pool = sorted(pool, key=lambda h: h[0], reverse=True)[:beam_size]
+            if len(live) == beam_size:
+                break
+        seqs = [seqs[p] + [t] for p, t in zip(parents, tokens)]
+        sums = torch.tensor(live, device=device)
+        if len(pool) == beam_size and live[0] / (step + 1) ** length_penalty <= pool[-1][0]:
+            break  # no live beam is expected to beat the worst finished one
+        if cache is not None:
+            cache.reorder(torch.tensor(parents, device=device))  # each beam takes its parent's keys and values
+            x = torch.tensor(tokens, device=device)[:, None]  # (beams, 1)
+    else:  # max_new_tokens reached: the live beams compete unfinished
+        pool += [(total / max_new_tokens ** length_penalty, seq) for total, seq in zip(live, seqs)]
+    return max(pool, key=lambda h: h[0])[1]
+
+
+@torch.no_grad()
+def greedy_batch(model, prompts, max_new_tokens=64, eos_token=EOT, batch_size=32, progress=None):
+    """Greedy continuations of many prompts (lists of ids), batched without padding: prompts of equal
+    length go through model.generate together (GPT-2 has no padding token, and left padding would need
+    attention masks and shifted positions). The 630 test prompts have 36 distinct lengths (16 to 52
+    tokens): 44 batches of at most 32 instead of 20 full ones, and no padding arithmetic. Returns the
+    new tokens of each prompt, in the given order, cut before the first eos. `progress` (a tqdm bar)
+    is advanced by the prompts done."""
+    device = next(model.parameters()).device
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    out = [None] * len(prompts)
+    for length, members in sorted(by_length.items()):
+        for s in range(0, len(members), batch_size):
+            chunk = members[s:s + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            rows = model.generate(idx, max_new_tokens, temperature=0, eos_token=eos_token)[:, length:].tolist()
+            for i, row in zip(chunk, rows):
+                out[i] = row[:row.index(eos_token)] if eos_token in row else row
+            if progress is not None:
+                progress.update(len(chunk))
+    return out
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+def corpus_scores(predictions, references_list):
+    """{"bleu", "rouge_l"}, both 0-100, of predictions[i] against all of references_list[i].
+
+    BLEU: sacrebleu reads references as streams (stream j = the j-th reference of every segment), and
+    E2E MRs have 1 to 45 references; a missing one is None, which sacrebleu leaves out of that
+    segment (its documented way to give a variable number of references; an empty string instead
+    would count as a reference of length 0). Like the official scorer (mteval-v13a, via e2e-metrics),
+    it uses the 13a tokenization, n-gram counts clipped by the maximum over the references and the
+    closest reference length for the brevity penalty, and it ignores case (lowercase=True), as
+    mteval-v13a does by default and e2e-metrics' Python port of it (case_sensitive=False).
+
+    ROUGE-L: rouge_score's LCS F-measure (beta = 1) against each reference, the best one per MR,
+    averaged over MRs. The official scorer uses the MS-COCO caption code instead: recall and precision
+    are each maximised over the references, then combined with beta = 1.2, after the PTB tokenizer,
+    so its ROUGE-L differs a little from this one."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    if len(predictions) != len(references_list):
+        raise ValueError(f"{len(predictions)} predictions for {len(references_list)} sets of references")
+    most = max(len(refs) for refs in references_list)
+    streams = [[refs[j] if j < len(refs) else None for refs in references_list] for j in range(most)]
+    bleu = BLEU(lowercase=True).corpus_score(predictions, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    best = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
+            for pred, refs in zip(predictions, references_list)]
+    return {"bleu": bleu, "rouge_l": 100 * sum(best) / len(best)}
+
+
+def one_line(text):
+    """A text as one line with single spaces: the official files have one text per line."""
+    return " ".join(text.split())
+
+
+def write_official_layout(out_dir, predictions, groups):
+    """Write the two files of e2e-metrics' `./measure_scores.py references.txt predictions.txt`:
+    predictions.txt, one text per line, and references.txt, each MR's references on consecutive lines
+    with an empty line between MRs. groups are test_refs.json's {"mr", "refs"} entries, in the order
+    of the predictions. Returns the two paths."""
+    if len(predictions) != len(groups):
+        raise ValueError(f"{len(predictions)} predictions for {len(groups)} MRs")
+    os.makedirs(out_dir, exist_ok=True)
+    pred_path, ref_path = os.path.join(out_dir, "predictions.txt"), os.path.join(out_dir, "references.txt")
+    with open(pred_path, "w", encoding="utf-8") as f:
+        f.writelines(one_line(p) + "\n" for p in predictions)
+    with open(ref_path, "w", encoding="utf-8") as f:
+        f.write("\n".join("".join(one_line(r) + "\n" for r in g["refs"]) for g in groups))
+    return pred_path, ref_path
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, length_penalty=0.9,
+               no_repeat_ngram_size=4, batch_size=32):
+    """One sentence per MR: greedy (beam_size 1, batched) or beam search, with a tqdm bar."""
+    enc = get_tokenizer()
+    prompts = [enc.encode_ordinary(mr + sep) for mr in mrs]  # exactly the training contexts
+    how = "greedy" if beam_size == 1 else f"beam {beam_size}"
+    with autocast(info["device"], info["dtype"]), tqdm(total=len(prompts), desc=f"decoding ({how})", unit="MR") as bar:
+        if beam_size == 1:
+            outs = greedy_batch(model, prompts, max_new_tokens, EOT, batch_size, progress=bar)
+        else:
+            outs = []
+            for prompt in prompts:
+                outs.append(beam_search(model, prompt, beam_size, max_new_tokens, length_penalty,
+                                        no_repeat_ngram_size, EOT))
+                bar.update(1)
+    return [one_line(decode(o)) for o in outs]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
+    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
+    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
+    p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--beam_size", type=int, default=10, help="1: greedy decoding, batched")
+    p.add_argument("--length_penalty", type=float, default=0.9)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="0: allow repeats")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
+    p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch for greedy decoding")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
+    args = p.parse_args(argv)
+    if args.out_dir is None and args.adapter is None:
+        fail("pass --out_dir (a training run's folder) or --adapter FILE")
+    if args.beam_size < 1 or (args.limit is not None and args.limit < 1):
+        fail("--beam_size and --limit must be at least 1")
+
+    refs_path = os.path.join(args.data_dir, f"{args.split}_refs.json")
+    if not os.path.exists(refs_path):
+        fail(f"{refs_path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
+    with open(refs_path, encoding="utf-8") as f:
+        groups = json.load(f)[:args.limit]
+    sep = " ||"  # data/e2e/prepare.py's separator, also recorded in its meta.json
+    meta_path = os.path.join(args.data_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            sep = json.load(f).get("separator", sep)
+
+    model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype)
+    predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, args.max_new_tokens,
+                             args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
+    scores = corpus_scores(predictions, [g["refs"] for g in groups])
+
+    results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
+                                                   f"e2e_{args.split}")
+    pred_path, ref_path = write_official_layout(results_dir, predictions, groups)
+    settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
+                                              "max_new_tokens", "limit")}
+    with open(os.path.join(results_dir, "scores.json"), "w") as f:
+        json.dump({**scores, "mrs": len(groups), **settings, "model": info}, f, indent=1, default=str)
+        f.write("\n")
+    how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
+    print(f"{args.split}: {len(groups)} MRs, {how}: BLEU {scores['bleu']:.2f}, ROUGE-L {scores['rouge_l']:.2f}")
+    print(f"wrote {pred_path}, {ref_path} and scores.json; the official scores (NIST, METEOR, CIDEr too):")
+    print(f"  ./measure_scores.py {os.path.abspath(ref_path)} {os.path.abspath(pred_path)}"
+          "   # in a clone of github.com/tuetschek/e2e-metrics")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,79 @@
+"""
+The ShareLoRA paper's singular-value analysis (Song et al. 2024, section 5): how the energy of each
+layer's update ΔW_l = s·diag(v_l)·B_l·diag(u_l)·A_l spreads over its r singular values.
+
+    python analyze.py --out_dir=out-compare/lora --out_dir=out-compare/sharea --png=sv.png
+
+For every adapted map it prints σ_i / σ_1 for i = 1..r, and the effective rank exp(H(σ/Σσ)) (1: one
+direction carries everything; r: all directions carry the same). The paper reports that ShareA's
+singular values decay more smoothly than LoRA's: sharing A makes each layer use more of its rank.
+With matplotlib installed, --png plots the per-target means.
+"""
+import argparse
+import math
+
+import torch
+
+import runtime
+import sharelora
+
+
+def normalized_singular_values(model):
+    """{map name: tensor (r,) of σ_i / σ_1}, for every adapted map of the model."""
+    out = {}
+    for m in sharelora.adapted_layers(model):
+        s = torch.linalg.svdvals(m.delta_weight())[: m.lora_A.size(0)]  # rank r at most: the rest are ~0
+        out[m.name] = s / s[0] if s[0] > 0 else s
+    return out
+
+
+def effective_rank(s):
+    p = s / s.sum()
+    return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
+
+
+def table(name, svs):
+    r = max(len(s) for s in svs.values())
+    lines = [f"## {name}", f"{'map':<28} {'eff. rank':>9}  σ_i/σ_1 for i = 1..{r}"]
+    for layer, s in svs.items():
+        lines.append(f"{layer:<28} {effective_rank(s):>9.2f}  " + " ".join(f"{x:.3f}" for x in s.tolist()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", action="append", default=[], help="a training run's folder (repeat to compare)")
+    p.add_argument("--adapter", action="append", default=[], help="an adapter file (repeat to compare)")
+    p.add_argument("--png", help="write a plot here (needs matplotlib)")
+    args = p.parse_args(argv)
+    runtime.run(analyze, args)
+
+
+def analyze(args):
+    runs = [(d, dict(out_dir=d)) for d in args.out_dir] + [(a, dict(adapter=a)) for a in args.adapter]
+    if not runs:
+        runtime.fail("give at least one --out_dir or --adapter")
+    curves = {}
+    for name, where in runs:
+        model, _ = runtime.load_model(**where, device="cpu", dtype="float32", merge=False)
+        svs = normalized_singular_values(model)
+        print(table(name, svs) + "\n")
+        curves[name] = torch.stack(list(svs.values())).mean(0)
+    if args.png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            runtime.fail("--png needs matplotlib: pip install matplotlib (the tables above need nothing)")
+        for name, c in curves.items():
+            plt.plot(range(1, len(c) + 1), c.tolist(), marker="o", label=name)
+        plt.xlabel("singular value index i")
+        plt.ylabel("σ_i / σ_1 (mean over the adapted maps)")
+        plt.legend()
+        plt.savefig(args.png, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

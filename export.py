@@ -1,0 +1,45 @@
+"""
+Take a trained adapter out of this project.
+
+    python export.py --out_dir=out-e2e-gpt2m-sharea --to=hf   --dest=export-hf     # merged GPT-2
+    python export.py --out_dir=out-e2e-gpt2m-sharea --to=peft --dest=export-peft   # PEFT LoRA adapter
+
+hf: the base with the adapter merged in, in the Hugging Face GPT-2 layout (config.json +
+model.safetensors): transformers' GPT2LMHeadModel.from_pretrained(dest) gives the same logits.
+peft: adapter_config.json + adapter_model.safetensors for PEFT's LoRA on transformers' GPT-2
+(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest)). Every preset converts
+exactly; shared tensors are written once per layer, since PEFT has no sharing.
+"""
+import argparse
+
+import runtime
+import sharelora
+from model import HF_FUSED
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", help="a training run's folder")
+    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
+    p.add_argument("--init_from", help="the base model; default: the one the adapter names")
+    p.add_argument("--to", choices=("hf", "peft"), required=True)
+    p.add_argument("--dest", required=True, help="the folder to write")
+    args = p.parse_args(argv)
+    runtime.run(export, args)
+
+
+def export(args):
+    model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, device="cpu", dtype="float32",
+                                     merge=False)
+    if info["adapter"] is None:
+        runtime.fail("no adapter found: give --out_dir of an adapter run or --adapter FILE")
+    if args.to == "hf":
+        sharelora.export_merged(model, args.dest)
+    else:
+        sharelora.export_peft(model, args.dest, base_model_name_or_path=info["base"], fused=HF_FUSED,
+                              fan_in_fan_out=True)  # transformers' GPT-2 stores its weights as Conv1D
+    print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -198,20 +198,10 @@ def add_adapters(model, config):
     if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise ValueError("this model already has adapters: load a fresh base model to add new ones")
     comps = config.components()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    matched = {}
-    for t in config.targets:
-        names = [n for n in linears if n == t or n.endswith("." + t)]
-        if not names:
-            some = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
-            raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers end in: {some}")
-        for n in names:
-            if n in matched:
-                raise ValueError(f"targets {matched[n]!r} and {t!r} both match {n}: list each layer once")
-            matched[n] = t
+    linears = {n: model.get_submodule(n) for n in find_targets(model, config.targets)}
     groups = {}
-    for n in matched:
-        groups.setdefault(".".join("*" if p.isdigit() else p for p in n.split(".")), []).append(n)
+    for n in linears:
+        groups.setdefault(_group(n), []).append(n)
 
     r = config.r
     for group, names in groups.items():
@@ -228,7 +218,6 @@ def add_adapters(model, config):
 
     zero = _zero_factor(comps)
     for group, names in groups.items():
-        d_out, d_in = linears[names[0]].weight.shape
         make = lambda x, key, lin: _initial_value(x, key, lin, r, comps, zero, config.seed)
         shared = {x: make(x, f"{group}.lora_{x}", linears[names[0]]) for x in COMPONENTS if comps[x][0] == "shared"}
         for n in names:
@@ -241,6 +230,27 @@ def add_adapters(model, config):
     return model
 
 
+def _group(name):
+    """transformer.h.7.attn.q -> transformer.h.*.attn.q: the maps one shared tensor serves."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def find_targets(model, targets):
+    """{qualified name: target} for every nn.Linear whose name ends in one of `targets`."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    matched = {}
+    for t in targets:
+        names = [n for n in linears if n == t or n.endswith("." + t)]
+        if not names:
+            some = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
+            raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers end in: {some}")
+        for n in names:
+            if n in matched:
+                raise ValueError(f"targets {matched[n]!r} and {t!r} both match {n}: list each layer once")
+            matched[n] = t
+    return matched
+
+
 def _zero_factor(comps):
     """ΔW must be 0 at the start, so one factor starts at zero. It must be a trainable one, and only one:
     two zero factors in one product give each other zero gradients forever. LoRA's choice is B; with B
@@ -248,11 +258,15 @@ def _zero_factor(comps):
     return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
 
 
+def _shape(x, linear, r):
+    d_out, d_in = linear.weight.shape
+    return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
+
+
 def _initial_value(x, key, linear, r, comps, zero, seed):
     """METHOD.md's initialisation. Random values come from a generator seeded by (seed, key), so the same
     configuration rebuilds the same frozen random matrices, on any machine."""
-    d_out, d_in = linear.weight.shape
-    shape = {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
+    shape = _shape(x, linear, r)
     if x == zero:
         t = torch.zeros(shape)
     elif x in ("A", "B"):  # Kaiming-uniform with a = sqrt(5), as nn.Linear and loralib: U(±1/sqrt(fan_in))
@@ -418,37 +432,46 @@ def load_adapter(model, path):
     adapters of the same configuration. Checks the base's shapes first, leaving the model untouched if
     the adapter was made for another one. Returns the model."""
     config, meta, tensors = read_adapter(path)
-    for name, shape in meta["shapes"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        have = list(module.weight.shape) if isinstance(module, (nn.Linear, AdaptedLinear)) else None
-        if have != shape:
-            raise ValueError(f"{path} was made for base {meta['base']!r}, where {name} is "
-                             f"{'x'.join(map(str, shape))}; in this model it is "
-                             f"{'x'.join(map(str, have)) if have else 'missing'}: load the adapter onto the base it was trained on")
     layers = adapted_layers(model)
-    if not layers:
-        add_adapters(model, config)
-    elif layers[0].config != config:
+    if layers and layers[0].config != config:
         raise ValueError(f"the model's adapters ({layers[0].config.describe()}) differ from those in {path} "
                          f"({config.describe()}): load it onto a fresh base model")
-    expected = adapter_state_dict(model)
+    # every check comes before the first change to the model. The maps this configuration adapts in
+    # this model must be exactly those it was trained on, with the same shapes.
+    maps = {m.name: m.base for m in layers} if layers else {n: model.get_submodule(n) for n in find_targets(model, config.targets)}
+    theirs = meta["shapes"]
+    for name in sorted(maps.keys() | theirs.keys()):
+        have = list(maps[name].weight.shape) if name in maps else None
+        if have != theirs.get(name):
+            size = lambda s: "x".join(map(str, s)) if s else "missing"
+            raise ValueError(f"{path} was made for base {meta['base']!r}, where {name} is {size(theirs.get(name))}; "
+                             f"in this model it is {size(have)}: load the adapter onto the base it was trained on")
+    comps = config.components()
+    expected = {}  # key -> (a map that holds it, component), as adapter_state_dict will name them
+    for name, linear in maps.items():
+        for x in COMPONENTS:
+            if comps[x][0] != "off":
+                expected.setdefault(f"{_group(name) if comps[x][0] == 'shared' else name}.lora_{x}", (linear, x))
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise ValueError(f"{path} holds tensors this configuration does not have: {unknown[:3]}")
-    for key, p in expected.items():
+    for key, (linear, x) in expected.items():
         if key in tensors:
-            if tensors[key].shape != p.shape:
-                raise ValueError(f"{key} is {tuple(tensors[key].shape)} in {path} but {tuple(p.shape)} in the model")
-            p.copy_(tensors[key])
+            want = _shape(x, linear, config.r)
+            if tuple(tensors[key].shape) != want:
+                raise ValueError(f"{key} is {tuple(tensors[key].shape)} in {path} but {want} in the model")
         elif key in meta["regenerated"]:
-            if not _close(_fingerprint(p), meta["regenerated"][key]):
+            fresh = _initial_value(x, key, linear, config.r, comps, _zero_factor(comps), config.seed)
+            if not _close(_fingerprint(fresh), meta["regenerated"][key]):
                 raise ValueError(f"rebuilding the frozen {key} from seed {config.seed} gave other values than "
                                  "when it was saved (another torch random generator?)")
         else:
             raise ValueError(f"{path} lacks {key}: the file is incomplete")
+    if not layers:
+        add_adapters(model, config)
+    for key, p in adapter_state_dict(model).items():
+        if key in tensors:
+            p.copy_(tensors[key])
     return model
 
 

@@ -221,3 +221,20 @@ def test_bad_input_exits_2_with_one_sentence(trained, case):
     assert "Traceback" not in p.stderr
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and len(errors[0]) > 30, p.stderr
+
+
+def test_ctrl_c_writes_a_checkpoint_before_exiting(data, tmp_path):
+    import signal
+    import time
+    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--adapter=none", f"--data_dir={data['shakespeare']}",
+            f"--out_dir={tmp_path}", "--max_iters=100000", "--eval_interval=100000"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or sum(1 for _ in open(log)) < 4):
+        time.sleep(0.2)  # wait for a few training steps (the first line is the eval at step 0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "continue with --init_from=resume" in out
+    assert runtime.read_checkpoint(tmp_path)["step"] >= 3

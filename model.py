@@ -157,21 +157,27 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_rows):
             hc, t = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             logits = (hc @ weight.t()).float()  # (n, V), float32 for a stable softmax
-            lse = logits.logsumexp(dim=-1)
-            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            mean_logit = logits.mean(dim=-1) if label_smoothing > 0 else None
+            # one pass of exp over the chunk, in place: e = exp(logits - max), lse = max + log(sum e),
+            # and e / sum e is the softmax the gradient needs (logsumexp + softmax would do it twice)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            total = e.sum(dim=-1)
+            lse = top.squeeze(1) + total.log()
+            nll = lse - target_logit
             if label_smoothing > 0:  # same definition as F.cross_entropy(label_smoothing=...)
-                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=-1))
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
             loss += nll.sum()
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are done with
-                g[torch.arange(len(t), device=g.device), t] -= 1 - label_smoothing
+                g = e.mul_((1 / (total * N))[:, None])  # softmax / N: the gradient of the mean loss...
+                g[torch.arange(len(t), device=g.device), t] -= (1 - label_smoothing) / N  # ...minus the target
                 if label_smoothing > 0:
-                    g -= label_smoothing / V
-                g = (g / N).to(hc.dtype)
+                    g -= label_smoothing / (V * N)
                 if need_h:
-                    grad_h[s:s + chunk_rows] = g @ weight.to(g.dtype)
+                    grad_h[s:s + chunk_rows] = g.to(weight.dtype) @ weight
                 if need_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w += (g.to(hc.dtype).t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / N

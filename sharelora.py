@@ -392,8 +392,9 @@ def save_adapter(model, path, base=None):
         if not t.requires_grad:  # frozen: is it still what a fresh add_adapters would make from the seed?
             m = next(m for m in layers if key.startswith((m.group + ".lora_", m.name + ".lora_")))
             fresh = _initial_value(key[-1], key, m.base, config.r, comps, _zero_factor(comps), config.seed)
-            if torch.equal(fresh.data.cpu(), t.detach().cpu()):
-                regenerated[key] = _fingerprint(t)
+            # (compared in t's dtype: on a GPU, train.py stores frozen matrices in bfloat16)
+            if torch.equal(fresh.data.to(t.dtype).cpu(), t.detach().cpu()):
+                regenerated[key] = _fingerprint(fresh)
                 continue
         tensors[key] = t.detach().to("cpu").contiguous()
     metadata = {

@@ -74,3 +74,16 @@ def test_analyze_cli_prints_a_table(tmp_path, capsys):
     analyze.main(["--adapter", str(tmp_path / "a.safetensors")])
     out = capsys.readouterr().out
     assert out.count("transformer.h.") == 6 and "σ_i/σ_1" in out
+
+
+def test_vera_saved_from_a_bfloat16_base_still_rebuilds_its_frozen_matrices(tmp_path):
+    import runtime
+    base = tiny()
+    model = sharelora.add_adapters(copy.deepcopy(base), sharelora.AdapterConfig(preset="vera", r=4))
+    runtime.place(model, "cpu", torch.bfloat16)  # what train.py does on a GPU: frozen A, B in bfloat16
+    assert model.transformer.h[0].attn.q.lora_A.dtype == torch.bfloat16
+    sharelora.save_adapter(model, tmp_path / "v.safetensors")
+    _, meta, tensors = sharelora.read_adapter(tmp_path / "v.safetensors")
+    assert not any(k.endswith(("lora_A", "lora_B")) for k in tensors) and len(meta["regenerated"]) == 4
+    loaded = sharelora.load_adapter(copy.deepcopy(base), tmp_path / "v.safetensors")
+    assert torch.equal(loaded.transformer.h[0].attn.q.lora_A.to(torch.bfloat16), model.transformer.h[0].attn.q.lora_A)

@@ -218,13 +218,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
-        """idx (B, T) token ids -> (logits (B, T, vocab), loss).
-
-        With `targets` (B, T), the loss is the mean cross-entropy over the positions whose target is
-        not -100 (so a prompt can be left out of the loss). return_logits=False is the training path:
-        the vocabulary projection is computed only where the loss counts, in chunks, and logits is None.
-        With a `cache` (KVCache), idx holds only the new positions."""
+    def hidden(self, idx, cache=None):
+        """idx (B, T) -> the final hidden states (B, T, n_embd), before the vocabulary projection."""
         B, T = idx.size()
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
@@ -236,7 +231,16 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss).
+
+        With `targets` (B, T), the loss is the mean cross-entropy over the positions whose target is
+        not -100 (so a prompt can be left out of the loss). return_logits=False is the training path:
+        the vocabulary projection is computed only where the loss counts, in chunks, and logits is None.
+        With a `cache` (KVCache), idx holds only the new positions."""
+        x = self.hidden(idx, cache)
         if targets is None:
             return self.lm_head(x), None
         if return_logits:
@@ -270,8 +274,8 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None:
                 step_input = idx[:, -self.config.block_size:]
-            logits, _ = self(step_input, cache=cache)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            logits = self.lm_head(self.hidden(step_input, cache)[:, -1, :])  # only the last position's
+            next_token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
             if eos_token is not None:
                 next_token = next_token.masked_fill(done[:, None], eos_token)
                 done |= next_token[:, 0] == eos_token

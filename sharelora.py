@@ -72,15 +72,16 @@ class AdaptedLinear(nn.Module):
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError(f"{self.name} is merged: call sharelora.unmerge(model) before training")
             return y
-        # x -> A -> u -> B -> v: r·(d_in + d_out) multiply-adds per token, never the d_out·d_in of ΔW.
-        # The scale s is applied on the r-wide side, where it is cheapest (8 numbers, not 768).
-        # Components are cast to the input's dtype, so a bfloat16 base works without autocast too.
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        h = h * (self.lora_u.to(x.dtype) * self.scale if self.lora_u is not None else self.scale)
-        h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
-        if self.lora_v is not None:
-            h = h * self.lora_v.to(x.dtype)
-        return y + h
+        # x -> A -> B: r·(d_in + d_out) multiply-adds per token, never the d_out·d_in of ΔW. u and v are
+        # folded into the factors first (diag(u)·A is r x d_in, diag(v)·B is d_out x r): the same
+        # product as scaling the activations, but elementwise work on the small matrices instead of on
+        # every token's r- and d_out-wide vectors (tied and VeRA then train in LoRA's memory).
+        # s is applied on the r-wide side, where it is cheapest. Components are cast to the input's
+        # dtype, so a bfloat16 base works without autocast too.
+        A = self.lora_A if self.lora_u is None else self.lora_u[:, None] * self.lora_A
+        B = self.lora_B if self.lora_v is None else self.lora_v[:, None] * self.lora_B
+        h = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # (..., r)
+        return y + F.linear(h, B.to(x.dtype))  # (..., d_out)
 
     def folded_factors(self):
         """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s · B' A'."""

@@ -1,0 +1,645 @@
+"""
+bench.py: how fast and how lean this project's adapters train and run, measured against the reference
+everyone knows, transformers' GPT-2 + PEFT LoRA.
+
+    python bench.py                          # every section, GPT-2 124M, batch 4 x 256, float32 on CPU
+    python bench.py --only train,bound       # some sections: train, presets, infer, generate, bound
+    python bench.py --device cuda            # bfloat16 base weights, float32 adapters, autocast (the default there)
+    python bench.py --model tiny --repeats 2 --warmup 1 --gen_tokens 8     # seconds: a smoke test
+
+Sections (each prints a markdown pipe table, a one-line machine description above it, and every goal
+next to the measured ratio with whether it is met):
+  train     training step, ours vs PEFT: (a) the same modules (attn.c_proj + mlp.c_fc, r = 8), every position
+            supervised; (b) each side's usual GPT-2 setting at equal trainable parameters (ours q, v; PEFT's
+            fused c_attn; r = 8: 294,912 both); (c) E2E-shaped batches, the loss on the second half of each row
+  presets   the training table for every preset (lora, sharea, shareb, shareab, tied, vera on q, v, r = 8)
+  infer     inference forward (eval, no grad): base model vs unmerged adapters (every preset) vs merged
+  generate  greedy generation at batch 1: ours with and without the KV cache vs transformers' generate
+  bound     the step against the time of its matrix products alone (same shapes, same dtype)
+
+Method. Contenders of one comparison are built side by side, at the same model size, batch, sequence
+length, dtype and device, with random weights (speed does not depend on the values) and dropout off
+on both sides (transformers' GPT2Config enables 0.1 by default; it is set to 0 here). After warm-up
+steps the contenders take turns (ours, PEFT, ours, PEFT, ...) for --repeats rounds; each reports the
+median of its own times, so a slow spell of a busy machine hits both sides alike. tokens/s = B*T / median
+step time (the tokens processed, also in setting (c) where only half of them count in the loss).
+
+Training memory = the peak during a training step minus the memory held just before it (model, frozen
+weights, optimizer state: all built, and one warm-up step done so that lazily created state exists),
+i.e. activations, logits, gradients and temporaries. On CUDA: torch.cuda.max_memory_allocated() after
+reset_peak_memory_stats(), minus memory_allocated() before the step. On CPU torch has no peak counter,
+so each measurement runs in a fresh process (`bench.py --_memory_probe SPEC`) and reads the kernel's
+resident-set counters: after the warm-up step, writing "5" to /proc/self/clear_refs resets the peak
+VmHWM to the current VmRSS; the step runs; training memory = VmHWM - VmRSS before. This is sound
+because (1) a fresh process holds nothing of other contenders, and (2) the probe runs with glibc's
+MALLOC_MMAP_THRESHOLD_=65536, so every tensor over 64 KB is its own mmap, returned to the kernel when
+freed: memory freed after the warm-up step cannot sit in the heap, counted in VmRSS before and silently
+reused (which would under-count: without it PEFT's setting-(b) step reads 589 MiB instead of 1,417 MiB).
+Pages are counted once written, which a tensor always is. As a check, the table prints the size of
+one batch's float32 logits (B*T*vocab*4 bytes: 206 MB = 196 MiB at the defaults): transformers holds
+the logits, their log-softmax and their gradients (several of those), ours one 166-row chunk (32 MiB).
+
+transformers' side: GPT2LMHeadModel with its default attention (sdpa), use_cache=False in training (a
+KV cache is no use there), and the loss from `labels`, which transformers shifts by one internally. Both
+sides get the same supervised tokens: ours `targets[t] = ids[t + 1]` where the loss counts and -100
+elsewhere (including the last position, which has no next token); transformers `labels = ids` with -100
+where the token is not predicted, i.e. at our -100 positions shifted by one. tests/test_bench.py checks
+that the two give the same loss on the same weights.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+import sharelora  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+MODELS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),  # 124M
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=1024),  # for the smoke test
+}
+PRESET_ORDER = ["lora", "sharea", "shareb", "shareab", "tied", "vera"]
+R, ALPHA = 8, 16.0
+
+# The three training comparisons of section 1: (key, title, our targets, PEFT's target_modules, supervision)
+SETTINGS = [
+    ("a", "same modules", ("attn.c_proj", "mlp.c_fc"), ("attn.c_proj", "mlp.c_fc"), "all"),
+    ("b", "usual setting, equal params", ("q", "v"), ("c_attn",), "all"),
+    ("c", "E2E-shaped, loss on half", ("q", "v"), ("c_attn",), "half"),
+]
+GOALS = {  # {ratio: (comparison, threshold)}, from the issue; preset_speed is our reading of "costs no speed"
+    "a_speed": (">=", 1.35), "a_mem": ("<=", 0.40), "c_speed": (">=", 1.6),
+    "bound": ("<=", 1.25), "unmerged": ("<=", 1.10), "merged": ("<=", 1.02),
+    "generate": (">=", 1.0), "preset_speed": (">=", 0.95),
+}
+
+
+# ---- the environment: device, dtype, shapes --------------------------------------------------------
+
+@dataclass
+class Env:
+    model: str
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    block_size: int
+    warmup: int
+    repeats: int
+    memory: bool
+
+    @property
+    def cfg(self):
+        return MODELS[self.model]
+
+    def autocast(self):
+        """float32: nothing. bfloat16: frozen bf16 weights, float32 adapters, autocast: both sides alike."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def make_env(args):
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return Env(args.model, device, dtype, args.batch_size, args.block_size, args.warmup, args.repeats,
+               args.memory == "auto")
+
+
+def machine_line(env, shape=None):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    import peft
+    import transformers
+    gpu = f" ({torch.cuda.get_device_name(env.device)})" if env.device.type == "cuda" else ""
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"machine: {cpu}, torch uses {torch.get_num_threads()} threads of {os.cpu_count()} cores; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+            f"device {env.device.type}{gpu}; dtype {str(env.dtype).removeprefix('torch.')}; "
+            f"model {env.model}, {shape or f'batch {env.batch_size} x {env.block_size}'}; load average {load}")
+
+
+def table(headers, rows):
+    """A markdown pipe table, columns padded so that it also reads well as plain text."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in cells[1:]])
+
+
+def goal(key, ratio):
+    """-> (goal text, 'yes' / 'NO') for a measured ratio."""
+    op, x = GOALS[key]
+    met = ratio >= x if op == ">=" else ratio <= x
+    return f"{op} {x:.2f}x", "yes" if met else "NO"
+
+
+def fmt_mb(b):
+    if b is None:
+        return "n/a"
+    mb = b / 2**20
+    return f"{mb:,.0f}" if mb >= 100 else f"{mb:.1f}"
+
+
+# ---- building the contenders ---------------------------------------------------------------------
+
+def ours_model(env, adapter=None):
+    torch.manual_seed(0)
+    c = env.cfg
+    model = GPT(GPTConfig(**c, dropout=0.0)).to(env.device, env.dtype)  # frozen base in env.dtype
+    if adapter is not None:
+        sharelora.add_adapters(model, adapter)  # adapters are float32 whatever the base dtype
+    return model
+
+
+def hf_model(env, peft_targets=None):
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
+    c = env.cfg
+    eos = c["vocab_size"] - 1  # <|endoftext|> = 50256 for GPT-2
+    config = GPT2Config(vocab_size=c["vocab_size"], n_positions=c["block_size"], n_embd=c["n_embd"],
+                        n_layer=c["n_layer"], n_head=c["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).to(env.device, env.dtype)
+    if peft_targets:
+        from peft import LoraConfig, get_peft_model
+        lc = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(peft_targets),
+                        fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")  # Conv1D: fan_in_fan_out
+        model = get_peft_model(model, lc)  # autocast_adapter_dtype=True: float32 adapters on a bf16 base
+    return model
+
+
+def make_batch(env, supervision):
+    """ids (B, T); ours: targets (B, T), -100 where the loss does not count; transformers: labels (B, T).
+    supervision 'all': every position that has a next token; 'half': the first half of each row is the
+    prompt (as in E2E, where the loss counts only the reference), only the second half is predicted."""
+    B, T, V = env.batch_size, env.block_size, env.cfg["vocab_size"]
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    targets[:, :-1] = ids[:, 1:]
+    labels = ids.clone()
+    if supervision == "half":
+        p = T // 2  # tokens 0..p-1 are the prompt: transformers' labels -100 there, ours one position earlier
+        labels[:, :p] = -100
+        targets[:, :p - 1] = -100
+    return ids.to(env.device), targets.to(env.device), labels.to(env.device)
+
+
+def train_contender(env, spec):
+    """spec: {"side": "ours" | "peft", "targets": [...], "supervision": "all" | "half", "preset": ...}
+    -> namespace with step() (one full training step: zero_grad, forward, backward, AdamW step)."""
+    ids, targets, labels = make_batch(env, spec["supervision"])
+    if spec["side"] == "ours":
+        ac = sharelora.AdapterConfig(preset=spec.get("preset", "lora"), r=R, alpha=ALPHA, dropout=0.0,
+                                     targets=tuple(spec["targets"]))
+        model = ours_model(env, ac)
+        fwd = lambda: model(ids, targets, return_logits=False)[1]  # the loss only where it counts
+    else:
+        model = hf_model(env, spec["targets"])
+        fwd = lambda: model(input_ids=ids, labels=labels, use_cache=False).loss
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with env.autocast():
+            loss = fwd()
+        loss.backward()
+        opt.step()
+
+    return SimpleNamespace(model=model, step=step, opt=opt, spec=spec,
+                           trainable=sum(p.numel() for p in params),
+                           loss_tokens=int((targets != -100).sum()))
+
+
+# ---- timing and memory ---------------------------------------------------------------------------
+
+def race(env, fns, warmup=None, repeats=None):
+    """fns {name: callable}: warm-up, then take turns for `repeats` rounds -> {name: median seconds}."""
+    warmup = env.warmup if warmup is None else warmup
+    repeats = env.repeats if repeats is None else repeats
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            gc.collect()
+            env.sync()
+            t0 = time.perf_counter()
+            f()
+            env.sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _proc_status():
+    with open("/proc/self/status") as f:
+        s = f.read()
+    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", s, re.M).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def step_memory(env, step, measures=2):
+    """Training memory of one step, in bytes (see the module docstring). The caller has already run at
+    least one warm-up step. The largest of `measures` steps."""
+    out = []
+    for _ in range(measures):
+        gc.collect()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(env.device)
+            before = torch.cuda.memory_allocated(env.device)
+            step()
+            torch.cuda.synchronize()
+            out.append(torch.cuda.max_memory_allocated(env.device) - before)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            before = _proc_status()["VmRSS"]
+            step()
+            out.append(_proc_status()["VmHWM"] - before)
+    return max(out)
+
+
+def training_memory(env, spec, contender=None):
+    """Bytes, or None where it cannot be measured (--memory off, or no /proc/self/clear_refs)."""
+    if not env.memory:
+        return None
+    if env.device.type == "cuda":  # one process is fine: the CUDA counters see only torch's tensors
+        if contender is None:
+            contender = train_contender(env, spec)
+            contender.step()
+        return step_memory(env, contender.step)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory_probe", json.dumps(spec),
+           "--model", env.model, "--device", "cpu", "--dtype", str(env.dtype).removeprefix("torch."),
+           "--batch_size", str(env.batch_size), "--block_size", str(env.block_size),
+           "--threads", str(torch.get_num_threads())]
+    penv = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=penv)
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("MEMPROBE "):
+            return json.loads(line[len("MEMPROBE "):])["bytes"]
+    print(f"(memory probe failed for {spec}: {res.stderr.strip()[-500:]})", flush=True)
+    return None
+
+
+def memory_method(env):
+    if not env.memory:
+        return "not measured (--memory off)"
+    if env.device.type == "cuda":
+        return "CUDA max_memory_allocated over one step minus memory_allocated before it"
+    return "peak RSS (VmHWM, reset via /proc/self/clear_refs) over one step minus RSS before it, fresh process each"
+
+
+def hf_attention(env):
+    """transformers' default attention for GPT-2 here (sdpa unless the install says otherwise)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with torch.device("meta"):
+        config = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=8, bos_token_id=7, eos_token_id=7)
+        return GPT2LMHeadModel(config).config._attn_implementation
+
+
+def memory_probe_main(env, spec):
+    c = train_contender(env, spec)
+    c.step()  # warm-up: optimizer state, oneDNN / MKL buffers, autograd's first-use allocations
+    c.step()
+    try:
+        b = step_memory(env, c.step)
+    except OSError as e:  # no clear_refs (not Linux, or not permitted): no sound CPU figure
+        print(f"no peak counter: {e}", file=sys.stderr)
+        return
+    print("MEMPROBE " + json.dumps({"bytes": b}), flush=True)
+
+
+# ---- section 1: training, ours vs PEFT -----------------------------------------------------------
+
+def section_train(env):
+    rows, ratios = [], []
+    for key, title, ours_t, peft_t, sup in SETTINGS:
+        specs = {"ours": {"side": "ours", "targets": list(ours_t), "supervision": sup, "preset": "lora"},
+                 "PEFT": {"side": "peft", "targets": list(peft_t), "supervision": sup}}
+        cs = {k: train_contender(env, s) for k, s in specs.items()}
+        t = race(env, {k: c.step for k, c in cs.items()})
+        mem = {k: training_memory(env, specs[k], cs[k]) for k in cs}
+        for k, c in cs.items():
+            rows.append([f"({key}) {title}", k, ", ".join(specs[k]["targets"]), f"{c.trainable:,}",
+                         f"{c.loss_tokens:,}", f"{t[k] * 1e3:,.0f}",
+                         f"{env.batch_size * env.block_size / t[k]:,.0f}", fmt_mb(mem[k])])
+        speed = t["PEFT"] / t["ours"]
+        g = goal(f"{key}_speed", speed) if f"{key}_speed" in GOALS else ("-", "-")
+        ratios.append([f"({key})", "tokens/s, ours / PEFT", f"{speed:.2f}x", *g])
+        if mem["ours"] and mem["PEFT"]:
+            m = mem["ours"] / mem["PEFT"]
+            g = goal(f"{key}_mem", m) if f"{key}_mem" in GOALS else ("-", "-")
+            ratios.append([f"({key})", "training memory, ours / PEFT", f"{m:.2f}x", *g])
+        del cs
+        gc.collect()
+    V = env.cfg["vocab_size"]
+    out = [f"### Training step: ours vs transformers + PEFT LoRA (r = {R})", machine_line(env), "",
+           table(["setting", "side", "adapted modules", "trainable", "loss tokens", "step ms", "tokens/s",
+                  "train mem MiB"], rows), "",
+           table(["setting", "measure", "ratio", "goal", "met"], ratios), "",
+           f"Training memory: {memory_method(env)}. For scale: one batch's float32 logits are B*T*vocab*4 = "
+           f"{fmt_mb(env.batch_size * env.block_size * V * 4)} MiB. PEFT side: GPT2LMHeadModel "
+           f"(attention {hf_attention(env)}), labels, use_cache=False; ours: return_logits=False."]
+    return "\n".join(out)
+
+
+# ---- section 2: every preset ---------------------------------------------------------------------
+
+def section_presets(env):
+    specs = {p: {"side": "ours", "targets": ["q", "v"], "supervision": "all", "preset": p} for p in PRESET_ORDER}
+    cs = {p: train_contender(env, s) for p, s in specs.items()}
+    t = race(env, {p: c.step for p, c in cs.items()})
+    mem = {p: training_memory(env, specs[p], cs[p]) for p in cs}
+    rows = []
+    for p, c in cs.items():
+        speed = t["lora"] / t[p]
+        g = goal("preset_speed", speed)
+        rows.append([p, sharelora.AdapterConfig(preset=p).describe(), f"{c.trainable:,}", f"{t[p] * 1e3:,.0f}",
+                     f"{env.batch_size * env.block_size / t[p]:,.0f}", f"{speed:.2f}x", *g, fmt_mb(mem[p]),
+                     f"{mem[p] / mem['lora']:.2f}x" if mem[p] and mem["lora"] else "n/a"])
+    del cs
+    gc.collect()
+    return "\n".join([f"### Training step for every preset (ours, targets q, v, r = {R}, every position supervised)",
+                      machine_line(env), "",
+                      table(["preset", "spec", "trainable", "step ms", "tokens/s", "speed vs lora", "goal", "met",
+                             "train mem MiB", "mem vs lora"], rows), "",
+                      f"Training memory: {memory_method(env)}. Goal: sharing costs no speed "
+                      f"(read here as within 5% of lora's tokens/s)."])
+
+
+# ---- section 3: inference overhead -------------------------------------------------------------
+
+def section_infer(env):
+    ids, _, _ = make_batch(env, "all")
+    models = {"base (no adapters)": ours_model(env)}
+    for p in PRESET_ORDER:
+        models[f"{p}, unmerged"] = ours_model(env, sharelora.AdapterConfig(preset=p, r=R, alpha=ALPHA, targets=("q", "v")))
+    merged = ours_model(env, sharelora.AdapterConfig(preset="lora", r=R, alpha=ALPHA, targets=("q", "v")))
+    models["lora, merged"] = sharelora.merge(merged)
+    for m in models.values():
+        m.eval()
+
+    def forward(m):
+        def f():
+            with torch.no_grad(), env.autocast():
+                m(ids)  # full logits (B, T, vocab), as a plain forward returns them
+        return f
+
+    t = race(env, {k: forward(m) for k, m in models.items()})
+    base = t["base (no adapters)"]
+    rows = []
+    for k in models:
+        ratio = t[k] / base
+        g = ("-", "-") if k.startswith("base") else goal("merged" if k.endswith(", merged") else "unmerged", ratio)
+        rows.append([k, f"{t[k] * 1e3:,.1f}", f"{env.batch_size * env.block_size / t[k]:,.0f}", f"{ratio:.3f}x", *g])
+    del models
+    gc.collect()
+    return "\n".join([f"### Inference forward (eval, no grad, full logits), adapters on q, v, r = {R}",
+                      machine_line(env), "",
+                      table(["model", "forward ms", "tokens/s", "time vs base", "goal", "met"], rows)])
+
+
+# ---- section 4: generation ------------------------------------------------------------------------
+
+def section_generate(env, new_tokens, prompt_len, repeats):
+    V = env.cfg["vocab_size"]
+    prompt = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(7)).to(env.device)
+    ours = ours_model(env).eval()
+    adapted = ours_model(env, sharelora.AdapterConfig(preset="sharea", r=R, alpha=ALPHA, targets=("q", "v"))).eval()
+    hf = hf_model(env).eval()
+    mask = torch.ones_like(prompt)
+
+    def run_ours(m, cache):
+        def f(n=new_tokens):
+            with env.autocast():
+                out = m.generate(prompt, n, temperature=0, use_cache=cache)
+            assert out.size(1) == prompt_len + n
+        return f
+
+    def run_hf(n=new_tokens):
+        with env.autocast():
+            out = hf.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              pad_token_id=V - 1, eos_token_id=V - 1)
+        assert out.size(1) == prompt_len + n
+
+    fns = {"transformers generate (KV cache)": run_hf, "ours, KV cache": run_ours(ours, True),
+           "ours, no cache": run_ours(ours, False), "ours + sharea adapters unmerged, KV cache": run_ours(adapted, True)}
+    for f in fns.values():  # warm-up: short runs (the no-cache path at full length takes minutes on a CPU)
+        for _ in range(max(1, env.warmup)):
+            f(n=min(8, new_tokens))
+    t = race(env, fns, warmup=0, repeats=repeats)
+    ref = t["transformers generate (KV cache)"]
+    rows = []
+    for k in fns:
+        speed = ref / t[k]
+        g = goal("generate", speed) if k == "ours, KV cache" else ("-", "-")
+        rows.append([k, f"{t[k]:,.2f}", f"{new_tokens / t[k]:,.1f}", f"{speed:.2f}x", *g])
+    del ours, adapted, hf
+    gc.collect()
+    return "\n".join([f"### Greedy generation, batch 1, prompt {prompt_len} tokens, {new_tokens} new tokens "
+                      f"(median of {repeats})", machine_line(env, shape="batch 1"), "",
+                      table(["contender", "seconds", "tokens/s", "speed vs transformers", "goal", "met"], rows)])
+
+
+# ---- section 5: the step against its matrix products ----------------------------------------------
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def record_gemms(env, step):
+    """Run one step and return the matrix products it executes, in order: (op, [(shape, stride) or
+    scalar...], dtype). Recorded below autograd and autocast (a TorchDispatchMode sees each aten call
+    as it runs, forward and backward, with the dtype autocast chose). Fused attention kernels are
+    replaced by the batched matmuls of standard attention: S = Q K^T and Y = P V forward; dV = P^T dY,
+    dP = dY V^T, dQ = dS K, dK = dS^T Q backward (not halved for the causal mask)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    def meta(a):
+        return ("T", tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else ("S", a)
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            if name in GEMM_OPS:
+                calls.append((name, [meta(a) for a in args], dict(kwargs)))
+            elif name.startswith("_scaled_dot_product") and "attention" in name:
+                backward = name.endswith("_backward")
+                q, k = (args[1], args[2]) if backward else (args[0], args[1])
+                B, H, Tq, hs = q.shape
+                S = k.shape[-2]
+                bh, dt = B * H, q.dtype
+                mat = lambda r, c: ("T", (bh, r, c), (r * c, c, 1), dt)
+                pairs = ([((Tq, S), (S, hs)), ((S, Tq), (Tq, hs)), ((Tq, S), (S, hs)), ((S, Tq), (Tq, hs))]
+                         if backward else [((Tq, hs), (hs, S)), ((Tq, S), (S, hs))])
+                for (a, b) in pairs:
+                    calls.append(("bmm", [mat(*a), mat(*b)], {}))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        step()
+    return calls
+
+
+def gemm_replay(env, calls):
+    """-> (run(): execute exactly those products on preallocated tensors with the recorded shapes,
+    strides and dtypes, writing into preallocated outputs; GFLOP of one run)."""
+    inputs, outs, jobs, flops = {}, {}, [], 0
+
+    def tensor(m):
+        _, shape, stride, dtype = m
+        key = (shape, stride, dtype)
+        if key not in inputs:
+            size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+            buf = (torch.randn(size, device=env.device) * 0.02).to(dtype)
+            inputs[key] = buf.as_strided(shape, stride)
+        return inputs[key]
+
+    for name, args, kwargs in calls:
+        a = [tensor(m) if m[0] == "T" else m[1] for m in args]
+        fn = getattr(torch, name)
+        res = fn(*a, **kwargs)
+        key = (name, tuple(res.shape), res.dtype)
+        if key not in outs:
+            outs[key] = res
+        jobs.append((fn, a, kwargs, outs[key]))
+        m1, m2 = (a[1], a[2]) if name in ("addmm", "baddbmm") else (a[0], a[1])
+        flops += 2 * m1.numel() * m2.shape[-1]
+
+    def run():
+        for fn, a, kwargs, out in jobs:
+            fn(*a, **kwargs, out=out)
+
+    return run, flops / 1e9
+
+
+def section_bound(env):
+    rows = []
+    for key, title, ours_t, peft_t, sup in SETTINGS:
+        specs = {"ours": {"side": "ours", "targets": list(ours_t), "supervision": sup, "preset": "lora"},
+                 "PEFT": {"side": "peft", "targets": list(peft_t), "supervision": sup}}
+        fns, info = {}, {}
+        for side, spec in specs.items():
+            c = train_contender(env, spec)
+            c.step()
+            calls = record_gemms(env, c.step)
+            run, gflop = gemm_replay(env, calls)
+            fns[side] = c.step
+            fns[side + " matmuls"] = run
+            info[side] = (len(calls), gflop)
+        t = race(env, fns)
+        for side in specs:
+            ratio = t[side] / t[side + " matmuls"]
+            g = goal("bound", ratio) if side == "ours" else ("-", "-")
+            n, gflop = info[side]
+            rows.append([f"({key}) {title}", side, f"{t[side] * 1e3:,.0f}", f"{t[side + ' matmuls'] * 1e3:,.0f}",
+                         f"{n}", f"{gflop:,.0f}", f"{gflop / t[side + ' matmuls']:,.0f}", f"{ratio:.2f}x", *g])
+        del fns
+        gc.collect()
+    return "\n".join([
+        "### Training step vs its matrix products alone (same shapes, strides and dtype, preallocated outputs)",
+        machine_line(env), "",
+        table(["setting", "side", "step ms", "matmuls ms", "matmul calls", "GFLOP", "matmul GFLOP/s",
+               "step / matmuls", "goal", "met"], rows), "",
+        "matmuls: exactly the products one step runs (recorded below autograd: forward and backward GEMMs of the "
+        "blocks, adapters' small GEMMs, the lm_head forward and input-gradient), with fused attention counted as "
+        "standard attention's batched matmuls (2 forward, 4 backward, full T x T, not halved for the causal mask)."])
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+SECTIONS = ("train", "presets", "infer", "generate", "bound")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on CUDA (frozen base weights; adapters stay float32; autocast), float32 on CPU")
+    p.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="gpt2: 124M config, random weights")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds, contenders taking turns")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections: " + ",".join(SECTIONS))
+    p.add_argument("--gen_tokens", type=int, default=256, help="new tokens per generation")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per contender")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--memory", default="auto", choices=["auto", "off"], help="off: skip the memory probes")
+    p.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = set(args.only.split(",")) - set(SECTIONS)
+    if bad:
+        p.error(f"unknown section(s) {sorted(bad)}: choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = make_env(args)
+    if args._memory_probe is not None:
+        memory_probe_main(env, json.loads(args._memory_probe))
+        return
+    if env.block_size > env.cfg["block_size"]:
+        raise SystemExit(f"--block_size {env.block_size} is more than the model's context {env.cfg['block_size']}")
+    only = args.only.split(",")
+    for name in SECTIONS:
+        if name not in only:
+            continue
+        t0 = time.perf_counter()
+        if name == "train":
+            text = section_train(env)
+        elif name == "presets":
+            text = section_presets(env)
+        elif name == "infer":
+            text = section_infer(env)
+        elif name == "generate":
+            text = section_generate(env, args.gen_tokens, args.prompt_len, args.gen_repeats)
+        else:
+            text = section_bound(env)
+        print(text + f"\n\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

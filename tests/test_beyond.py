@@ -87,3 +87,16 @@ def test_vera_saved_from_a_bfloat16_base_still_rebuilds_its_frozen_matrices(tmp_
     assert not any(k.endswith(("lora_A", "lora_B")) for k in tensors) and len(meta["regenerated"]) == 4
     loaded = sharelora.load_adapter(copy.deepcopy(base), tmp_path / "v.safetensors")
     assert torch.equal(loaded.transformer.h[0].attn.q.lora_A.to(torch.bfloat16), model.transformer.h[0].attn.q.lora_A)
+
+
+def test_analyze_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="analyze.py --png needs matplotlib (requirements-dev.txt has it)")
+    base = tiny()
+    base.save_pretrained(tmp_path / "base")
+    model = sharelora.add_adapters(GPT.from_pretrained(tmp_path / "base"), sharelora.AdapterConfig(preset="lora", r=4))
+    with torch.no_grad():
+        for m in sharelora.adapted_layers(model):
+            m.lora_B.normal_()
+    sharelora.save_adapter(model, tmp_path / "a.safetensors")
+    analyze.main(["--adapter", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "sv.png")])
+    assert (tmp_path / "sv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

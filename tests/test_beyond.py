@@ -63,15 +63,19 @@ def test_normalized_singular_values_and_effective_rank():
     assert "eff. rank" in analyze.table("x", svs)
 
 
-def test_analyze_cli_prints_a_table(tmp_path, capsys):
-    base = tiny()
-    base.save_pretrained(tmp_path / "base")
-    model = sharelora.add_adapters(GPT.from_pretrained(tmp_path / "base"), sharelora.AdapterConfig(preset="sharea", r=4))
+def saved_adapter(tmp_path, preset):
+    """An adapter file with non-zero B on a base saved to disk (the file names that base)."""
+    tiny().save_pretrained(tmp_path / "base")
+    model = sharelora.add_adapters(GPT.from_pretrained(tmp_path / "base"), sharelora.AdapterConfig(preset=preset, r=4))
     with torch.no_grad():
         for m in sharelora.adapted_layers(model):
             m.lora_B.normal_()
     sharelora.save_adapter(model, tmp_path / "a.safetensors")
-    analyze.main(["--adapter", str(tmp_path / "a.safetensors")])
+    return str(tmp_path / "a.safetensors")
+
+
+def test_analyze_cli_prints_a_table(tmp_path, capsys):
+    analyze.main(["--adapter", saved_adapter(tmp_path, "sharea")])
     out = capsys.readouterr().out
     assert out.count("transformer.h.") == 6 and "σ_i/σ_1" in out
 
@@ -91,12 +95,5 @@ def test_vera_saved_from_a_bfloat16_base_still_rebuilds_its_frozen_matrices(tmp_
 
 def test_analyze_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib", reason="analyze.py --png needs matplotlib (requirements-dev.txt has it)")
-    base = tiny()
-    base.save_pretrained(tmp_path / "base")
-    model = sharelora.add_adapters(GPT.from_pretrained(tmp_path / "base"), sharelora.AdapterConfig(preset="lora", r=4))
-    with torch.no_grad():
-        for m in sharelora.adapted_layers(model):
-            m.lora_B.normal_()
-    sharelora.save_adapter(model, tmp_path / "a.safetensors")
-    analyze.main(["--adapter", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "sv.png")])
+    analyze.main(["--adapter", saved_adapter(tmp_path, "lora"), "--png", str(tmp_path / "sv.png")])
     assert (tmp_path / "sv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

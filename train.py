@@ -78,6 +78,9 @@ class TrainConfig:
     seed: int = 1337
 
 
+# what init_from=resume takes from the command line; everything else comes from the checkpoint
+RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "device", "compile")
+
 # ---- configuration ----------------------------------------------------------------------------
 
 def parse_args(argv):
@@ -234,15 +237,12 @@ def train(cfg):
     """Run training as configured; returns the list of training losses (one per optimizer step)."""
     resuming = cfg.init_from == "resume"
     ckpt = runtime.read_checkpoint(cfg.out_dir) if resuming else None
-    if resuming:  # continue the stored run; options given now may extend it (max_iters, eval_interval)
-        stored = TrainConfig(**ckpt["config"])
-        changed = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)
-                   if f.name in ("max_iters", "eval_interval", "eval_iters", "device", "compile", "lr_decay_iters")
-                   and getattr(cfg, f.name) != f.default}
-        cfg = dataclasses.replace(stored, **changed)
-    for name, allowed in (("decay", ("linear", "cosine", "constant")),):
-        if getattr(cfg, name) not in allowed:
-            runtime.fail(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if resuming:  # continue the stored run; the options given now may only extend it
+        defaults = TrainConfig()
+        changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if getattr(cfg, k) != getattr(defaults, k)}
+        cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), **changed)
+    if cfg.decay not in ("linear", "cosine", "constant"):
+        runtime.fail(f"decay must be linear, cosine or constant, not {cfg.decay!r}")
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_iters < 0 or cfg.eval_iters < 1:
         runtime.fail("batch_size, grad_accum and eval_iters must be at least 1, max_iters at least 0")
     device = runtime.pick_device(cfg.device)

@@ -156,8 +156,8 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
         if merge:
             sharelora.merge(model)  # inference at the base model's cost
     device = pick_device(device)
-    place(model, device, pick_dtype(dtype, device)).eval()
     info.update(device=device, dtype=pick_dtype(dtype, device))
+    place(model, device, info["dtype"]).eval()
     return model, info
 
 

@@ -78,13 +78,13 @@ class AdaptedLinear(nn.Module):
         # every token's r- and d_out-wide vectors (tied and VeRA then train in LoRA's memory).
         # s is applied on the r-wide side, where it is cheapest. Components are cast to the input's
         # dtype, so a bfloat16 base works without autocast too.
-        A = self.lora_A if self.lora_u is None else self.lora_u[:, None] * self.lora_A
-        B = self.lora_B if self.lora_v is None else self.lora_v[:, None] * self.lora_B
+        B, A = self.folded_factors()
         h = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # (..., r)
         return y + F.linear(h, B.to(x.dtype))  # (..., d_out)
 
     def folded_factors(self):
-        """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s · B' A'."""
+        """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s · B' A'.
+        Differentiable: forward uses it too (the adapters are float32 already, so .float() is free)."""
         A, B = self.lora_A.float(), self.lora_B.float()
         if self.lora_u is not None:
             A = self.lora_u.float()[:, None] * A
@@ -220,9 +220,9 @@ def add_adapters(model, config):
     zero = _zero_factor(comps)
     for group, names in groups.items():
         make = lambda x, key, lin: _initial_value(x, key, lin, r, comps, zero, config.seed)
-        shared = {x: make(x, f"{group}.lora_{x}", linears[names[0]]) for x in COMPONENTS if comps[x][0] == "shared"}
+        shared = {x: make(x, _key(names[0], x, comps), linears[names[0]]) for x in COMPONENTS if comps[x][0] == "shared"}
         for n in names:
-            parts = {x: shared[x] if comps[x][0] == "shared" else make(x, f"{n}.lora_{x}", linears[n])
+            parts = {x: shared[x] if comps[x][0] == "shared" else make(x, _key(n, x, comps), linears[n])
                      for x in COMPONENTS if comps[x][0] != "off"}
             wrapped = AdaptedLinear(linears[n], parts["A"], parts["B"], parts.get("u"), parts.get("v"),
                                     scale=config.scale, dropout=config.dropout, name=n, group=group, config=config)
@@ -250,6 +250,12 @@ def find_targets(model, targets):
                 raise ValueError(f"targets {matched[n]!r} and {t!r} both match {n}: list each layer once")
             matched[n] = t
     return matched
+
+
+def _key(name, x, comps):
+    """Where component x of the map `name` is saved: under the group for a shared one
+    (transformer.h.*.attn.q.lora_A), under the layer for a per-layer one (transformer.h.7.attn.q.lora_B)."""
+    return f"{_group(name) if comps[x][0] == 'shared' else name}.lora_{x}"
 
 
 def _zero_factor(comps):
@@ -368,7 +374,7 @@ def adapter_state_dict(model, trainable_only=False):
         for x in COMPONENTS:
             p = getattr(m, f"lora_{x}")
             if p is not None and (p.requires_grad or not trainable_only):
-                out[f"{m.group if cfg[x][0] == 'shared' else m.name}.lora_{x}"] = p
+                out[_key(m.name, x, cfg)] = p
     return out
 
 
@@ -453,7 +459,7 @@ def load_adapter(model, path):
     for name, linear in maps.items():
         for x in COMPONENTS:
             if comps[x][0] != "off":
-                expected.setdefault(f"{_group(name) if comps[x][0] == 'shared' else name}.lora_{x}", (linear, x))
+                expected.setdefault(_key(name, x, comps), (linear, x))
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise ValueError(f"{path} holds tensors this configuration does not have: {unknown[:3]}")

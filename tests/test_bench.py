@@ -38,7 +38,8 @@ def test_every_section_prints_its_table(capsys):
     for preset in bench.PRESET_ORDER:
         assert f"| {preset} " in out and f"| {preset}, unmerged" in out
     assert "294,912" not in out  # tiny model: not the 124M counts
-    assert out.count("| (a) same modules") == 2 + 2  # train: ours + PEFT; bound: ours + PEFT
+    assert out.count("| (a) same modules") == 2 + 2 + 1  # train: ours + PEFT; bound: ours + PEFT; ceiling
+    assert "goal within ceiling" in out
     assert ">= 1.35x" in out and ">= 1.60x" in out and "<= 1.25x" in out and "<= 1.10x" in out
 
 

@@ -41,7 +41,7 @@ def table(name, svs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = runtime.Parser(prog="analyze.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", action="append", default=[], help="a training run's folder (repeat to compare)")
     p.add_argument("--adapter", action="append", default=[], help="an adapter file (repeat to compare)")
     p.add_argument("--png", help="write a plot here (needs matplotlib)")

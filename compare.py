@@ -26,7 +26,7 @@ PRESETS = list(sharelora.PRESETS)
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runtime.Parser(prog="compare.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True, help="the base: hub name or local path (the same for every preset)")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--r", type=int, default=8)
@@ -57,8 +57,10 @@ def compare(args, extra):
         if preset not in presets or "=" not in setting:
             runtime.fail(f"--override {o!r} should look like vera:learning_rate=1e-2, for a preset being run")
         overrides.setdefault(preset, []).append(f"--{setting}")
-    with open(os.path.join(args.data_dir, "test_refs.json"), encoding="utf-8") as f:
-        groups = json.load(f)[:args.eval_mrs]
+    runtime.check(args.eval_mrs >= 0 and args.max_iters >= 1, "--eval_mrs must be at least 0 and --max_iters at least 1")
+    refs = os.path.join(args.data_dir, "test_refs.json")
+    runtime.check(os.path.exists(refs), f"{refs} does not exist: run python data/e2e/prepare.py first (or pass --data_dir)")
+    groups = runtime.read_json(refs, "references file")[:args.eval_mrs]
     rows = []
     for preset in presets:
         out_dir = os.path.join(args.out, preset)

@@ -16,8 +16,8 @@ papers' tables. For numbers to put next to published ones, run the official scor
 tuetschek/e2e-metrics) on the predictions.txt and references.txt written here: it also gives NIST,
 METEOR and CIDEr, and its ROUGE-L is computed differently (see corpus_scores).
 """
-import argparse
 import json
+import math
 import os
 
 import torch
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import KVCache
-from runtime import autocast, fail, load_model, run
+from runtime import Parser, autocast, check, fail, load_model, read_json, run, writable_folder, write_text
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -179,10 +179,8 @@ def write_official_layout(out_dir, predictions, groups):
         raise ValueError(f"{len(predictions)} predictions for {len(groups)} MRs")
     os.makedirs(out_dir, exist_ok=True)
     pred_path, ref_path = os.path.join(out_dir, "predictions.txt"), os.path.join(out_dir, "references.txt")
-    with open(pred_path, "w", encoding="utf-8") as f:
-        f.writelines(one_line(p) + "\n" for p in predictions)
-    with open(ref_path, "w", encoding="utf-8") as f:
-        f.write("\n".join("".join(one_line(r) + "\n" for r in g["refs"]) for g in groups))
+    write_text(pred_path, "".join(one_line(p) + "\n" for p in predictions))
+    write_text(ref_path, "\n".join("".join(one_line(r) + "\n" for r in g["refs"]) for g in groups))
     return pred_path, ref_path
 
 
@@ -207,7 +205,7 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
+    p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
     p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
     p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
@@ -222,35 +220,42 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
     args = p.parse_args(argv)
-    if args.out_dir is None and args.adapter is None:
-        fail("pass --out_dir (a training run's folder) or --adapter FILE")
-    if args.beam_size < 1 or (args.limit is not None and args.limit < 1):
-        fail("--beam_size and --limit must be at least 1")
+    check(args.out_dir is not None or args.adapter is not None, "pass --out_dir (a training run's folder) or --adapter FILE")
+    check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")
+    check(args.limit is None or args.limit >= 1, f"--limit must be at least 1, not {args.limit}")
+    check(args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
+    check(args.batch_size >= 1, f"--batch_size must be at least 1, not {args.batch_size}")
+    check(args.no_repeat_ngram_size >= 0, f"--no_repeat_ngram_size must be at least 0, not {args.no_repeat_ngram_size}")
+    check(math.isfinite(args.length_penalty), f"--length_penalty must be a finite number, not {args.length_penalty}")
 
     refs_path = os.path.join(args.data_dir, f"{args.split}_refs.json")
     if not os.path.exists(refs_path):
         fail(f"{refs_path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
-    with open(refs_path, encoding="utf-8") as f:
-        groups = json.load(f)[:args.limit]
+    groups = read_json(refs_path, "references file")
+    check(isinstance(groups, list) and groups and all(
+        isinstance(g, dict) and isinstance(g.get("mr"), str) and isinstance(g.get("refs"), list) and g["refs"]
+        and all(isinstance(r, str) for r in g["refs"]) for g in groups),
+        f"{refs_path} is not a list of {{\"mr\": text, \"refs\": [text, ...]}}: run `python data/e2e/prepare.py` again")
+    groups = groups[:args.limit]
     sep = " ||"  # data/e2e/prepare.py's separator, also recorded in its meta.json
     meta_path = os.path.join(args.data_dir, "meta.json")
     if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            sep = json.load(f).get("separator", sep)
+        meta = read_json(meta_path, "data description")
+        sep = meta.get("separator", sep) if isinstance(meta, dict) else sep
+    results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
+                                                   f"e2e_{args.split}")
+    writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
 
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype)
     predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, args.max_new_tokens,
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
     scores = corpus_scores(predictions, [g["refs"] for g in groups])
 
-    results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
-                                                   f"e2e_{args.split}")
     pred_path, ref_path = write_official_layout(results_dir, predictions, groups)
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
                                               "max_new_tokens", "limit")}
-    with open(os.path.join(results_dir, "scores.json"), "w") as f:
-        json.dump({**scores, "mrs": len(groups), **settings, "model": info}, f, indent=1, default=str)
-        f.write("\n")
+    write_text(os.path.join(results_dir, "scores.json"),
+               json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
     print(f"{args.split}: {len(groups)} MRs, {how}: BLEU {scores['bleu']:.2f}, ROUGE-L {scores['rouge_l']:.2f}")
     print(f"wrote {pred_path}, {ref_path} and scores.json; the official scores (NIST, METEOR, CIDEr too):")

@@ -10,15 +10,13 @@ peft: adapter_config.json + adapter_model.safetensors for PEFT's LoRA on transfo
 (PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest)). Every preset converts
 exactly; shared tensors are written once per layer, since PEFT has no sharing.
 """
-import argparse
-
 import runtime
 import sharelora
 from model import HF_FUSED
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = runtime.Parser(prog="export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", help="a training run's folder")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
     p.add_argument("--init_from", help="the base model; default: the one the adapter names")
@@ -33,6 +31,7 @@ def export(args):
                                      merge=False)
     if info["adapter"] is None:
         runtime.fail("no adapter found: give --out_dir of an adapter run or --adapter FILE")
+    runtime.writable_folder(args.dest, "--dest")
     if args.to == "hf":
         sharelora.export_merged(model, args.dest)
     else:

@@ -38,6 +38,16 @@ class GPTConfig:
     bias: bool = True
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): "
+                             "each head gets n_embd / n_head channels")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+
     @classmethod
     def from_name(cls, name, **overrides):
         if name not in SIZES:
@@ -76,7 +86,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         C = config.n_embd
         # The checkpoint fuses the three projections into one c_attn (768 -> 2304). We keep them as three
         # nn.Linear maps because each one is an adapter target of its own (LoRA's GPT-2 recipe adapts q
@@ -417,21 +426,38 @@ def _read_checkpoint(name_or_path):
 
 
 def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it or write it again") from None
 
 
 def _read_weights(path):
-    if path.endswith(".index.json"):  # sharded: every shard named in the index's weight_map
-        shards = sorted(set(_read_json(path)["weight_map"].values()))
-        return {k: v for s in shards for k, v in _read_weights(os.path.join(os.path.dirname(path), s)).items()}
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state dict in a weights file; a ValueError naming the file when it is not one. A pickle
+    (.bin) is read with weights_only=True: it can hold tensors, never code that would run."""
+    try:
+        if path.endswith(".index.json"):  # sharded: every shard named in the index's weight_map
+            shards = sorted(set(_read_json(path)["weight_map"].values()))
+            return {k: v for s in shards for k, v in _read_weights(os.path.join(os.path.dirname(path), s)).items()}
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # truncated, a huge header, random bytes, a pickle holding code or other objects
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}): restore it, or save the model again") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
 
 
 def _config_from_checkpoint(config, state, overrides):
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("the checkpoint's config.json is not a JSON object")
     if config is not None:
         unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn") if config.get(k)]
         if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") or unsupported:
@@ -439,12 +465,18 @@ def _config_from_checkpoint(config, state, overrides):
                              f"{unsupported or config['activation_function']}")
         if config.get("n_inner") not in (None, 4 * config["n_embd"]):
             raise ValueError("this checkpoint's MLP is not 4 x n_embd wide, which model.py assumes")
+        missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in config]
+        if missing:
+            raise ValueError(f"the checkpoint's config.json lacks {', '.join(missing)}: write it with "
+                             "transformers' save_pretrained, or delete it to infer the size from the weights")
         args = dict(block_size=config["n_positions"], vocab_size=config["vocab_size"],
                     n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                     layer_norm_eps=config.get("layer_norm_epsilon", 1e-5))
     else:  # a bare weights file: the shapes give everything but the number of heads
-        wte = next(v for k, v in state.items() if k.endswith("wte.weight"))
-        wpe = next(v for k, v in state.items() if k.endswith("wpe.weight"))
+        wte = next((v for k, v in state.items() if k.endswith("wte.weight")), None)
+        wpe = next((v for k, v in state.items() if k.endswith("wpe.weight")), None)
+        if wte is None or wpe is None or wte.dim() != 2 or wpe.dim() != 2:
+            raise ValueError("the checkpoint holds no GPT-2 embeddings (wte.weight, wpe.weight): is it a GPT-2?")
         n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k)))
         n_embd = wte.size(1)
         n_head = {(l, e): h for l, h, e in SIZES.values()}.get((n_layer, n_embd))

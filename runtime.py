@@ -5,11 +5,13 @@ device and precision choices, atomic checkpoint files, and loading a base model 
 import contextlib
 import json
 import os
+import shutil
 import sys
 
 import torch
 
 import sharelora
+from data.common import Parser  # noqa: F401  (argparse with one `error:` line; torch-free, for data/ too)
 from model import GPT
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
@@ -28,14 +30,40 @@ def fail(message):
 def run(main, *args):
     """Call main(*args) and turn the user's mistakes into one line on stderr and exit code 2.
     ValueError and FileNotFoundError are what model.py and sharelora.py raise for bad input (unknown
-    preset, adapter for another base, missing weights). SHARELORA_TRACEBACK=1 shows the traceback."""
+    preset, adapter for another base, missing weights); any other OSError is the machine refusing a
+    file (permissions, a full disk) and its message names the file. Ctrl-C outside train.py's own
+    handler ends with exit code 130 and one line. SHARELORA_TRACEBACK=1 shows the traceback."""
     try:
         return main(*args)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:
         if os.environ.get("SHARELORA_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line(e):
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"cannot use {e.filename}: {e.strerror or e}; choose a path you can write to, on a disk with space"
+    return " ".join(str(e).split())  # one line, whatever the message held
+
+
+def check(ok, message):
+    """fail(message) unless ok: for option checks that read as a list."""
+    if not ok:
+        fail(message)
+
+
+def read_json(path, what="file"):
+    """json.load with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{path} is not a valid JSON {what} ({e}): write it again, or restore it")
 
 
 # ---- device and precision -------------------------------------------------------------------
@@ -97,32 +125,133 @@ def place(model, device, dtype):
     return model
 
 
-# ---- files -----------------------------------------------------------------------------------
+# ---- files: a checkpoint is a set of files that change together --------------------------------
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename over `path`: a crash mid-write leaves the previous
-    checkpoint whole (os.replace is atomic on POSIX and Windows)."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+STAGING, COMMITTED = ".staging", ".committed"  # in a run folder: the next checkpoint, before and after it counts
+
+
+def write_checkpoint(out_dir, ckpt, write_files):
+    """Write ckpt.pt and the files that go with it (`write_files(folder)` writes them: the adapter file,
+    or the model) so that a crash, a kill or a full disk at any moment leaves the previous checkpoint's
+    set or this one's, never a mix:
+
+    1. everything is written into out_dir/.staging and flushed to the disk;
+    2. .staging is renamed to .committed: this one rename is the commit (renames are atomic);
+    3. the files are moved from .committed into out_dir, one rename each.
+    A crash in 1 leaves .staging, which is deleted; a crash in 3 is finished by finish_checkpoint, which
+    everything that reads a run folder calls first. A failure in 1 (a full disk) deletes .staging and
+    says what is kept."""
+    finish_checkpoint(out_dir)  # a set a crash left behind comes first
+    stage = os.path.join(out_dir, STAGING)
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        os.makedirs(stage)
+        write_files(stage)
+        with open(os.path.join(stage, CKPT_FILE), "wb") as f:
+            torch.save(ckpt, f)
+        for name in os.listdir(stage):
+            _fsync(os.path.join(stage, name))
+        _fsync(stage)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        kept = _committed_step(out_dir)
+        fail(f"could not write the checkpoint of step {ckpt['step']} to {out_dir} ({e.strerror or e}); "
+             + (f"the checkpoint of step {kept} there is kept" if kept is not None else "no checkpoint was written")
+             + ": free disk space or choose another out_dir, then continue with --init_from=resume")
+    os.replace(stage, os.path.join(out_dir, COMMITTED))  # the commit
+    _fsync(out_dir)
+    finish_checkpoint(out_dir)
+
+
+def finish_checkpoint(out_dir):
+    """Complete what a crash interrupted in out_dir: move the files of a committed checkpoint into place,
+    delete an uncommitted one. Cheap when there is nothing to do (two stat calls)."""
+    committed, stage = os.path.join(out_dir, COMMITTED), os.path.join(out_dir, STAGING)
+    if not os.path.isdir(committed) and not os.path.isdir(stage):
+        return
+    try:
+        if os.path.isdir(committed):
+            for name in sorted(os.listdir(committed), key=lambda n: n == CKPT_FILE):  # ckpt.pt last
+                os.replace(os.path.join(committed, name), os.path.join(out_dir, name))
+            os.rmdir(committed)
+            _fsync(out_dir)
+        shutil.rmtree(stage, ignore_errors=True)
+    except OSError as e:
+        fail(f"{out_dir} holds a checkpoint that a crash left unfinished, and it cannot be completed "
+             f"({e.strerror or e}): make the folder writable and run the command again")
+
+
+def _committed_step(out_dir):
+    path = os.path.join(out_dir, CKPT_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else None
+    except Exception:
+        return None
+
+
+def _fsync(path):
+    """Flush a file (or a folder's list of names) to the disk, so that a power cut after a rename
+    cannot leave the new name pointing at data that never reached the disk. Not every system lets a
+    folder be opened (Windows): there a rename is already durable enough."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+CKPT_KEYS = ("format", "step", "best_val", "config", "optimizer", "scaler", "rng")
 
 
 def read_checkpoint(out_dir):
+    """The training checkpoint in out_dir, after finishing a checkpoint a crash interrupted there."""
     path = os.path.join(out_dir, CKPT_FILE)
+    if os.path.isdir(out_dir):
+        finish_checkpoint(out_dir)
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir}) or fix out_dir")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}")
+        fail(f"{path} is not a readable checkpoint (truncated, corrupt, or holding more than tensors): "
+             f"{type(e).__name__}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "sharelora-train":
         fail(f"{path} was not written by this project's train.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        fail(f"{path} lacks {', '.join(missing) or 'a config'}: it is damaged; train again or restore the file")
     return ckpt
 
 
-def base_identity(init_from):
-    """How an adapter names its base: a hub name as it is, a local path made absolute."""
-    return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+# ---- naming the base model, so that a run folder or a clone can move --------------------------
+
+def base_reference(init_from, folder):
+    """How a run in `folder` names its base: a hub name as it is; a local path relative to `folder`,
+    starting with ./ or ../ ("." for the folder itself), so that moving a clone, or a run folder
+    together with its base, keeps the two connected. Shapes, not the name, prove it is the right base."""
+    if not os.path.exists(init_from):
+        return init_from
+    rel = os.path.relpath(os.path.abspath(init_from), os.path.abspath(folder))
+    return rel if rel == "." or rel.startswith("..") else os.path.join(".", rel)
+
+
+def resolve_base(reference, folder, what):
+    """The base a run names, as a path to load (or a hub name). `what` names the file that named it."""
+    if reference == "." or reference.startswith(("./", "../", ".\\", "..\\")):
+        path = os.path.normpath(os.path.join(folder, reference))
+    elif os.path.isabs(reference):
+        path = reference  # written by an older version of this project
+    else:
+        return reference  # a hub name
+    if not os.path.exists(path):
+        fail(f"{what} was trained on the base model at {reference!r} (relative to its folder), but {path} "
+             "does not exist: pass the base with --init_from=PATH, or move the run folder back beside it")
+    return path
 
 
 def load_base(init_from, **overrides):
@@ -135,14 +264,18 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     """A base model plus (optionally) an adapter, ready for inference. The adapter comes from `adapter`
     (a file) or out_dir/adapter.safetensors; the base from `init_from`, else the base the adapter
     names, else out_dir itself when train.py wrote a whole model there. Returns (model, info)."""
+    if out_dir is not None:
+        if not os.path.isdir(out_dir):
+            fail(f"out_dir {out_dir} is not a folder: give the folder of a training run")
+        finish_checkpoint(out_dir)
     if adapter is None and out_dir is not None and os.path.exists(os.path.join(out_dir, ADAPTER_FILE)):
         adapter = os.path.join(out_dir, ADAPTER_FILE)
     info = {"adapter": adapter}
     if adapter is not None:
         config, meta, _ = sharelora.read_adapter(adapter)
-        info.update(config=config, base=init_from or meta["base"])
-        if info["base"] is None:
+        if init_from is None and meta.get("base") is None:
             fail(f"{adapter} does not name its base model: pass init_from")
+        info.update(config=config, base=init_from or resolve_base(meta["base"], os.path.dirname(adapter), adapter))
     elif init_from is not None:
         info["base"] = init_from
     elif out_dir is not None and os.path.exists(os.path.join(out_dir, "model.safetensors")):
@@ -195,3 +328,51 @@ def machine(device="auto"):
 def json_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, step):
+    """Keep the records of metrics.jsonl up to `step`, the checkpoint a run resumes from: the steps a
+    crash or Ctrl-C lost are trained again and logged again, so their old lines go (a line half-written
+    by a kill goes too). Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", record.get("done", 0)) <= step:
+                kept.append(line)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def writable_folder(path, option):
+    """Create the folder `path` if needed and check that files can be written in it, so that a mistake
+    shows before minutes of work rather than at the first save."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{option} {path} is a file, not a folder: choose a folder name")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write in {option} {path} ({e.strerror or e}): choose a folder you can write to")
+
+
+def write_text(path, text):
+    """Write a text file atomically: a temporary file beside it, then a rename."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -10,6 +10,7 @@ costs); --no_merge keeps it separate. For an adapter trained on E2E, --start is 
 representation: the separator " ||" is appended and the reply ends at <|endoftext|>.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -20,7 +21,8 @@ from tokenizer import EOT, decode, encode
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runtime.Parser(prog="sample.py", description=__doc__.split("\n\n")[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors, or its whole model)")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
     p.add_argument("--init_from", help="the base model; default: the one the adapter names")
@@ -39,6 +41,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.out_dir is None and args.adapter is None and args.init_from is None:
         p.error("give --out_dir, --adapter or --init_from")
+    for ok, message in (
+            (args.num_samples >= 1, f"--num_samples must be at least 1, not {args.num_samples}"),
+            (args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}"),
+            (math.isfinite(args.temperature) and args.temperature >= 0,
+             f"--temperature must be a finite number >= 0 (0 is greedy), not {args.temperature}"),
+            (args.top_k is None or args.top_k >= 1, f"--top_k must be at least 1, not {args.top_k}"),
+            (args.top_p is None or 0 < args.top_p <= 1, f"--top_p must be in (0, 1], not {args.top_p}"),
+            (0 <= args.seed < 2**63, f"--seed must be in [0, 2**63), not {args.seed}")):
+        if not ok:
+            p.error(message)
     runtime.run(generate, args)
 
 
@@ -47,8 +59,11 @@ def generate(args):
                                      merge=not args.no_merge)
     start = args.start
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
     e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "e2e")
     if e2e and not start.rstrip().endswith("||"):
         start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference

@@ -411,13 +411,21 @@ def save_adapter(model, path, base=None):
         "shapes": json.dumps({m.name: list(m.base.weight.shape) for m in layers}),
         "regenerated": json.dumps(regenerated),
     }
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give save_adapter a file name, e.g. {os.path.join(path, 'adapter.safetensors')}")
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # atomic on POSIX and Windows: a crash leaves the old file or the new one
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)  # atomic on POSIX and Windows: a crash leaves the old file or the new one
+    finally:
+        if os.path.exists(tmp):  # a failed write (a full disk) leaves nothing behind
+            os.remove(tmp)
 
 
 def read_adapter(path):
-    """-> (AdapterConfig, metadata dict, {key: tensor}); a clear ValueError for anything unreadable."""
+    """-> (AdapterConfig, metadata dict, {key: tensor}); a ValueError naming the file for anything a
+    damaged or foreign file can hold: unreadable bytes, missing or malformed metadata, tensors that are
+    not floating point or not finite."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path}")
@@ -429,8 +437,19 @@ def read_adapter(path):
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {e}") from None
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is a safetensors file but not a sharelora adapter (no sharelora metadata)")
-    meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
-    return AdapterConfig(**meta["config"]), meta, tensors
+    try:
+        meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+        config = AdapterConfig(**meta["config"])
+        if not isinstance(meta["shapes"], dict) or not isinstance(meta["regenerated"], dict):
+            raise TypeError("shapes and regenerated must be objects")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
+        raise ValueError(f"{path} {what}: save the adapter again, or restore the file") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"{path} holds {key} with {'inf or nan values' if t.is_floating_point() else t.dtype}: "
+                             "an adapter holds finite floating-point tensors; use an earlier checkpoint")
+    return config, meta, tensors
 
 
 @torch.no_grad()
@@ -441,6 +460,9 @@ def load_adapter(model, path):
     the adapter was made for another one. Returns the model."""
     config, meta, tensors = read_adapter(path)
     layers = adapted_layers(model)
+    if any(m.merged for m in layers):  # ΔW of the adapter in the model is inside W: it would stay there
+        raise ValueError(f"the model's adapter is merged into its weights: call sharelora.unmerge(model) "
+                         f"before loading {path}")
     if layers and layers[0].config != config:
         raise ValueError(f"the model's adapters ({layers[0].config.describe()}) differ from those in {path} "
                          f"({config.describe()}): load it onto a fresh base model")

@@ -15,7 +15,9 @@ import math
 import os
 import random
 import runpy
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -101,7 +103,13 @@ def parse_args(argv):
         else:
             if not os.path.isfile(arg):
                 runtime.fail(f"config file {arg} does not exist")
-            for key, value in runpy.run_path(arg).items():
+            try:
+                settings = runpy.run_path(arg)
+            except Exception as e:  # a syntax error, or code in it that raises
+                where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+                runtime.fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
+                             "write it as `name = value` lines")
+            for key, value in settings.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
                     key = _known(key, types, where=arg)
                     values[key] = _check(key, value, types[key], arg)
@@ -133,6 +141,41 @@ def _check(key, value, kind, where):
     if type(value) is not kind:
         runtime.fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
     return value
+
+
+def validate(cfg):
+    """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
+    finite = lambda x: math.isfinite(x)
+    unit = lambda x: 0 <= x < 1
+    rules = [
+        ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
+        ("n_embd", cfg.n_embd >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+         f"a positive multiple of n_head ({cfg.n_head}): each head gets n_embd / n_head channels"),
+        ("block_size", cfg.block_size >= 1, "at least 1 (tokens per training sequence)"),
+        ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
+        ("adapter", cfg.adapter == "none" or cfg.adapter in sharelora.PRESETS,
+         f"one of {', '.join(sharelora.PRESETS)} or none"),
+        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", finite(cfg.alpha), "a finite number (e.g. 16)"),
+        ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
+        ("max_iters", cfg.max_iters >= 0, "at least 0"),
+        ("learning_rate", finite(cfg.learning_rate) and cfg.learning_rate >= 0, "a finite number >= 0 (e.g. 2e-4)"),
+        ("min_lr", finite(cfg.min_lr) and cfg.min_lr >= 0, "a finite number >= 0"),
+        ("warmup_iters", cfg.warmup_iters >= 0, "at least 0"), ("lr_decay_iters", cfg.lr_decay_iters >= 0, "at least 0"),
+        ("decay", cfg.decay in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0 (e.g. 0.01)"),
+        ("beta1", unit(cfg.beta1), "in [0, 1) (e.g. 0.9)"), ("beta2", unit(cfg.beta2), "in [0, 1) (e.g. 0.999)"),
+        ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip >= 0, "a finite number >= 0 (0 disables clipping)"),
+        ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
+        ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
+        ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
+        ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
+        ("out_dir", cfg.out_dir.strip() != "", "a folder name"), ("init_from", cfg.init_from.strip() != "",
+                                                                  "gpt2 ... gpt2-xl, a path, scratch or resume"),
+    ]
+    for name, ok, what in rules:
+        runtime.check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
+    if cfg.adapter != "none":  # the spec and targets, by the same rules add_adapters applies
+        adapter_config(cfg)
 
 
 def get_lr(step, cfg):
@@ -167,16 +210,28 @@ def build_model(cfg, ckpt):
     if cfg.adapter != "none":
         sharelora.add_adapters(model, adapter_config(cfg))
         if cfg.init_adapter and ckpt is None:
-            _, _, tensors = sharelora.read_adapter(cfg.init_adapter)
-            own = sharelora.adapter_state_dict(model)
-            with torch.no_grad():  # take the tensors both adapters have; the spec decides what trains
-                for key in own.keys() & tensors.keys():
-                    own[key].copy_(tensors[key])
+            copy_adapter(model, sharelora.read_adapter(cfg.init_adapter)[2], f"init_adapter {cfg.init_adapter}",
+                         only_shared_keys=True)  # take the tensors both adapters have; the spec decides what trains
         if ckpt is not None:
-            with torch.no_grad():
-                for key, p in sharelora.adapter_state_dict(model).items():
-                    p.copy_(ckpt["adapter"][key])
+            copy_adapter(model, ckpt["adapter"], f"the checkpoint in {cfg.out_dir}")
     return model
+
+
+@torch.no_grad()
+def copy_adapter(model, tensors, source, only_shared_keys=False):
+    """Copy adapter tensors into the model's adapter, after checking each one's name and shape."""
+    own = sharelora.adapter_state_dict(model)
+    keys = own.keys() & tensors.keys() if only_shared_keys else own.keys()
+    if not keys:
+        runtime.fail(f"{source} has none of this run's adapter tensors (e.g. {next(iter(own))}): "
+                     "it was made for other targets")
+    for key in keys:
+        if key not in tensors or tensors[key].shape != own[key].shape:
+            have = tuple(tensors[key].shape) if key in tensors else "nothing"
+            runtime.fail(f"{source} holds {have} for {key}, where this run's adapter is {tuple(own[key].shape)}: "
+                         "use the same r, targets and base model it was made with")
+    for key in keys:
+        own[key].copy_(tensors[key])
 
 
 def make_optimizer(model, cfg, device):
@@ -190,20 +245,37 @@ def make_optimizer(model, cfg, device):
 def checkpoint(model, cfg, optimizer, scaler, step, best_val):
     """Everything needed to continue exactly: adapter tensors (the base is only named), optimizer and
     scaler state, step, RNG states, config. Plus adapter.safetensors, the file to share and sample from;
-    or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base)."""
+    or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base).
+    All of it as one set (runtime.write_checkpoint): a crash leaves the old set or the new one."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if not all(torch.isfinite(p).all() for p in trained):
+        raise NonFinite(f"the trained weights hold inf or nan at step {step}")
     ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    if cfg.init_from != "scratch":
+        ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
         ckpt["model"] = model.state_dict() if cfg.adapter == "none" else sharelora.base_state_dict(model)
     if cfg.adapter != "none":
         ckpt["adapter"] = {k: v.detach() for k, v in sharelora.adapter_state_dict(model).items()}
-        name = os.path.abspath(cfg.out_dir) if cfg.init_from == "scratch" else runtime.base_identity(cfg.init_from)
-        sharelora.save_adapter(model, os.path.join(cfg.out_dir, runtime.ADAPTER_FILE), base=name)
-    else:
-        model.save_pretrained(cfg.out_dir)
-    runtime.atomic_save(ckpt, os.path.join(cfg.out_dir, runtime.CKPT_FILE))
+
+    def write_files(folder):
+        if cfg.adapter == "none":
+            model.save_pretrained(folder)
+            return
+        # a base from scratch is saved beside its adapter, which names it as "." (this folder)
+        if cfg.init_from == "scratch":
+            model.save_pretrained(folder, state_dict=sharelora.base_state_dict(model))
+        sharelora.save_adapter(model, os.path.join(folder, runtime.ADAPTER_FILE),
+                               base="." if cfg.init_from == "scratch" else ckpt["base"])
+
+    runtime.write_checkpoint(cfg.out_dir, ckpt, write_files)
+
+
+class NonFinite(Exception):
+    """The run diverged: nothing non-finite is ever saved over a good checkpoint."""
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -237,14 +309,19 @@ def train(cfg):
     """Run training as configured; returns the list of training losses (one per optimizer step)."""
     resuming = cfg.init_from == "resume"
     ckpt = runtime.read_checkpoint(cfg.out_dir) if resuming else None
-    if resuming:  # continue the stored run; the options given now may only extend it
+    if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
         defaults = TrainConfig()
         changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if getattr(cfg, k) != getattr(defaults, k)}
-        cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), **changed)
-    if cfg.decay not in ("linear", "cosine", "constant"):
-        runtime.fail(f"decay must be linear, cosine or constant, not {cfg.decay!r}")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_iters < 0 or cfg.eval_iters < 1:
-        runtime.fail("batch_size, grad_accum and eval_iters must be at least 1, max_iters at least 0")
+        stored = ckpt["config"]
+        unknown = sorted(set(stored) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            runtime.fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
+                         "resume it with the version of this project that wrote it")
+        cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
+        if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
+            cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}")
+    validate(cfg)
+    runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
@@ -256,46 +333,74 @@ def train(cfg):
     if batches.meta.get("vocab_size", 50257) > model.config.vocab_size:
         runtime.fail(f"the data's vocabulary ({batches.meta['vocab_size']}) is larger than the model's")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
-    batches.block_size = cfg.block_size
+    batches.set_block_size(cfg.block_size)
     runtime.place(model, device, dtype).train()
     optimizer = make_optimizer(model, cfg, device)
     scaler = runtime.grad_scaler(device, dtype)
     ctx = runtime.autocast(device, dtype)
-    step, best_val = 0, float("inf")
+    step, best_val, saved = 0, float("inf"), None  # saved: the step of the last checkpoint on disk
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (ValueError, KeyError, TypeError) as e:
+            runtime.fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
         step, best_val = ckpt["step"], ckpt["best_val"]
+        saved = step
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     forward = torch.compile(model) if cfg.compile else model
-    os.makedirs(cfg.out_dir, exist_ok=True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
           f"{n_trainable:,} trainable parameters")
     if cfg.adapter != "none":
         print(sharelora.parameter_table(model))
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum
+    if resuming:
+        runtime.trim_log(log_path, step)
+
+    def save(at):
+        nonlocal saved
+        try:
+            checkpoint(model, cfg, optimizer, scaler, at, best_val)
+        except NonFinite as e:
+            diverged(str(e))
+        saved = at
+
+    def diverged(what):
+        kept = f"the checkpoint of step {saved} in {cfg.out_dir} is kept" if saved is not None else \
+            "no checkpoint was written"
+        runtime.fail(f"{what}, so training stopped; {kept}: lower learning_rate (now {cfg.learning_rate:g}), "
+                     "or use dtype=float32 or bfloat16")
 
     losses = []
+    stop = StopSignals()
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
-    try:
+    with stop:
         while True:
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 if not (resuming and step == ckpt["step"]):  # already evaluated and saved at this step
                     val = evaluate(model, batches, cfg, device, ctx)
+                    if not math.isfinite(val):
+                        diverged(f"the validation loss became {val} at step {step}")
                     best_val = min(best_val, val)
                     record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
                     if cfg.eval_prompt:
                         record["sample"] = sample_text(model, cfg, device, ctx)
                     tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
                     runtime.json_line(log_path, record)
-                    checkpoint(model, cfg, optimizer, scaler, step, best_val)
+                    save(step)
             if step >= cfg.max_iters:
                 break
+            if stop.requested:  # between two steps: the checkpoint is exactly an uninterrupted run's state
+                if saved != step:
+                    save(step)
+                bar.close()
+                print(f"\n{stop.name}: saved step {step} to {cfg.out_dir}; continue with "
+                      f"--init_from=resume --out_dir={cfg.out_dir}")
+                sys.exit(128 + stop.requested)
             t0 = time.time()
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -306,8 +411,7 @@ def train(cfg):
                 with ctx:
                     _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
                 if not torch.isfinite(loss):
-                    runtime.fail(f"the loss became {loss.item()} at step {step}; the last good checkpoint in "
-                                 f"{cfg.out_dir} is kept: lower learning_rate, or use dtype=float32 or bfloat16")
+                    diverged(f"the training loss became {loss.item()} at step {step}")
                 scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 n_tokens += x.numel()
@@ -323,16 +427,44 @@ def train(cfg):
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             bar.update()
             runtime.json_line(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate)})
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint(model, cfg, optimizer, scaler, step, best_val)
-        print(f"\ninterrupted: saved step {step} to {cfg.out_dir}; continue with --init_from=resume --out_dir={cfg.out_dir}")
-        sys.exit(130)
     bar.close()
     peak = runtime.peak_memory_mb(device)
     runtime.json_line(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
     print(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB; saved to {cfg.out_dir}")
     return losses
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster's preemption) ask training to stop at the next step
+    boundary, where it saves a checkpoint and exits: a step is never cut in half, so the saved random
+    state and weights are exactly those of an uninterrupted run (dropout included) and resume continues
+    it bit for bit. A second signal stops at once, keeping the last checkpoint. The handlers are
+    installed even when the shell started us with SIGINT ignored (a background job `&`, nohup), and
+    the previous ones come back on exit."""
+    NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+
+    def __init__(self):
+        self.requested, self.previous = 0, {}
+
+    @property
+    def name(self):
+        return self.NAMES.get(self.requested, "stopped")
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        tqdm.write(f"{self.NAMES[signum]}: stopping after this step to save a checkpoint (again to quit at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for s in self.NAMES:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv=None):

@@ -2,7 +2,9 @@
 Small helpers shared by the data/*/prepare.py scripts: user errors without tracebacks, downloads with a
 timeout, and little-endian binary arrays written with the stdlib (no numpy needed to read or write them).
 """
+import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -18,12 +20,43 @@ def fail(msg):
 
 
 def run(main):
-    """Call main(); turn a DataError into `error: ...` on stderr and exit code 2, with no traceback."""
+    """Call main(); turn a DataError, or the machine refusing a file (OSError: permissions, a full
+    disk, a file where a folder should be), into `error: ...` on stderr and exit code 2, no traceback."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: cannot write {e.filename or 'the output'} ({e.strerror or e}): choose an --out folder "
+              "you can write to, on a disk with space", file=sys.stderr)
+        sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with this project's error format: one `error:` line naming the option, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def decode_utf8(data, name):
+    """Bytes -> text, or one sentence naming the file that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{name} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}): convert it to UTF-8 first")
+
+
+def start_output(out):
+    """Make the output folder and remove its meta.json, which is written last: a run that stops
+    halfway leaves a folder that the loader calls unprepared, never a mix of old and new files."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder: choose a folder name")
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
 
 
 def download(url, hint, timeout=20):
@@ -42,11 +75,20 @@ def write_bin(path, typecode, values):
     assert a.itemsize == {"H": 2, "i": 4}[typecode]  # true on every platform CPython supports today
     if sys.byteorder == "big":
         a.byteswap()
-    with open(path, "wb") as f:
-        a.tofile(f)
+    _atomic(path, "wb", a.tofile)
 
 
 def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    _atomic(path, "w", lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n"))
+
+
+def _atomic(path, mode, write):
+    """Write through a temporary file and a rename: a file is either the old one or the new one."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

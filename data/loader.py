@@ -17,18 +17,51 @@ class Batches:
 
     def __init__(self, data_dir, batch_size, block_size, seed=0):
         meta_path = os.path.join(data_dir, "meta.json")
+        name = os.path.basename(os.path.normpath(data_dir))
+        self.redo = f"run python data/{name}/prepare.py again"
         if not os.path.exists(meta_path):
-            name = os.path.basename(os.path.normpath(data_dir))
             raise FileNotFoundError(f"no prepared data in {data_dir}: run python data/{name}/prepare.py first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.kind = self.meta["kind"]  # "stream" (Shakespeare) or "examples" (E2E)
-        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}): {self.redo}") from None
+        self.kind = self.meta.get("kind") if isinstance(self.meta, dict) else None
+        if self.kind not in ("stream", "examples"):  # Shakespeare is a stream, E2E is examples
+            raise ValueError(f"{meta_path} has no valid kind (stream or examples): {self.redo}")
+        self.batch_size, self.seed = batch_size, seed
         self.tokens, self.examples, self.orders = {}, {}, {}
         for split in ("train", "val"):
-            self.tokens[split] = _read(os.path.join(data_dir, f"{split}.bin"), torch.uint16)
+            self.tokens[split] = self._read(os.path.join(data_dir, f"{split}.bin"), torch.uint16)
             if self.kind == "examples":  # rows of (start, context_len, total_len)
-                self.examples[split] = _read(os.path.join(data_dir, f"{split}_examples.bin"), torch.int32).view(-1, 3)
+                path = os.path.join(data_dir, f"{split}_examples.bin")
+                rows = self._read(path, torch.int32).view(-1, 3)
+                n = len(self.tokens[split])
+                bad = (rows[:, 0] < 0) | (rows[:, 1] < 1) | (rows[:, 2] <= rows[:, 1]) | (rows[:, 0] + rows[:, 2] > n)
+                if len(rows) == 0 or bad.any():
+                    raise ValueError(f"{path} does not fit {split}.bin (empty, truncated or from another "
+                                     f"preparation): {self.redo}")
+                self.examples[split] = rows
+        self.set_block_size(block_size)
+
+    def set_block_size(self, block_size):
+        """A stream draws windows of block_size + 1 tokens: each split must hold at least one."""
+        if self.kind == "stream":
+            for split, data in self.tokens.items():
+                if len(data) < block_size + 2:
+                    raise ValueError(f"the {split} split has {len(data)} tokens, too few for block_size "
+                                     f"{block_size}: lower block_size below {max(1, len(data) - 2)}, or prepare more text")
+        self.block_size = block_size
+
+    def _read(self, path, dtype):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: {self.redo}")
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+        size = torch.tensor([], dtype=dtype).element_size() * (3 if dtype == torch.int32 else 1)
+        if len(raw) == 0 or len(raw) % size:
+            raise ValueError(f"{path} is {'empty' if not raw else 'truncated'} ({len(raw)} bytes): {self.redo}")
+        return torch.frombuffer(raw, dtype=dtype).to(torch.long)
 
     def get(self, split, i):
         """-> (x, y), int64 (B, T): y is x shifted by one, -100 where the loss does not count."""
@@ -72,11 +105,3 @@ class Batches:
     def epoch_steps(self):
         """Batches per epoch of the training split (None for a stream: it has no epochs)."""
         return None if self.kind == "stream" else len(self.examples["train"]) // self.batch_size
-
-
-def _read(path, dtype):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run the prepare.py of that data set again")
-    with open(path, "rb") as f:
-        raw = bytearray(f.read())
-    return torch.frombuffer(raw, dtype=dtype).to(torch.long)

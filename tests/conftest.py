@@ -4,7 +4,10 @@ test which tries to open a network connection, and small builders for transforme
 Everything runs on the CPU in float32; transformers and peft objects are built from configs, never
 downloaded.
 """
+import csv
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,3 +77,60 @@ def hf_model(seed=0, std=0.05, **config):
     torch.manual_seed(seed)
     m = GPT2LMHeadModel(hf_config(**config)).eval()
     return randomize_(m, seed + 1000, std)
+
+
+# ---- running the scripts on tiny models and data (test_train.py, test_faults.py) -------------------
+
+SHARED = ROOT.parent / "shared" / "data"
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--device=cpu", "--dtype=float32"]
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """{'shakespeare': dir, 'e2e': dir}, prepared by the real prepare scripts."""
+    tmp = tmp_path_factory.mktemp("data")
+    text, e2e = SHARED / "tinyshakespeare" / "input.txt", SHARED / "e2e"
+    if not text.exists():
+        text = tmp / "input.txt"
+        lines = ["First Citizen:", "Before we proceed any further, hear me speak.", "All:", "Speak, speak.",
+                 "You are all resolved rather to die than to famish?", "Resolved. resolved."]
+        text.write_text("\n".join(lines * 400))
+    if not (e2e / "trainset.csv").exists():
+        e2e = tmp / "e2e"
+        e2e.mkdir()
+        foods = ["Italian", "French", "English", "Chinese", "Japanese"]
+        for name, n in (("trainset.csv", 60), ("devset.csv", 12), ("testset_w_refs.csv", 12)):
+            with open(e2e / name, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["mr", "ref"])
+                for i in range(n):
+                    food = foods[i % 5]
+                    w.writerow([f"name[The Place {i % 7}], food[{food}]", f"The Place {i % 7} serves {food} food."])
+    out = {"shakespeare": tmp / "shakespeare", "e2e": tmp / "e2e_prepared"}
+    run("data/shakespeare/prepare.py", "--src", text, "--out", out["shakespeare"])
+    run("data/e2e/prepare.py", "--src", e2e, "--out", out["e2e"], "--limit", 2000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(data, tmp_path_factory):
+    """A tiny base written by train.py, and an adapter trained on it (for the bad-input cases)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    run("train.py", *TINY, "--adapter=none", f"--data_dir={data['shakespeare']}", f"--out_dir={tmp / 'base'}",
+        "--max_iters=1")
+    run("train.py", *TINY[5:], f"--init_from={tmp / 'base'}", "--adapter=lora", "--r=2", f"--data_dir={data['e2e']}",
+        f"--out_dir={tmp / 'adapted'}", "--max_iters=1")
+    run("train.py", *TINY[:2], "--n_layer=3", *TINY[2:], "--adapter=none", f"--data_dir={data['shakespeare']}",
+        f"--out_dir={tmp / 'other'}", "--max_iters=1")
+    return tmp
+
+

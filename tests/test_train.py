@@ -15,45 +15,7 @@ import torch
 import runtime
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--device=cpu", "--dtype=float32"]
-
-
-def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """{'shakespeare': dir, 'e2e': dir}, prepared by the real prepare scripts."""
-    tmp = tmp_path_factory.mktemp("data")
-    text, e2e = SHARED / "tinyshakespeare" / "input.txt", SHARED / "e2e"
-    if not text.exists():
-        text = tmp / "input.txt"
-        lines = ["First Citizen:", "Before we proceed any further, hear me speak.", "All:", "Speak, speak.",
-                 "You are all resolved rather to die than to famish?", "Resolved. resolved."]
-        text.write_text("\n".join(lines * 400))
-    if not (e2e / "trainset.csv").exists():
-        e2e = tmp / "e2e"
-        e2e.mkdir()
-        foods = ["Italian", "French", "English", "Chinese", "Japanese"]
-        for name, n in (("trainset.csv", 60), ("devset.csv", 12), ("testset_w_refs.csv", 12)):
-            with open(e2e / name, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["mr", "ref"])
-                for i in range(n):
-                    food = foods[i % 5]
-                    w.writerow([f"name[The Place {i % 7}], food[{food}]", f"The Place {i % 7} serves {food} food."])
-    out = {"shakespeare": tmp / "shakespeare", "e2e": tmp / "e2e_prepared"}
-    run("data/shakespeare/prepare.py", "--src", text, "--out", out["shakespeare"])
-    run("data/e2e/prepare.py", "--src", e2e, "--out", out["e2e"], "--limit", 2000)
-    return out
+from conftest import ROOT, TINY, run
 
 
 def val_losses(out_dir):
@@ -100,28 +62,20 @@ def test_resume_is_exact(data, tmp_path):
     assert len(one) == 10 and first + rest == one  # bit-identical losses, dropout included
 
 
-def test_atomic_checkpoint_survives_a_crash_mid_save(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    runtime.atomic_save({"step": 1}, path)
-
-    def crash(obj, f):  # write half a file, then die, as a killed process would
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        runtime.atomic_save({"step": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"step": 1}
-
-
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data, tmp_path):
-    # the eval at step 0 saves a checkpoint; an absurd learning rate then makes the loss inf/nan
+@pytest.mark.parametrize("eval_interval", [1, 100])
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, eval_interval):
+    # the eval at step 0 saves a checkpoint; an absurd learning rate then makes the weights and the loss
+    # inf/nan. With eval_interval=1 the evaluation at step 1 sees it first (it used to save the ~1e30
+    # weights over the good checkpoint), with 100 the next training step does.
     cfg = train.parse_args(TINY + ["--adapter=none", f"--data_dir={data['shakespeare']}", f"--out_dir={tmp_path}",
-                                   "--max_iters=5", "--eval_interval=100", "--learning_rate=1e30", "--warmup_iters=0"])
-    with pytest.raises(runtime.UserError, match="the loss became"):
+                                   "--max_iters=5", f"--eval_interval={eval_interval}", "--learning_rate=1e30",
+                                   "--warmup_iters=0"])
+    with pytest.raises(runtime.UserError, match=r"loss became (nan|inf).*the checkpoint of step 0 .* is kept"):
         train.train(cfg)
     assert runtime.read_checkpoint(tmp_path)["step"] == 0
+    weights = runtime.load_model(out_dir=tmp_path, device="cpu", dtype="float32")[0].state_dict().values()
+    assert all(torch.isfinite(w).all() for w in weights)
+    assert run("sample.py", f"--out_dir={tmp_path}", "--max_new_tokens=3", "--device=cpu").returncode == 0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -180,19 +134,6 @@ def test_lr_schedule():
     assert train.get_lr(60, cfg) == pytest.approx(0.5) and train.get_lr(35, cfg) > 0.5
 
 
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A tiny base written by train.py, and an adapter trained on it (for the bad-input cases)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, "--adapter=none", f"--data_dir={data['shakespeare']}", f"--out_dir={tmp / 'base'}",
-        "--max_iters=1")
-    run("train.py", *TINY[5:], f"--init_from={tmp / 'base'}", "--adapter=lora", "--r=2", f"--data_dir={data['e2e']}",
-        f"--out_dir={tmp / 'adapted'}", "--max_iters=1")
-    run("train.py", *TINY[:2], "--n_layer=3", *TINY[2:], "--adapter=none", f"--data_dir={data['shakespeare']}",
-        f"--out_dir={tmp / 'other'}", "--max_iters=1")
-    return tmp
-
-
 def bad_inputs(tmp):
     foreign = tmp / "foreign"
     if tmp.exists():
@@ -223,18 +164,35 @@ def test_bad_input_exits_2_with_one_sentence(trained, case):
     assert len(errors) == 1 and len(errors[0]) > 30, p.stderr
 
 
-def test_ctrl_c_writes_a_checkpoint_before_exiting(data, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_is_an_exact_pause_even_in_a_background_job(data, tmp_path, sig):
+    """Ctrl-C (or kill) mid-run, then resume, equals an uninterrupted run bit for bit, with dropout on;
+    metrics.jsonl then has each step once. The child starts with SIGINT ignored, as `pytest &` or nohup
+    start it: train.py must install its handler anyway."""
     import signal
     import time
-    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--adapter=none", f"--data_dir={data['shakespeare']}",
-            f"--out_dir={tmp_path}", "--max_iters=100000", "--eval_interval=100000"]
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "metrics.jsonl"
+    from safetensors.torch import load_file
+    common = [*TINY, "--adapter=tied", "--r=4", f"--data_dir={data['e2e']}", "--adapter_dropout=0.1",
+              "--dropout=0.1", "--eval_interval=100000", "--lr_decay_iters=400", "--learning_rate=5e-3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as run() gives: other thread counts round differently
+    paused = tmp_path / "paused"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"--out_dir={paused}", "--max_iters=400"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = paused / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or sum(1 for _ in open(log)) < 4):
-        time.sleep(0.2)  # wait for a few training steps (the first line is the eval at step 0)
-    p.send_signal(signal.SIGINT)
+    while time.time() < deadline and (not log.exists() or sum(1 for _ in open(log)) < 6):
+        time.sleep(0.05)  # a few training steps (the first line is the eval at step 0)
+    p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == 128 + getattr(signal, sig), err
     assert "continue with --init_from=resume" in out
-    assert runtime.read_checkpoint(tmp_path)["step"] >= 3
+    stopped_at = runtime.read_checkpoint(paused)["step"]
+    assert 5 <= stopped_at < 400, stopped_at
+    total = stopped_at + 5
+    run("train.py", "--init_from=resume", f"--out_dir={paused}", f"--max_iters={total}")
+    run("train.py", *common, f"--out_dir={tmp_path / 'straight'}", f"--max_iters={total}")
+    ours, straight = (load_file(tmp_path / d / "adapter.safetensors") for d in ("paused", "straight"))
+    assert ours.keys() == straight.keys() and all(torch.equal(ours[k], straight[k]) for k in ours)
+    steps = [json.loads(l).get("step") for l in open(log) if '"loss"' in l]
+    assert steps == list(range(1, total + 1))  # each step once: none repeated by the resume, none lost

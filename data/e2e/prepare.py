@@ -21,7 +21,6 @@ train has 42,061 examples, 2,427,730 tokens, the longest 121 tokens
 val has 4,672 examples, 300,986 tokens, the longest 134 tokens (547 MRs)
 test has 4,693 examples, 342,912 tokens, the longest 142 tokens (630 MRs)
 """
-import argparse
 import csv
 import io
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import download, fail, run, write_bin, write_json  # noqa: E402
+from data.common import Parser, decode_utf8, download, fail, run, start_output, write_bin, write_json  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
@@ -61,11 +60,18 @@ def read_sources(src):
 
 def read_rows(data, name, limit=None):
     """[(mr, ref), ...] from CSV bytes with the header `mr,ref` (quoted fields may hold commas)."""
-    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+    reader = csv.reader(io.StringIO(decode_utf8(data, name)))
     if next(reader, None) != ["mr", "ref"]:
         fail(f"{name} does not start with the header `mr,ref`; is it an E2E CSV?")
-    rows = [(mr, ref) for mr, ref in reader]
-    return rows[:limit] if limit is not None else rows
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if len(row) != 2:
+            fail(f"{name} row {line} has {len(row)} fields, not 2 (mr,ref): is the file cut or damaged?")
+        rows.append(tuple(row))
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        fail(f"{name} has no rows after its header: nothing to prepare")
+    return rows
 
 
 def tokenize(rows, enc):
@@ -90,19 +96,21 @@ def group_refs(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = Parser(prog="data/e2e/prepare.py", description=__doc__.split("\n")[1])
     p.add_argument("--src", help=f"folder with {NEED} instead of downloading the release zip")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
     p.add_argument("--limit", type=int, help="keep only the first N rows of each CSV (quick tests)")
     args = p.parse_args()
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit must be at least 1, not {args.limit}")
 
     sources = read_sources(args.src)
+    rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first
     enc = get_tokenizer()
-    os.makedirs(args.out, exist_ok=True)
+    start_output(args.out)
     meta = {"kind": "examples", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
             "examples_format": "int32 (start, context_len, total_len) per example"}
-    for split, data in sources.items():
-        rows = read_rows(data, CSVS[split], args.limit)
+    for split, rows in rows.items():
         tokens, index = tokenize(rows, enc)
         write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
         write_bin(os.path.join(args.out, f"{split}_examples.bin"), "i", index)

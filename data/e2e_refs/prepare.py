@@ -12,29 +12,29 @@ and dev references into val; the test set is never read. Each distinct sentence 
 train has 40,782 sentences, 1,017,236 tokens
 val has 4,499 sentences, 124,854 tokens
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.common import run, write_bin, write_json  # noqa: E402
+from data.common import Parser, run, start_output, write_bin, write_json  # noqa: E402
 from data.e2e.prepare import CSVS, read_rows, read_sources  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = Parser(prog="data/e2e_refs/prepare.py", description=__doc__.split("\n")[1])
     p.add_argument("--src", help="folder with the E2E CSVs instead of downloading the release zip")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
     args = p.parse_args()
     sources = read_sources(args.src)
+    rows = {split: read_rows(sources[split], CSVS[split]) for split in ("train", "val")}  # all checked first
     enc = get_tokenizer()
-    os.makedirs(args.out, exist_ok=True)
+    start_output(args.out)
     meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or "the E2E release zip"}
     for split in ("train", "val"):
-        sentences = list(dict.fromkeys(ref for _, ref in read_rows(sources[split], CSVS[split])))
+        sentences = list(dict.fromkeys(ref for _, ref in rows[split]))
         tokens = [t for s in sentences for t in enc.encode_ordinary(" " + s) + [EOT]]
         write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
         meta[f"{split}_tokens"] = len(tokens)

@@ -10,14 +10,13 @@ meta.json. On the full file:
 train has 301,966 tokens
 val has 36,059 tokens
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import download, fail, run, write_bin, write_json  # noqa: E402
+from data.common import Parser, decode_utf8, download, fail, run, start_output, write_bin, write_json  # noqa: E402
 from tokenizer import VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -26,15 +25,15 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 def read_text(src):
     if src is None:
         hint = "pass a local copy with --src FILE instead (e.g. --src ../shared/data/tinyshakespeare/input.txt)."
-        return download(URL, hint).decode("utf-8")
+        return decode_utf8(download(URL, hint), URL)
     if not os.path.isfile(src):
         fail(f"--src {src} is not a file; give the path of tinyshakespeare's input.txt.")
-    with open(src, encoding="utf-8") as f:
-        return f.read()
+    with open(src, "rb") as f:
+        return decode_utf8(f.read(), src)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = Parser(prog="data/shakespeare/prepare.py", description=__doc__.split("\n")[1])
     p.add_argument("--src", help="local input.txt instead of downloading it")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
     args = p.parse_args()
@@ -44,8 +43,11 @@ def main():
     enc = get_tokenizer()
     # encode_ordinary: Shakespeare has no special tokens, and a literal "<|endoftext|>" stays plain text
     splits = {"train": enc.encode_ordinary(text[:n]), "val": enc.encode_ordinary(text[n:])}
+    if min(map(len, splits.values())) < 2:
+        fail(f"{args.src or URL} is too short to split into training and validation text "
+             f"({len(text)} characters): give the whole input.txt")
 
-    os.makedirs(args.out, exist_ok=True)
+    start_output(args.out)
     for split, ids in splits.items():
         write_bin(os.path.join(args.out, f"{split}.bin"), "H", ids)
         print(f"{split} has {len(ids):,} tokens")

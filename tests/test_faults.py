@@ -1,0 +1,296 @@
+"""Bad input, as a hostile user gives it: every case ends with exit code 2 and one `error:` line that
+names what is wrong, no traceback, and no file that existed before is changed (nor a temporary file
+left behind). The scripts' main() runs in this process, as `python script.py ...` would run it: an
+uncaught exception fails the test with its traceback.
+
+Each case builds its bad input in its own folder from the tiny base, adapter and data that conftest
+trains once (`trained`, `data`)."""
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import evaluate_e2e
+import export
+import runtime
+import sample
+import train
+from conftest import ROOT, TINY
+
+
+def _script(path):
+    """A data/*/prepare.py script as a module (they read sys.argv)."""
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_"), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAINS = {"train.py": train.main, "sample.py": sample.main, "export.py": export.main,
+         "evaluate_e2e.py": lambda argv: runtime.run(evaluate_e2e.main, argv)}
+PREPARE = ("data/e2e/prepare.py", "data/shakespeare/prepare.py", "data/e2e_refs/prepare.py")
+
+
+class Case:
+    """What a case may use: the trained tiny models, prepared data, and its own folder to spoil."""
+
+    def __init__(self, trained, data, tmp):
+        self.trained, self.data, self.tmp = trained, data, tmp
+        self.base, self.adapter = trained / "base", trained / "adapted" / "adapter.safetensors"
+
+    def file(self, name, content):
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        return path
+
+    def copy(self, src, name):
+        dst = self.tmp / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+        return dst
+
+    def adapter_with(self, tensors=None, metadata=None, drop=()):
+        """The trained adapter file, with some tensors or metadata changed."""
+        from safetensors import safe_open
+        with safe_open(self.adapter, framework="pt") as f:
+            meta = dict(f.metadata())
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        t.update(tensors or {})
+        meta.update(metadata or {})
+        for k in drop:
+            meta.pop(k)
+        path = self.tmp / "bad_adapter.safetensors"
+        save_file(t, path, metadata=meta)
+        return path
+
+    def run_copy(self, change):
+        """A copy of the trained adapter run whose ckpt.pt went through `change`."""
+        run = self.copy(self.trained / "adapted", "run")
+        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, run / "ckpt.pt")
+        return run
+
+    def e2e_copy(self, truncate=None, keep=0):
+        d = self.copy(self.data["e2e"], "e2e")
+        if truncate:
+            self.truncate(d / truncate, keep)
+        return d
+
+    def train(self, *options):
+        """A tiny training run's options on Shakespeare, from scratch; later options win."""
+        return ["--init_from=scratch", *TINY[1:], "--max_iters=1", f"--data_dir={self.data['shakespeare']}",
+                f"--out_dir={self.tmp / 'out'}", *options]
+
+    def truncate(self, path, keep):
+        path.write_bytes(path.read_bytes()[:keep])
+        return path
+
+
+def _meta_without_kind(c):
+    d = c.e2e_copy()
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["kind"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def _hf_dir(c, config=None, weights=None, config_text=None):
+    d = c.tmp / "hf"
+    d.mkdir()
+    shutil.copy(c.base / "model.safetensors", d)
+    cfg = json.loads((c.base / "config.json").read_text())
+    for k in config or ():
+        del cfg[k]
+    (d / "config.json").write_text(config_text or json.dumps(cfg))
+    if weights is not None:
+        (d / "model.safetensors").unlink()
+        weights(d)
+    return d
+
+
+def _pickle_with_code(d):
+    import argparse
+    torch.save({"weights": argparse.Namespace(a=1)}, d / "pytorch_model.bin")  # not weights only
+
+
+def _csv(c, name, text, encoding="utf-8"):
+    d = c.tmp / "csvs"
+    d.mkdir(exist_ok=True)
+    for f in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        (d / f).write_text("mr,ref\nname[A],A is nice.\n")
+    (d / name).write_bytes(text.encode(encoding))
+    return d
+
+
+def _tiny_stream(c, tokens):
+    from data.common import write_bin, write_json
+    d = c.tmp / "tiny_stream"
+    d.mkdir()
+    for split in ("train", "val"):
+        write_bin(str(d / f"{split}.bin"), "H", list(range(1, tokens + 1)))
+    write_json(str(d / "meta.json"), {"kind": "stream", "vocab_size": 50257})
+    return d
+
+
+def _refs(c, content):
+    d = c.e2e_copy()
+    (d / "test_refs.json").write_text(content)
+    return d
+
+
+CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
+    # configuration
+    "config file with a syntax error": ("train.py", lambda c: [c.file("c.py", "r = = 3\n")], "could not run: line 1"),
+    "config file that raises": ("train.py", lambda c: [c.file("c.py", "import nowhere_module\n")], "could not run"),
+    "eval_interval=0": ("train.py", lambda c: c.train("--eval_interval=0"), "eval_interval must be"),
+    "n_head does not divide n_embd": ("train.py", lambda c: c.train("--n_head=3"), "n_embd must be"),
+    "block_size=0": ("train.py", lambda c: c.train("--block_size=0"), "block_size must be"),
+    "alpha=nan": ("train.py", lambda c: c.train("--alpha=nan"), "alpha must be"),
+    "learning_rate=inf": ("train.py", lambda c: c.train("--learning_rate=inf"), "learning_rate must be"),
+    "label_smoothing=1.5": ("train.py", lambda c: c.train("--label_smoothing=1.5"), "label_smoothing must be"),
+    "weight_decay<0": ("train.py", lambda c: c.train("--weight_decay=-0.1"), "weight_decay must be"),
+    "grad_clip=nan": ("train.py", lambda c: c.train("--grad_clip=nan"), "grad_clip must be"),
+    "beta2=1": ("train.py", lambda c: c.train("--beta2=1"), "beta2 must be"),
+    "seed<0": ("train.py", lambda c: c.train("--seed=-1"), "seed must be"),
+    "bad spec": ("train.py", lambda c: c.train("--spec=A=everywhere"), "bad spec setting"),
+    # data
+    "block_size larger than the data": ("train.py", lambda c: c.train(f"--data_dir={_tiny_stream(c, 20)}"),
+                                        "too few for block_size"),
+    "meta.json without kind": ("train.py", lambda c: c.train(f"--data_dir={_meta_without_kind(c)}"), "no valid kind"),
+    "meta.json not JSON": ("train.py", lambda c: c.train(f"--data_dir={c.file('d/meta.json', '{kind: stream').parent}"),
+                           "meta.json is not valid JSON"),
+    "truncated E2E examples": ("train.py", lambda c: c.train(f"--data_dir={c.e2e_copy('train_examples.bin', 100)}"),
+                               "train_examples.bin is truncated"),
+    "E2E examples beyond the tokens": ("train.py", lambda c: c.train(f"--data_dir={c.e2e_copy('train.bin', 1000)}"),
+                                       "does not fit train.bin"),
+    # bases and adapters to start from
+    "init_adapter of another rank": ("train.py", lambda c: c.train(f"--init_from={c.base}", "--adapter=lora", "--r=4",
+                                                                   f"--init_adapter={c.adapter}"), "use the same r"),
+    "init_adapter of another width": ("train.py", lambda c: c.train("--n_embd=48", "--adapter=lora", "--r=2",
+                                                                    f"--init_adapter={c.adapter}"), "use the same r"),
+    "init_from garbage .safetensors": ("train.py", lambda c: c.train(f"--init_from={c.file('x.safetensors', os.urandom(300))}"),
+                                       "not a readable weights file"),
+    "init_from truncated .safetensors": ("train.py", lambda c: c.train(
+        f"--init_from={c.truncate(c.copy(c.base / 'model.safetensors', 'm.safetensors'), 5000)}"), "not a readable weights file"),
+    "init_from huge safetensors header": ("train.py", lambda c: c.train(
+        f"--init_from={c.file('h.safetensors', struct.pack('<Q', 2**40) + b'{}')}"), "not a readable weights file"),
+    "init_from a pickle holding code": ("train.py", lambda c: c.train(f"--init_from={_hf_dir(c, weights=_pickle_with_code)}"),
+                                        "not a readable weights file"),
+    "config.json missing a field": ("train.py", lambda c: c.train(f"--init_from={_hf_dir(c, config=['n_layer'])}"),
+                                    "lacks n_layer"),
+    "config.json not JSON": ("train.py", lambda c: c.train(f"--init_from={_hf_dir(c, config_text='{')}"),
+                             "config.json is not valid JSON"),
+    # checkpoints
+    "checkpoint with an unknown option": ("train.py", lambda c: [
+        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k['config'].update(bogus=1))}"], "does not know (bogus)"),
+    "checkpoint without optimizer": ("train.py", lambda c: [
+        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k.pop('optimizer'))}"], "lacks optimizer"),
+    "checkpoint of another project": ("train.py", lambda c: [
+        "--init_from=resume", f"--out_dir={c.file('f/ckpt.pt', b'x').parent}"], "not a readable checkpoint"),
+    # adapter files
+    "adapter metadata without config": ("sample.py", lambda c: [f"--adapter={c.adapter_with(drop=['config'])}",
+                                                                f"--init_from={c.base}"], "lacks 'config'"),
+    "adapter metadata without shapes": ("sample.py", lambda c: [f"--adapter={c.adapter_with(drop=['shapes'])}",
+                                                                f"--init_from={c.base}"], "lacks 'shapes'"),
+    "adapter config with an unknown field": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'config': json.dumps({'preset': 'lora', 'colour': 'red'})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter metadata not JSON": ("sample.py", lambda c: [f"--adapter={c.adapter_with(metadata={'shapes': '{'})}",
+                                                          f"--init_from={c.base}"], "damaged metadata"),
+    "adapter holding nan": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with({'transformer.h.0.attn.q.lora_B': torch.full((32, 2), math.nan)})}",
+        f"--init_from={c.base}"], "inf or nan"),
+    "adapter holding integers": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with({'transformer.h.0.attn.q.lora_B': torch.zeros(32, 2, dtype=torch.int64)})}",
+        f"--init_from={c.base}"], "torch.int64"),
+    # where to write
+    "out_dir is a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}"), "is a file"),
+    "out_dir cannot be made": ("train.py", lambda c: c.train("--out_dir=/sys/sharelora-test"), "cannot write in out_dir"),
+    "out_dir below a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}/sub"), "cannot write in out_dir"),
+    "export --dest is a file": ("export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf", f"--dest={c.file('f', 'x')}"],
+                                "--dest"),
+    "prepare --out is a file": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "devset.csv", "mr,ref\nname[B],B.\n"),
+                                                                 "--out", c.file("f", "x")], "is a file"),
+    # sampling options
+    "sample --top_k=0": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--top_k=0"], "--top_k must be"),
+    "sample --top_p=-1": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--top_p=-1"], "--top_p must be"),
+    "sample --num_samples=0": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--num_samples=0"],
+                               "--num_samples must be"),
+    "sample --max_new_tokens=-5": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--max_new_tokens=-5"],
+                                   "--max_new_tokens must be"),
+    "sample --temperature=-1": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--temperature=-1"],
+                                "--temperature must be"),
+    "sample --start=FILE: missing": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--start=FILE:/nowhere.txt"],
+                                     "--start FILE:/nowhere.txt"),
+    "sample with an unknown option": ("sample.py", lambda c: ["--tempreature=1"], "unrecognized arguments"),
+    # evaluation
+    "refs file of the wrong shape": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--data_dir=" + str(_refs(c, '{"mr": 1}'))],
+                                     "is not a list of"),
+    "refs file not JSON": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", f"--data_dir={_refs(c, '[{')}"],
+                           "test_refs.json is not a valid JSON"),
+    "evaluate --beam_size=0": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),
+    # preparing data
+    "prepare non-UTF-8 text": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Ros\xe9 ".encode("latin-1") * 99),
+                                                                        "--out", c.tmp / "o"], "not UTF-8"),
+    "prepare non-UTF-8 CSV": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "devset.csv", "mr,ref\nname[Caf\xe9],ok.\n",
+                                                                              "latin-1"), "--out", c.tmp / "o"], "not UTF-8"),
+    "prepare an empty data set": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "trainset.csv", "mr,ref\n"),
+                                                                    "--out", c.tmp / "o"], "no rows"),
+    "prepare a cut CSV row": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "trainset.csv", "mr,ref\nname[A]\n"),
+                                                                "--out", c.tmp / "o"], "row 2 has 1 fields"),
+    "prepare --limit=0": ("data/e2e/prepare.py", lambda c: ["--src", c.tmp, "--limit=0", "--out", c.tmp / "o"],
+                          "--limit must be"),
+    "prepare text too short": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Hi."), "--out", c.tmp / "o"],
+                               "too short"),
+}
+
+
+def snapshot(*roots):
+    """{path: sha256} of every file under the roots."""
+    out = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def call(script, argv, monkeypatch, capsys):
+    """Run a script's main as `python script argv` would; -> (exit code, stderr)."""
+    argv = [str(a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        if script in MAINS:
+            MAINS[script](argv)
+        else:
+            monkeypatch.setattr(sys, "argv", [script, *argv])
+            _script(script).run(_script(script).main)
+            pytest.fail(f"{script} {argv} exited 0")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_sentence_and_exit_2(name, trained, data, tmp_path, monkeypatch, capsys, one_thread):
+    script, make_argv, phrase = CASES[name]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SHARELORA_TRACEBACK", raising=False)
+    argv = make_argv(Case(trained, data, tmp_path))
+    before = snapshot(trained, tmp_path)
+    code, err = call(script, argv, monkeypatch, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert phrase in errors[0], errors[0]
+    after = snapshot(trained, tmp_path)
+    assert {p: h for p, h in after.items() if p in before} == before  # nothing that existed was changed
+    assert not [p for p in after if p.endswith(".tmp") or "/.staging" in p or "/.committed" in p]

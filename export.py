@@ -10,6 +10,8 @@ peft: adapter_config.json + adapter_model.safetensors for PEFT's LoRA on transfo
 (PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest)). Every preset converts
 exactly; shared tensors are written once per layer, since PEFT has no sharing.
 """
+import os
+
 import runtime
 import sharelora
 from model import HF_FUSED
@@ -35,7 +37,9 @@ def export(args):
     if args.to == "hf":
         sharelora.export_merged(model, args.dest)
     else:
-        sharelora.export_peft(model, args.dest, base_model_name_or_path=info["base"], fused=HF_FUSED,
+        # a local base is named relative to the current folder, as PEFT would resolve it from here
+        base = os.path.relpath(info["base"]) if os.path.exists(info["base"]) else info["base"]
+        sharelora.export_peft(model, args.dest, base_model_name_or_path=base, fused=HF_FUSED,
                               fan_in_fan_out=True)  # transformers' GPT-2 stores its weights as Conv1D
     print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
 

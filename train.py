@@ -378,7 +378,7 @@ def train(cfg):
     losses = []
     stop = StopSignals()
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
-    with stop:
+    with stop, bar:  # the bar ends its line whatever happens, so that an error message starts its own
         while True:
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 if not (resuming and step == ckpt["step"]):  # already evaluated and saved at this step

@@ -294,3 +294,167 @@ def test_bad_input_is_one_sentence_and_exit_2(name, trained, data, tmp_path, mon
     after = snapshot(trained, tmp_path)
     assert {p: h for p, h in after.items() if p in before} == before  # nothing that existed was changed
     assert not [p for p in after if p.endswith(".tmp") or "/.staging" in p or "/.committed" in p]
+
+
+# ---- checkpoints: consistent after a kill at any moment, a full disk, a move ----------------------
+
+KILLER = '''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import runtime, train
+kill_at, log, calls = int(sys.argv[2]), sys.argv[3], [0]
+
+def hook(real):
+    def f(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            if real is os.fsync:  # killed while writing: the file holds half of its bytes
+                path = os.readlink(f"/proc/self/fd/{args[0]}")
+                if os.path.isfile(path):
+                    os.truncate(path, os.path.getsize(path) // 2)
+            os._exit(137)  # as kill -9: no cleanup, no finally
+        return real(*args, **kwargs)
+    return f
+
+os.replace, os.fsync = hook(os.replace), hook(os.fsync)
+write = runtime.write_checkpoint
+def logged(out_dir, ckpt, write_files):
+    start = calls[0]
+    write(out_dir, ckpt, write_files)
+    with open(log, "a") as f:
+        f.write(json.dumps([ckpt["step"], start, calls[0]]) + "\\n")
+runtime.write_checkpoint = logged
+train.main(sys.argv[4:])
+'''
+
+
+def adapter_run(c, out, *extra):
+    return [*TINY[1:], f"--init_from={c.base}", "--adapter=tied", "--r=2", "--adapter_dropout=0.1",
+            f"--data_dir={c.data['e2e']}", "--eval_interval=1", "--learning_rate=1e-2", f"--out_dir={out}", *extra]
+
+
+def assert_consistent(out):
+    """ckpt.pt and adapter.safetensors hold the same adapter; no temporary file is left."""
+    ckpt = runtime.read_checkpoint(out)  # finishes a checkpoint that a kill interrupted
+    saved = load_file(out / "adapter.safetensors")
+    assert saved.keys() == ckpt["adapter"].keys()
+    assert all(torch.equal(saved[k], ckpt["adapter"][k]) for k in saved)
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "ckpt.pt", "metrics.jsonl"], os.listdir(out)
+    return ckpt["step"]
+
+
+def test_a_kill_at_any_point_of_a_checkpoint_leaves_a_consistent_pair(trained, data, tmp_path, one_thread):
+    """kill -9 at every file operation of the step-2 checkpoint (before each rename and each flush,
+    leaving half-written files at the flushes): the pair on disk is always the old one or the new one,
+    and resuming from it ends with exactly the adapter of a run that was never killed."""
+    import subprocess
+    c = Case(trained, data, tmp_path)
+    driver, log = c.file("killer.py", KILLER), tmp_path / "calls.jsonl"
+    straight = tmp_path / "straight"
+
+    def train_killed_at(k, out):
+        return subprocess.run([sys.executable, driver, ROOT, str(k), log, *adapter_run(c, out, "--max_iters=3")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # resumed here, in one thread too
+
+    assert train_killed_at(0, straight).returncode == 0  # 0: never killed; logs each checkpoint's calls
+    calls = {step: (start, end) for step, start, end in map(json.loads, log.read_text().splitlines())}
+    start, end = calls[2]
+    assert end - start >= 6, calls  # flushes and renames of the staged set, the commit, the moves
+    final = load_file(straight / "adapter.safetensors")
+    seen = set()
+    for k in range(start + 1, end + 1):
+        out = tmp_path / f"killed_at_{k}"
+        p = train_killed_at(k, out)
+        assert p.returncode == 137, p.stderr
+        step = assert_consistent(out)
+        seen.add(step)
+        train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=3"])
+        resumed = load_file(out / "adapter.safetensors")
+        assert all(torch.equal(resumed[key], final[key]) for key in final), f"kill at call {k}"
+    assert seen == {1, 2}  # some kills came before the commit, some after
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(trained, data, tmp_path, monkeypatch, capsys):
+    import errno
+    import safetensors.torch
+    c = Case(trained, data, tmp_path)
+    out = tmp_path / "run"
+    train.main(adapter_run(c, out, "--max_iters=1"))
+    before = snapshot(out)
+    real = safetensors.torch.save_file
+
+    def full(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(10)  # what a full disk leaves
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=2"])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "No space left on device" in err[0] and "step 1 there is kept" in err[0], err
+    monkeypatch.undo()
+    after = snapshot(out)
+    assert {p: h for p, h in after.items() if not p.endswith("metrics.jsonl")} == \
+        {p: h for p, h in before.items() if not p.endswith("metrics.jsonl")}
+    assert assert_consistent(out) == 1
+
+
+def test_save_adapter_to_a_folder_is_refused_and_leaves_nothing(trained, tmp_path):
+    import sharelora
+    model, _ = runtime.load_model(adapter=str(trained / "adapted" / "adapter.safetensors"), device="cpu",
+                                  dtype="float32", merge=False)
+    with pytest.raises(ValueError, match="is a folder"):
+        sharelora.save_adapter(model, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_adapter_onto_a_merged_model_is_refused(trained):
+    import sharelora
+    path = str(trained / "adapted" / "adapter.safetensors")
+    model, _ = runtime.load_model(adapter=path, device="cpu", dtype="float32", merge=True)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="merged into its weights: call sharelora.unmerge"):
+        sharelora.load_adapter(model, path)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # untouched
+    sharelora.unmerge(model)
+    sharelora.load_adapter(model, path)  # the documented way works
+
+
+def test_a_moved_run_resumes_in_the_folder_named_now(trained, data, tmp_path):
+    c = Case(trained, data, tmp_path)
+    first, moved = tmp_path / "runA", tmp_path / "runB"
+    train.main(adapter_run(c, first, "--max_iters=2"))
+    shutil.copytree(first, moved)
+    before = snapshot(first)
+    train.main(["--init_from=resume", f"--out_dir={moved}", "--max_iters=4"])
+    assert snapshot(first) == before  # the old folder is not touched
+    assert runtime.read_checkpoint(moved)["step"] == 4
+    shutil.rmtree(first)  # and the old folder is not needed
+    train.main(["--init_from=resume", f"--out_dir={moved}", "--max_iters=5"])
+    assert runtime.read_checkpoint(moved)["step"] == 5
+
+
+def test_a_moved_clone_still_finds_its_base(trained, data, tmp_path):
+    """A base and an adapter run trained beside each other, then their parent folder renamed (a clone
+    moved): sampling, exporting and resuming work; with the base gone, the message names it."""
+    from conftest import run
+    c = Case(trained, data, tmp_path)
+    home = tmp_path / "clone"
+    shutil.copytree(c.base, home / "base")
+    train.main(adapter_run(c, home / "run", "--max_iters=1", f"--init_from={home / 'base'}"))
+    scratch = [*c.train("--adapter=lora", "--r=2", f"--out_dir={home / 'scratch_run'}")]
+    train.main(scratch)
+    home.rename(tmp_path / "moved")
+    moved = tmp_path / "moved"
+    for run_dir in ("run", "scratch_run"):
+        assert run("sample.py", f"--out_dir={moved / run_dir}", "--max_new_tokens=2", "--device=cpu").returncode == 0
+    run("export.py", f"--out_dir={moved / 'run'}", "--to=peft", f"--dest={tmp_path / 'peft'}")
+    assert not os.path.isabs(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    train.main(["--init_from=resume", f"--out_dir={moved / 'run'}", "--max_iters=2"])
+    shutil.rmtree(moved / "base")
+    p = run("sample.py", f"--out_dir={moved / 'run'}", "--device=cpu", check=False)
+    assert p.returncode == 2 and "trained on the base model at '../base'" in p.stderr, p.stderr

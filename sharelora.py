@@ -145,6 +145,8 @@ class AdapterConfig:
             raise ValueError(f"r must be a positive integer (the rank, e.g. 8), got {self.r!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number (s = alpha / r), got {self.alpha!r}")
         self.components()  # validates preset and spec now rather than halfway through add_adapters
 
     @property

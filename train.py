@@ -145,7 +145,7 @@ def _check(key, value, kind, where):
 
 def validate(cfg):
     """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
-    finite = lambda x: math.isfinite(x)
+    finite = math.isfinite
     unit = lambda x: 0 <= x < 1
     rules = [
         ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
@@ -318,6 +318,9 @@ def train(cfg):
             runtime.fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
                          "resume it with the version of this project that wrote it")
         cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
+        need = "adapter" if cfg.adapter != "none" else "model"
+        if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
+            runtime.fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
         if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
             cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}")
     validate(cfg)

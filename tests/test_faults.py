@@ -194,6 +194,8 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
         "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k['config'].update(bogus=1))}"], "does not know (bogus)"),
     "checkpoint without optimizer": ("train.py", lambda c: [
         "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k.pop('optimizer'))}"], "lacks optimizer"),
+    "checkpoint without adapter tensors": ("train.py", lambda c: [
+        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k.pop('adapter'))}"], "lacks its adapter tensors"),
     "checkpoint of another project": ("train.py", lambda c: [
         "--init_from=resume", f"--out_dir={c.file('f/ckpt.pt', b'x').parent}"], "not a readable checkpoint"),
     # adapter files

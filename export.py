@@ -40,7 +40,7 @@ def export(args):
         # a local base is named relative to the current folder, as PEFT would resolve it from here
         base = os.path.relpath(info["base"]) if os.path.exists(info["base"]) else info["base"]
         sharelora.export_peft(model, args.dest, base_model_name_or_path=base, fused=HF_FUSED,
-                              fan_in_fan_out=True)  # transformers' GPT-2 stores its weights as Conv1D
+                              fan_in_fan_out=True, task_type="CAUSAL_LM")  # transformers' GPT-2: Conv1D weights
     print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
 
 

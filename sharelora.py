@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,20 +47,28 @@ COMPONENTS = ("A", "B", "u", "v")
 # ---- 1. One adapted linear map ------------------------------------------------------------------
 
 class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus the update s · v ⊙ B(u ⊙ A x).
+    """A frozen linear map plus the update s · v ⊙ B(u ⊙ A x).
 
     The components are given, not created here, because a shared component is one nn.Parameter that
     several AdaptedLinear modules hold at once (PyTorch lists it once in model.parameters(), so the
     optimizer updates it once, with the sum of the layers' gradients). u and v may be None (off).
+
+    `base` is an nn.Linear (W stored d_out x d_in), or transformers' Conv1D (GPT-2: W stored d_in x d_out),
+    or another AdaptedLinear when two parts of one fused map are adapted. `rows` = (start, stop) makes
+    this adapter a part of a fused map: only outputs start..stop-1 change (q is the first third of
+    GPT-2's c_attn = [q; k; v]), so ΔW is (stop - start) x d_in.
     """
 
-    def __init__(self, base, A, B, u=None, v=None, scale=1.0, dropout=0.0, name="", group="", config=None):
+    def __init__(self, base, A, B, u=None, v=None, scale=1.0, dropout=0.0, name="", group="", config=None,
+                 rows=None, memo=None):
         super().__init__()
         self.base = base
         self.lora_A, self.lora_B, self.lora_u, self.lora_v = A, B, u, v  # (r, d_in), (d_out, r), (r,), (d_out,)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name, self.group, self.config = name, group, config  # for saving: see adapter_state_dict
+        self.rows = rows
+        self.memo = memo  # shared by the maps of a group that read one input: A x computed once, see _project
         self.merged = False
 
     @property
@@ -79,8 +88,26 @@ class AdaptedLinear(nn.Module):
         # s is applied on the r-wide side, where it is cheapest. Components are cast to the input's
         # dtype, so a bfloat16 base works without autocast too.
         B, A = self.folded_factors()
-        h = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # (..., r)
-        return y + F.linear(h, B.to(x.dtype))  # (..., d_out)
+        delta = F.linear(self._project(x, A) * self.scale, B.to(x.dtype))  # (..., d_out)
+        if self.rows is not None:  # a part of a fused map: zeros for the other parts' outputs
+            delta = F.pad(delta, (self.rows[0], y.size(-1) - self.rows[1]))
+        return y + delta
+
+    def _project(self, x, A):
+        """A x, (..., r). Maps that share A and read the same x (q, k and v of one layer with a shared
+        A: the ShareLoRA paper's Shareqkv) compute it once: the first stores it in their common memo, the
+        next ones find the same input object and the same A there. Only without dropout and u, which
+        would make each map's A x its own."""
+        if self.memo is None or not isinstance(self.dropout, nn.Identity) or self.lora_u is not None:
+            return F.linear(self.dropout(x), A.to(x.dtype))
+        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # an optimizer step changes _version
+        if self.memo.get("x") is not x or self.memo.get("key") != key:
+            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)), uses=0)
+        h = self.memo["h"]
+        self.memo["uses"] += 1
+        if self.memo["uses"] == self.memo["maps"]:  # every map of the layer has it: hold nothing further
+            self.memo.update(x=None, h=None)
+        return h
 
     def folded_factors(self):
         """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s · B' A'.
@@ -101,15 +128,55 @@ class AdaptedLinear(nn.Module):
         return f"group={self.group!r}, r={self.lora_A.size(0)}, scale={self.scale:g}, merged={self.merged}"
 
 
+def _stored(layer):
+    """The layer that holds W: below one wrapper, or two when two parts of one fused map are adapted."""
+    while isinstance(layer, AdaptedLinear):
+        layer = layer.base
+    return layer
+
+
+def is_conv1d(layer):
+    """transformers' Conv1D (GPT-2, GPT-J's ancestors): a linear map with W stored (d_in, d_out) and
+    y = x W + b. Recognised by its class name and its `nf` (= d_out), so that no transformers import
+    is needed."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None
+
+
+def is_linear(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+def dims(layer):
+    """(d_out, d_in) of a linear map, however it stores W: nn.Linear (d_out, d_in), Conv1D (d_in, d_out),
+    and layers whose weight is packed (4-bit quantized) but which say in_features / out_features."""
+    layer = _stored(layer)
+    if is_conv1d(layer):
+        return tuple(reversed(layer.weight.shape))
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.out_features, layer.in_features
+    return tuple(layer.weight.shape)
+
+
+def _weight_view(m):
+    """The part of the stored base weight that ΔW of adapter m changes, as a view laid out like ΔW
+    (d_out, d_in): merge writes into it in place."""
+    layer = _stored(m)
+    w = layer.weight.t() if is_conv1d(layer) else layer.weight
+    return w if m.rows is None else w[m.rows[0]:m.rows[1]]
+
+
 # ---- 2. The configuration: presets are spec strings ---------------------------------------------
 
 # A spec is a space-separated list of settings; a preset is a named spec. Grammar:
 #     spec    := setting (" " setting)*
-#     setting := X "=" placement ["/" training]  |  "scale=" ("alpha/r" | "1")
+#     setting := X "=" placement ["/" training]  |  "scale=" ("alpha/r" | "1")  |  "share=" (layers | targets | all)
 #     X := A | B | u | v      placement := layer | shared | off (u, v only)      training := train | frozen
-# Unspecified: A=layer, B=layer, u=off, v=off, training=train, scale=alpha/r. So "A=shared" is ShareA,
-# and every configuration of the Tied-LoRA paper (its Table 1) can be written down, e.g. its vB®uA®
-# with frozen u: "A=shared B=shared u=layer/frozen v=layer".
+# Unspecified: A=layer, B=layer, u=off, v=off, training=train, scale=alpha/r, share=layers. So "A=shared"
+# is ShareA, and every configuration of the Tied-LoRA paper (its Table 1) can be written down, e.g. its
+# vB®uA® with frozen u: "A=shared B=shared u=layer/frozen v=layer".
+# `share` says what one shared tensor spans: `layers` (the paper's default), one per target across all
+# layers; `targets`, one per layer across the targets (q, k, v of a layer read the same input x, so a
+# shared A computes A x once for the three); `all`, one across the layers and the targets.
 PRESETS = {
     "lora": "A=layer B=layer",  # Hu et al.
     "sharea": "A=shared B=layer",  # ShareLoRA's ShareA: about half of LoRA's parameters, same quality
@@ -117,6 +184,7 @@ PRESETS = {
     "shareab": "A=shared B=shared",  # ShareAB: every layer adds the same ΔW
     "tied": "A=shared B=shared u=layer v=layer",  # Tied-LoRA vB®uA®, all trained
     "vera": "A=shared/frozen B=shared/frozen u=layer v=layer scale=1",  # VeRA: frozen random A, B
+    "shareqkv": "A=shared B=layer share=all",  # ShareLoRA's Shareqkv: one A for q, k, v of every layer
 }
 
 
@@ -124,9 +192,16 @@ PRESETS = {
 class AdapterConfig:
     """preset: one of PRESETS; spec: a spec string that overrides the preset (grammar above);
     r: the rank; alpha: s = alpha / r (LoRA's convention; the spec's scale=1 drops it, as VeRA does);
-    dropout: on the adapter's input (LoRA's convention); targets: names of nn.Linear modules to adapt,
-    matched on the end of the qualified name ("q" matches transformer.h.7.attn.q, "attn.c_proj" works
-    too); seed: for every random initial value, so that frozen random matrices can be rebuilt."""
+    dropout: on the adapter's input (LoRA's convention); targets: names of linear modules to adapt
+    (nn.Linear, or transformers' Conv1D), matched on the end of the qualified name ("q" matches
+    transformer.h.7.attn.q, "attn.c_proj" works too); seed: for every random initial value, so that
+    frozen random matrices can be rebuilt.
+
+    For other people's models (section 3b): split: {module: part names} for a fused map whose output
+    is equal parts stacked, e.g. {"c_attn": ("q", "k", "v")}; a target "c_attn.q" then adapts the q part
+    alone. layer_pattern: a regular expression whose first match in a module's name is its layer (the
+    default, the first all-digit part, fits model.layers.7.q_proj and blocks.3.0). modules_to_save:
+    modules trained whole beside the adapters (a classifier head), saved in the adapter file."""
     preset: str = "sharea"
     r: int = 8
     alpha: float = 16.0
@@ -134,11 +209,20 @@ class AdapterConfig:
     targets: tuple = ("q", "v")
     seed: int = 0
     spec: str = None
+    split: dict = None
+    layer_pattern: str = r"(?<![^.])\d+(?![^.])"
+    modules_to_save: tuple = ()
 
     def __post_init__(self):
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
+        self.split = {k: tuple(v) for k, v in (self.split or {}).items()} or None  # tuples: equal after JSON
+        self.modules_to_save = tuple(self.modules_to_save)
+        try:
+            re.compile(self.layer_pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"layer_pattern {self.layer_pattern!r} is not a regular expression: {e}") from None
         if not self.targets:
             raise ValueError("targets is empty: name at least one linear layer to adapt, e.g. ('q', 'v')")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -163,19 +247,21 @@ class AdapterConfig:
         """The resolved spec in canonical form, e.g. 'A=shared/train B=layer/train u=off v=off scale=alpha/r'."""
         c = self.components()
         parts = [f"{x}={c[x][0]}" + ("" if c[x][0] == "off" else "/train" if c[x][1] else "/frozen") for x in COMPONENTS]
-        return " ".join(parts + [f"scale={c['scale']}"])
+        return " ".join(parts + [f"scale={c['scale']}"] + ([f"share={c['share']}"] if c["share"] != "layers" else []))
 
 
 def parse_spec(spec):
-    out = {"A": ("layer", True), "B": ("layer", True), "u": ("off", False), "v": ("off", False), "scale": "alpha/r"}
+    out = {"A": ("layer", True), "B": ("layer", True), "u": ("off", False), "v": ("off", False), "scale": "alpha/r",
+           "share": "layers"}
     seen = set()
     for setting in spec.split():
         key, _, value = setting.partition("=")
         if key in seen:
             raise ValueError(f"spec {spec!r} sets {key} twice")
         seen.add(key)
-        if key == "scale" and value in ("alpha/r", "1"):
-            out["scale"] = value
+        if (key, value) in {("scale", "alpha/r"), ("scale", "1"), ("share", "layers"), ("share", "targets"),
+                            ("share", "all")}:
+            out[key] = value
             continue
         placement, _, training = value.partition("/")
         ok_placements = ("layer", "shared") if key in ("A", "B") else ("layer", "shared", "off")
@@ -183,7 +269,7 @@ def parse_spec(spec):
                 or (placement == "off" and training):
             raise ValueError(f"bad spec setting {setting!r} in {spec!r}: write X=placement[/training] with X in "
                              "A, B, u, v, placement layer|shared (|off for u, v), training train|frozen; "
-                             "or scale=alpha/r|1")
+                             "or scale=alpha/r|1, or share=layers|targets|all")
         out[key] = (placement, placement != "off" and training != "frozen")
     if not any(out[x][1] for x in COMPONENTS):
         raise ValueError(f"spec {spec!r} freezes every component: nothing would train")
@@ -193,71 +279,174 @@ def parse_spec(spec):
 # ---- 3. Adding adapters to a model ---------------------------------------------------------------
 
 def add_adapters(model, config):
-    """Freeze the model and wrap every nn.Linear whose qualified name ends in one of config.targets.
+    """Freeze the model and wrap every linear map that config.targets names.
 
-    Wrapped maps are grouped by their name with the layer index removed (every all-digit part of the
-    name becomes *: transformer.h.7.attn.q is in group transformer.h.*.attn.q); a `shared` component
-    is one tensor per group. Works on any model built from nn.Linear layers. Returns the model."""
+    Maps are grouped for sharing (group_maps): a `shared` component is one tensor per group, by
+    default one per target across the layers (transformer.h.7.attn.q is in group
+    transformer.h.*.attn.q). Works on any model built from nn.Linear or transformers' Conv1D layers;
+    section 3b handles the rest of other people's models. Returns the model."""
     if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise ValueError("this model already has adapters: load a fresh base model to add new ones")
     comps = config.components()
-    linears = {n: model.get_submodule(n) for n in find_targets(model, config.targets)}
-    groups = {}
-    for n in linears:
-        groups.setdefault(_group(n), []).append(n)
+    maps = find_targets(model, config)  # {map: (module, rows)}
+    check_supported(model, maps)
+    groups = group_maps(maps, config.layer_pattern, comps["share"])
+    saved = find_modules_to_save(model, config, maps)
 
     r = config.r
+    d = {n: map_dims(model, n, maps) for n in maps}  # (d_out, d_in)
     for group, names in groups.items():
-        shapes = {tuple(linears[n].weight.shape) for n in names}  # (d_out, d_in)
-        for d_out, d_in in shapes:
-            if r > min(d_out, d_in):
-                raise ValueError(f"r = {r} is larger than {group} ({d_in} -> {d_out}) allows: use r <= {min(d_out, d_in)}")
+        for n in names:
+            if r > min(d[n]):
+                raise ValueError(f"r = {r} is larger than {n} ({d[n][1]} -> {d[n][0]}) allows: use r <= {min(d[n])}")
         for x, dim, what in (("A", 1, "inputs"), ("B", 0, "outputs"), ("v", 0, "outputs")):
-            if comps[x][0] == "shared" and len({s[dim] for s in shapes}) > 1:
+            sizes = sorted({d[n][dim] for n in names})
+            if comps[x][0] == "shared" and len(sizes) > 1:
                 raise ValueError(f"cannot share {x} across {group}: its maps have different numbers of {what} "
-                                 f"({sorted({s[dim] for s in shapes})}); use {x}=layer or separate targets")
+                                 f"({sizes}); use {x}=layer or separate targets")
     for p in model.parameters():  # "mark only the adapters as trainable" (loralib)
         p.requires_grad_(False)
+    for module in saved.values():  # ... and the modules the user trains whole
+        module.requires_grad_(True)
 
     zero = _zero_factor(comps)
     for group, names in groups.items():
-        make = lambda x, key, lin: _initial_value(x, key, lin, r, comps, zero, config.seed)
-        shared = {x: make(x, _key(names[0], x, comps), linears[names[0]]) for x in COMPONENTS if comps[x][0] == "shared"}
+        make = lambda x, n: _initial_value(x, _key(n, x, comps, group), d[n], r, comps, zero, config.seed,
+                                           model.get_submodule(maps[n][0]).weight.device)
+        shared = {x: make(x, names[0]) for x in COMPONENTS if comps[x][0] == "shared"}
+        memos = {}  # maps of one layer that read the same input and share A compute A x once
         for n in names:
-            parts = {x: shared[x] if comps[x][0] == "shared" else make(x, _key(n, x, comps), linears[n])
-                     for x in COMPONENTS if comps[x][0] != "off"}
-            wrapped = AdaptedLinear(linears[n], parts["A"], parts["B"], parts.get("u"), parts.get("v"),
-                                    scale=config.scale, dropout=config.dropout, name=n, group=group, config=config)
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+            module, rows = maps[n]
+            parts = {x: shared[x] if comps[x][0] == "shared" else make(x, n) for x in COMPONENTS if comps[x][0] != "off"}
+            memo = None
+            if comps["share"] != "layers" and comps["A"][0] == "shared":
+                memo = memos.setdefault(module if rows else module.rpartition(".")[0], {"maps": 0})
+                memo["maps"] += 1
+            wrapped = AdaptedLinear(model.get_submodule(module), parts["A"], parts["B"], parts.get("u"),
+                                    parts.get("v"), scale=config.scale, dropout=config.dropout, name=n, group=group,
+                                    config=config, rows=rows, memo=memo)
+            parent_name, _, child = module.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, wrapped)
+            if isinstance(parent, nn.TransformerEncoderLayer):
+                # torch's fused inference path for this layer reads linear1.weight and linear2.weight itself
+                # and would skip the adapter; it is not taken when a submodule has a hook, so give it one
+                wrapped.register_forward_pre_hook(lambda module, args: None)
     return model
 
 
-def _group(name):
-    """transformer.h.7.attn.q -> transformer.h.*.attn.q: the maps one shared tensor serves."""
-    return ".".join("*" if part.isdigit() else part for part in name.split("."))
-
-
-def find_targets(model, targets):
-    """{qualified name: target} for every nn.Linear whose name ends in one of `targets`."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def find_targets(model, config):
+    """{map name: (module name, rows)} for every target. A map is a linear module (rows None), or a part
+    of one that config.split divides into equal parts: "c_attn.q" with split {"c_attn": ("q", "k", "v")}
+    is rows 0 .. d_out/3 of every c_attn, named transformer.h.7.attn.c_attn.q."""
+    linears = {n: m for n, m in model.named_modules() if is_linear(m)}
+    split = config.split or {}
     matched = {}
-    for t in targets:
-        names = [n for n in linears if n == t or n.endswith("." + t)]
-        if not names:
-            some = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
-            raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers end in: {some}")
-        for n in names:
-            if n in matched:
-                raise ValueError(f"targets {matched[n]!r} and {t!r} both match {n}: list each layer once")
-            matched[n] = t
+    for t in config.targets:
+        found = {n: (n, None) for n in linears if _ends_with(n, t)}
+        head, _, part = t.rpartition(".")
+        for key, parts in split.items():
+            for n in linears:
+                if part in parts and _ends_with(n, key) and _ends_with(n, head):
+                    d_out = dims(linears[n])[0]
+                    if d_out % len(parts):
+                        raise ValueError(f"split {key}: {n} has {d_out} outputs, not divisible into {len(parts)} parts")
+                    size, i = d_out // len(parts), parts.index(part)
+                    found[f"{n}.{part}"] = (n, (i * size, (i + 1) * size))
+        if not found:
+            raise ValueError(_no_match(model, t, linears))
+        for name, where in found.items():
+            if name in matched:
+                raise ValueError(f"two targets both match {name}: list each layer once")
+            matched[name] = where
+    wholes = {m for m, rows in matched.values() if rows is None}
+    both = sorted(m for m, rows in matched.values() if rows is not None and m in wholes)
+    if both:
+        raise ValueError(f"{both[0]} is a target both whole and in parts: adapt it one way")
     return matched
 
 
-def _key(name, x, comps):
-    """Where component x of the map `name` is saved: under the group for a shared one
-    (transformer.h.*.attn.q.lora_A), under the layer for a per-layer one (transformer.h.7.attn.q.lora_B)."""
-    return f"{_group(name) if comps[x][0] == 'shared' else name}.lora_{x}"
+def _ends_with(name, target):
+    return name == target or name.endswith("." + target)
+
+
+def _no_match(model, target, linears):
+    """Why a target matched nothing, in one sentence."""
+    other = next(((n, m) for n, m in model.named_modules() if _ends_with(n, target)), None)
+    if other is not None:
+        why = f"{other[0]} is a {type(other[1]).__name__}, not a linear layer (nn.Linear or transformers' Conv1D)"
+    else:
+        why = f"no module is named so; the linear layers end in: {', '.join(sorted({n.split('.')[-1] for n in linears})[:12])}"
+    return f"target {target!r} matches no linear layer: {why}"
+
+
+def map_dims(model, name, maps):
+    """(d_out, d_in) of a map: its module's, or its part's."""
+    module, rows = maps[name]
+    d_out, d_in = dims(model.get_submodule(module))
+    return (rows[1] - rows[0] if rows else d_out), d_in
+
+
+def group_maps(maps, layer_pattern, share):
+    """{group: [map names]}: the maps one shared tensor serves, by the spec's `share`:
+    layers:  the name with its layer index as * (transformer.h.*.attn.q): one tensor per target;
+    targets: sibling maps of one layer together (transformer.h.7.attn.q+k+v);
+    all:     both (transformer.h.*.attn.q+k+v). The layer index is the first match of layer_pattern."""
+    label = {}
+    if share == "layers":
+        label = {n: n for n in maps}
+    else:
+        siblings = {}
+        for n in maps:
+            siblings.setdefault(n.rpartition(".")[0], []).append(n)
+        for prefix, names in siblings.items():
+            for n in names:
+                label[n] = f"{prefix}.{'+'.join(m.rpartition('.')[2] for m in names)}"
+    groups = {}
+    for n in maps:
+        group = label[n] if share == "targets" else re.sub(layer_pattern, "*", label[n], count=1)
+        groups.setdefault(group, []).append(n)
+    return groups
+
+
+def check_supported(model, maps):
+    """Refuse, before any change, the maps whose adapter would be silently ignored or whose merge would
+    change another module."""
+    owners = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for module, _ in maps.values():
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            # F.multi_head_attention_forward reads out_proj.weight and .bias itself, never calls out_proj
+            raise ValueError(f"{module} belongs to nn.MultiheadAttention, which reads its weights directly: an "
+                             "adapter there would be ignored; adapt the layers around it (e.g. linear1, linear2)")
+        tied = [n for n in owners[id(model.get_submodule(module).weight)] if n != f"{module}.weight"]
+        if tied:
+            raise ValueError(f"{module}.weight is tied to {tied[0]}: merging an adapter would change both; untie it "
+                             f"first (e.g. m.weight = nn.Parameter(m.weight.clone())) or leave {child} out of targets")
+
+
+def find_modules_to_save(model, config, maps):
+    """{name: module} for config.modules_to_save (matched like targets): trained whole, saved whole."""
+    found = {}
+    for t in config.modules_to_save:
+        names = [n for n, _ in model.named_modules() if n and _ends_with(n, t)]
+        if not names:
+            raise ValueError(f"modules_to_save {t!r} matches no module of the model")
+        for n in names:
+            inside = [m for m, _ in maps.values() if _ends_with(m, n) or m.startswith(n + ".")]
+            if inside:
+                raise ValueError(f"{n} is in modules_to_save and holds the target {inside[0]}: choose one")
+            found[n] = model.get_submodule(n)
+    return found
+
+
+def _key(name, x, comps, group):
+    """Where component x of the map `name` is saved: under its group for a shared one
+    (transformer.h.*.attn.q.lora_A), under the map for a per-layer one (transformer.h.7.attn.q.lora_B)."""
+    return f"{group if comps[x][0] == 'shared' else name}.lora_{x}"
 
 
 def _zero_factor(comps):
@@ -267,15 +456,16 @@ def _zero_factor(comps):
     return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
 
 
-def _shape(x, linear, r):
-    d_out, d_in = linear.weight.shape
+def _shape(x, d, r):
+    d_out, d_in = d
     return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
 
 
-def _initial_value(x, key, linear, r, comps, zero, seed):
-    """METHOD.md's initialisation. Random values come from a generator seeded by (seed, key), so the same
-    configuration rebuilds the same frozen random matrices, on any machine."""
-    shape = _shape(x, linear, r)
+def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
+    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
+    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
+    matrices, on any machine."""
+    shape = _shape(x, d, r)
     if x == zero:
         t = torch.zeros(shape)
     elif x in ("A", "B"):  # Kaiming-uniform with a = sqrt(5), as nn.Linear and loralib: U(±1/sqrt(fan_in))
@@ -285,7 +475,7 @@ def _initial_value(x, key, linear, r, comps, zero, seed):
     else:  # u and v start at 1, except VeRA's u (λ_d) at 0.1, the paper's d_initial, when v is the zero factor
         t = torch.full(shape, 0.1 if (x == "u" and zero == "v") else 1.0)
     # adapters live in float32 even on a bfloat16 base: they are what the optimizer updates
-    return nn.Parameter(t.to(linear.weight.device), requires_grad=comps[x][1])
+    return nn.Parameter(t.to(device), requires_grad=comps[x][1])
 
 
 def adapted_layers(model):
@@ -320,7 +510,17 @@ def trainable_breakdown(model):
     for row in rows.values():
         del row["seen"]
         row["total"] = sum(row[x] for x in COMPONENTS)
-    return list(rows.values())
+    rows = list(rows.values())
+    # the rest of what trains: modules_to_save, and anything else the user unfroze (which save_adapter
+    # refuses to leave behind), so that the table's total is count_trainable(model)
+    adapter_ids = {id(p) for m in adapted_layers(model) for p in (m.lora_A, m.lora_B, m.lora_u, m.lora_v) if p is not None}
+    owned = {id(p): name for name, module in saved_modules(model).items() for p in module.parameters()}
+    whole = {}
+    for p in {id(p): p for p in model.parameters()}.values():
+        if p.requires_grad and id(p) not in adapter_ids:
+            label = f"{owned[id(p)]} (whole)" if id(p) in owned else "(other trainable)"
+            whole[label] = whole.get(label, 0) + p.numel()
+    return rows + [{"target": k, "layers": 1, **{x: 0 for x in COMPONENTS}, "total": n} for k, n in whole.items()]
 
 
 def parameter_table(model):
@@ -346,7 +546,7 @@ def merge(model):
     Explicit by design: never a side effect of train()/eval() (loralib's merge-on-eval surprised users)."""
     for m in _require_adapters(model):
         if not m.merged:
-            w = m.base.weight
+            w = _weight_view(m)  # W's rows of this map, laid out (d_out, d_in) even where W is stored transposed
             w.copy_((w.float() + m.delta_weight()).to(w.dtype))
             m.merged = True
     return model
@@ -358,7 +558,7 @@ def unmerge(model):
     loses the low bits of W, so keep a float32 base if you merge and unmerge repeatedly."""
     for m in _require_adapters(model):
         if m.merged:
-            w = m.base.weight
+            w = _weight_view(m)
             w.copy_((w.float() - m.delta_weight()).to(w.dtype))
             m.merged = False
     return model
@@ -376,8 +576,24 @@ def adapter_state_dict(model, trainable_only=False):
         for x in COMPONENTS:
             p = getattr(m, f"lora_{x}")
             if p is not None and (p.requires_grad or not trainable_only):
-                out[_key(m.name, x, cfg)] = p
+                out[_key(m.name, x, cfg, m.group)] = p
     return out
+
+
+def saved_modules(model):
+    """{name: module} of the adapter's modules_to_save (trained whole, saved whole)."""
+    layers = adapted_layers(model)
+    wanted = layers[0].config.modules_to_save if layers else ()
+    return {n: m for n, m in model.named_modules() if n and any(_ends_with(n, t) for t in wanted)}
+
+
+def _saved_state_dict(model):
+    return {f"{n}.{k}": t for n, module in saved_modules(model).items() for k, t in module.state_dict().items()}
+
+
+def _map_dims(m):
+    """(d_out, d_in) of an adapted map, read off its factors: A is r x d_in, B is d_out x r."""
+    return m.lora_B.size(0), m.lora_A.size(1)
 
 
 def _fingerprint(t):
@@ -396,21 +612,28 @@ def save_adapter(model, path, base=None):
     layers = _require_adapters(model)
     config = layers[0].config
     comps = config.components()
+    stray = [r["target"] for r in trainable_breakdown(model) if r["target"] == "(other trainable)"]
+    if stray:  # a tensor that trains but would not be saved would be lost
+        names = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
+                 and not any(n.startswith(m + ".") for m in saved_modules(model))]
+        raise ValueError(f"{names[0]} trains but is neither an adapter nor in modules_to_save, so it would not be "
+                         "saved: add its module to AdapterConfig(modules_to_save=...) or freeze it")
     tensors, regenerated = {}, {}
     for key, t in adapter_state_dict(model).items():
         if not t.requires_grad:  # frozen: is it still what a fresh add_adapters would make from the seed?
             m = next(m for m in layers if key.startswith((m.group + ".lora_", m.name + ".lora_")))
-            fresh = _initial_value(key[-1], key, m.base, config.r, comps, _zero_factor(comps), config.seed)
+            fresh = _initial_value(key[-1], key, _map_dims(m), config.r, comps, _zero_factor(comps), config.seed)
             # (compared in t's dtype: on a GPU, train.py stores frozen matrices in bfloat16)
             if torch.equal(fresh.data.to(t.dtype).cpu(), t.detach().cpu()):
                 regenerated[key] = _fingerprint(fresh)
                 continue
         tensors[key] = t.detach().to("cpu").contiguous()
+    tensors.update({k: t.detach().to("cpu").contiguous() for k, t in _saved_state_dict(model).items()})
     metadata = {
         "format": "sharelora", "version": "1",
         "config": json.dumps(asdict(config)),
         "base": json.dumps(base if base is not None else getattr(model, "name_or_path", None)),
-        "shapes": json.dumps({m.name: list(m.base.weight.shape) for m in layers}),
+        "shapes": json.dumps({m.name: list(_map_dims(m)) for m in layers}),  # (d_out, d_in) of each map
         "regenerated": json.dumps(regenerated),
     }
     if os.path.isdir(path):
@@ -470,30 +693,41 @@ def load_adapter(model, path):
                          f"({config.describe()}): load it onto a fresh base model")
     # every check comes before the first change to the model. The maps this configuration adapts in
     # this model must be exactly those it was trained on, with the same shapes.
-    maps = {m.name: m.base for m in layers} if layers else {n: model.get_submodule(n) for n in find_targets(model, config.targets)}
+    comps = config.components()
+    if layers:
+        d = {m.name: _map_dims(m) for m in layers}
+        group_of = {m.name: m.group for m in layers}
+        saved = _saved_state_dict(model)
+    else:
+        maps = find_targets(model, config)
+        d = {n: map_dims(model, n, maps) for n in maps}
+        group_of = {n: g for g, names in group_maps(maps, config.layer_pattern, comps["share"]).items() for n in names}
+        saved = {f"{n}.{k}": t for n, m in find_modules_to_save(model, config, maps).items() for k, t in m.state_dict().items()}
     theirs = meta["shapes"]
-    for name in sorted(maps.keys() | theirs.keys()):
-        have = list(maps[name].weight.shape) if name in maps else None
+    for name in sorted(d.keys() | theirs.keys()):
+        have = list(d[name]) if name in d else None
         if have != theirs.get(name):
             size = lambda s: "x".join(map(str, s)) if s else "missing"
             raise ValueError(f"{path} was made for base {meta['base']!r}, where {name} is {size(theirs.get(name))}; "
                              f"in this model it is {size(have)}: load the adapter onto the base it was trained on")
-    comps = config.components()
-    expected = {}  # key -> (a map that holds it, component), as adapter_state_dict will name them
-    for name, linear in maps.items():
+    expected = {}  # key -> (the dims of a map that holds it, component), as adapter_state_dict will name them
+    for name in d:
         for x in COMPONENTS:
             if comps[x][0] != "off":
-                expected.setdefault(_key(name, x, comps), (linear, x))
-    unknown = sorted(set(tensors) - set(expected))
+                expected.setdefault(_key(name, x, comps, group_of[name]), (d[name], x))
+    unknown = sorted(set(tensors) - set(expected) - set(saved))
     if unknown:
         raise ValueError(f"{path} holds tensors this configuration does not have: {unknown[:3]}")
-    for key, (linear, x) in expected.items():
+    for key, t in saved.items():
+        if key not in tensors or tensors[key].shape != t.shape:
+            raise ValueError(f"{path} lacks {key} of modules_to_save, or holds it in another shape")
+    for key, (dims_, x) in expected.items():
         if key in tensors:
-            want = _shape(x, linear, config.r)
+            want = _shape(x, dims_, config.r)
             if tuple(tensors[key].shape) != want:
                 raise ValueError(f"{key} is {tuple(tensors[key].shape)} in {path} but {want} in the model")
         elif key in meta["regenerated"]:
-            fresh = _initial_value(x, key, linear, config.r, comps, _zero_factor(comps), config.seed)
+            fresh = _initial_value(x, key, dims_, config.r, comps, _zero_factor(comps), config.seed)
             if not _close(_fingerprint(fresh), meta["regenerated"][key]):
                 raise ValueError(f"rebuilding the frozen {key} from seed {config.seed} gave other values than "
                                  "when it was saved (another torch random generator?)")
@@ -501,7 +735,7 @@ def load_adapter(model, path):
             raise ValueError(f"{path} lacks {key}: the file is incomplete")
     if not layers:
         add_adapters(model, config)
-    for key, p in adapter_state_dict(model).items():
+    for key, p in {**adapter_state_dict(model), **_saved_state_dict(model)}.items():
         if key in tensors:
             p.copy_(tensors[key])
     return model
@@ -518,22 +752,29 @@ def base_state_dict(model, add_delta=False):
     """The base model's state dict under the names it had before add_adapters, without adapter
     tensors: what a plain model loads. add_delta=True adds each ΔW to its W (see merged_state_dict).
     The model is left as it is."""
+    _require_adapters(model)
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+    def unwrapped(owner):  # transformer.h.0.attn.c_attn.base.base -> transformer.h.0.attn.c_attn
+        while owner.endswith(".base") and owner[:-5] in wrappers:
+            owner = owner[:-5]
+        return owner
+
     out = {}
-    wrappers = {m.name: m for m in _require_adapters(model)}
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if leaf.startswith("lora_"):
-            continue
-        module, _, param = owner.rpartition(".") if owner.endswith(".base") else ("", "", "")
-        m = wrappers.get(module) if param == "base" else None
-        if m is None:
-            out[key] = t
-        elif leaf == "weight" and add_delta and not m.merged:
-            out[f"{module}.weight"] = (t.float() + m.delta_weight()).to(t.dtype)
-        elif leaf == "weight" and not add_delta and m.merged:
-            out[f"{module}.weight"] = (t.float() - m.delta_weight()).to(t.dtype)
-        else:
-            out[f"{module}.{leaf}"] = t
+        if not leaf.startswith("lora_"):
+            out[f"{unwrapped(owner)}.{leaf}" if owner else leaf] = t
+    changed = {}  # weight key -> float32 copy, with every ΔW of its maps added or removed
+    for name, m in wrappers.items():
+        sign = 1 if add_delta and not m.merged else -1 if not add_delta and m.merged else 0
+        if sign:
+            key = f"{unwrapped(name)}.weight"
+            w = changed.setdefault(key, out[key].float().clone())
+            view = w.t() if is_conv1d(_stored(m)) else w
+            view = view if m.rows is None else view[m.rows[0]:m.rows[1]]
+            view += sign * m.delta_weight().to(view.device)
+    out.update({k: w.to(out[k].dtype) for k, w in changed.items()})
     return out
 
 
@@ -550,59 +791,71 @@ def export_merged(model, path):
 
 
 @torch.no_grad()
-def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fan_out=False):
+def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fan_out=None, task_type=None):
     """Write `adapter_config.json` + `adapter_model.safetensors` that PEFT's LoRA loads with the same
     outputs. Every configuration converts exactly: u and v fold into A and B (A'_l = diag(u_l) A,
     B'_l = diag(v_l) B_l) and a shared tensor is written out once per layer, since PEFT has no sharing
     (the file grows back to LoRA's size). s is kept by setting lora_alpha = s · r.
 
-    fused: {their module: (our modules, ...)} for a framework that fuses maps we keep apart, e.g.
-    model.HF_FUSED for GPT-2's c_attn = q, k, v. The maps of one fused module become one LoRA of rank
-    n·r whose B is block-diagonal (zero rows for a part that is not adapted), which is the same update.
-    fan_in_fan_out: True for transformers' GPT-2, whose Conv1D stores weights transposed."""
+    Parts of one fused map (config.split, or `fused` = {their module: (our modules, ...)} for a
+    framework that fuses maps we keep apart, e.g. model.HF_FUSED for GPT-2's c_attn = q, k, v) become
+    one LoRA of rank n·r whose B is block-diagonal (zero rows for a part that is not adapted): the
+    same update. fan_in_fan_out: True for weights stored (d_in, d_out), as transformers' Conv1D does;
+    None detects it from the adapted layers. task_type: PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS"), or None."""
     from safetensors.torch import save_file
     layers = _require_adapters(model)
-    factors = {m.name: (*reversed(m.folded_factors()), m.scale) for m in layers}  # name -> (A', B', s)
+    # their module -> {"rows": its d_out, "parts": [(start, A', B', s)]}
     modules = {}
-    for name in factors:
-        match = next(((theirs, ours, name[: len(name) - len(o)]) for theirs, ours in (fused or {}).items()
-                      for o in ours if name == o or name.endswith("." + o)), None)
-        if match is None:
-            modules[name] = factors[name]
-            continue
-        theirs, ours, root = match
-        if root + theirs in modules:
-            continue  # built with an earlier part of the same fused module
-        parts = [factors.get(root + o) for o in ours]
-        present = [p for p in parts if p is not None]
-        r, scale = present[0][0].size(0), present[0][2]
-        heights = [model.get_submodule(root + o).weight.size(0) for o in ours]
-        A = torch.cat([p[0] for p in present])  # (n·r, d_in)
-        B = torch.zeros(sum(heights), len(present) * r)  # block-diagonal: part i's rows, its own r columns
-        row = col = 0
-        for p, rows in zip(parts, heights):
-            if p is not None:
-                B[row:row + rows, col:col + r] = p[1]
-                col += r
-            row += rows
-        modules[root + theirs] = (A, B, scale)
-    ranks = {n: A.size(0) for n, (A, B, s) in modules.items()}
-    alphas = {n: s * A.size(0) for n, (A, B, s) in modules.items()}
+    for m in layers:
+        B, A = m.folded_factors()
+        target, start, height = _their_module(model, m, fused)
+        entry = modules.setdefault(target, {"rows": height, "parts": []})
+        entry["parts"].append((start, A, B, m.scale))
+    tensors, ranks, alphas = {}, {}, {}
+    for name, entry in modules.items():
+        parts = sorted(entry["parts"], key=lambda p: p[0])
+        A = torch.cat([p[1] for p in parts])  # (n·r, d_in)
+        B = torch.zeros(entry["rows"], A.size(0))  # block-diagonal: part i's rows, its own r columns
+        col = 0
+        for start, a, b, _ in parts:
+            B[start:start + b.size(0), col:col + a.size(0)] = b
+            col += a.size(0)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.clone()  # clone: a shared A is one tensor per layer here
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        ranks[name], alphas[name] = A.size(0), parts[0][3] * A.size(0)
+    for key, t in _saved_state_dict(model).items():
+        tensors[f"base_model.model.{key}"] = t.detach().cpu().clone()
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = any(is_conv1d(_stored(m)) for m in layers)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r0, "lora_alpha": a0, "lora_dropout": layers[0].config.dropout, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "target_modules": sorted(modules), "use_rslora": False,
         "rank_pattern": {n: k for n, k in ranks.items() if k != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
+        "modules_to_save": sorted(saved_modules(model)) or None,
         "inference_mode": True,
     }
-    tensors = {}
-    for n, (A, B, s) in modules.items():
-        tensors[f"base_model.model.{n}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{n}.lora_B.weight"] = B.contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def _their_module(model, m, fused):
+    """(the module PEFT adapts for our map m, the first of its output rows that m changes, its d_out)."""
+    wrappers = {id(w): n for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
+    path = wrappers[id(m)]
+    while path.endswith(".base") and isinstance(model.get_submodule(path[:-5]), AdaptedLinear):
+        path = path[:-5]  # the outer wrapper's path is the module's own
+    if m.rows is not None:  # a part of a fused map of this model
+        return path, m.rows[0], dims(_stored(m))[0]
+    for theirs, ours in (fused or {}).items():  # a map that the other framework fuses with its siblings
+        for i, o in enumerate(ours):
+            if _ends_with(path, o):
+                root = path[: len(path) - len(o)]
+                heights = [dims(model.get_submodule(root + x))[0] for x in ours]
+                return root + theirs, sum(heights[:i]), sum(heights)
+    return path, 0, dims(_stored(m))[0]

@@ -559,7 +559,8 @@ def test_every_preset_is_an_explicit_spec():
         assert sl.AdapterConfig(preset=name).components() == sl.AdapterConfig(spec=spec).components()
     assert sl.parse_spec("A=shared") == sl.parse_spec(sl.PRESETS["sharea"])
     assert sl.parse_spec(sl.PRESETS["vera"]) == {"A": ("shared", False), "B": ("shared", False),
-                                                 "u": ("layer", True), "v": ("layer", True), "scale": "1"}
+                                                 "u": ("layer", True), "v": ("layer", True), "scale": "1",
+                                                  "share": "layers"}
 
 
 def test_bad_targets_rank_and_double_add(base):

@@ -11,6 +11,7 @@ With matplotlib installed, --png plots the per-target means.
 """
 import argparse
 import math
+import os
 
 import torch
 
@@ -53,9 +54,13 @@ def analyze(args):
     runs = [(d, dict(out_dir=d)) for d in args.out_dir] + [(a, dict(adapter=a)) for a in args.adapter]
     if not runs:
         runtime.fail("give at least one --out_dir or --adapter")
+    if args.png and (os.path.isdir(args.png) or not args.png.endswith(".png")):
+        runtime.fail(f"--png {args.png} must be a file name ending in .png")
     curves = {}
     for name, where in runs:
-        model, _ = runtime.load_model(**where, device="cpu", dtype="float32", merge=False)
+        model, info = runtime.load_model(**where, device="cpu", dtype="float32", merge=False)
+        if info["adapter"] is None:
+            runtime.fail(f"{name} holds no adapter (a whole model was trained there): give a run with an adapter")
         svs = normalized_singular_values(model)
         print(table(name, svs) + "\n")
         curves[name] = torch.stack(list(svs.values())).mean(0)
@@ -71,7 +76,7 @@ def analyze(args):
         plt.xlabel("singular value index i")
         plt.ylabel("σ_i / σ_1 (mean over the adapted maps)")
         plt.legend()
-        plt.savefig(args.png, dpi=120, bbox_inches="tight")
+        plt.savefig(args.png, dpi=120, bbox_inches="tight", format="png")
         print(f"wrote {args.png}")
 
 

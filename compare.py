@@ -18,6 +18,7 @@ import sys
 
 import runtime
 import sharelora
+import train
 from evaluate_e2e import corpus_scores, decode_mrs
 
 PRESETS = list(sharelora.PRESETS)
@@ -61,7 +62,8 @@ def compare(args, extra):
     refs = os.path.join(args.data_dir, "test_refs.json")
     runtime.check(os.path.exists(refs), f"{refs} does not exist: run python data/e2e/prepare.py first (or pass --data_dir)")
     groups = runtime.read_json(refs, "references file")[:args.eval_mrs]
-    rows = []
+    runtime.writable_folder(args.out, "--out")
+    commands = {}
     for preset in presets:
         out_dir = os.path.join(args.out, preset)
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
@@ -70,16 +72,20 @@ def compare(args, extra):
                f"--batch_size={args.batch_size}", f"--learning_rate={args.learning_rate}", f"--seed={args.seed}",
                f"--out_dir={out_dir}", f"--device={args.device}", f"--warmup_iters={max(1, args.max_iters // 20)}",
                f"--eval_interval={max(1, args.max_iters // 4)}", *extra, *overrides.get(preset, [])]
+        if os.path.exists(out_dir):  # never overwrite an earlier comparison's runs
+            runtime.fail(f"--out {args.out} holds an earlier comparison ({out_dir}): choose another --out, or delete it")
+        train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
+        commands[preset] = cmd
+    rows = []
+    for preset, cmd in commands.items():
         print(f"== {preset}: {' '.join(cmd[2:])}", flush=True)
-        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-            os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh log for a fresh run
         if subprocess.run(cmd).returncode != 0:
-            runtime.fail(f"training {preset} failed (its output is above)")
-        rows.append(measure(preset, out_dir, groups, args))
+            print(f"compare.py: training {preset} failed; its error is above", file=sys.stderr)
+            sys.exit(2)
+        rows.append(measure(preset, os.path.join(args.out, preset), groups, args))
     table = format_table(rows, args, extra, overrides, len(groups))
     print("\n" + table)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(table + "\n")
+    runtime.write_text(os.path.join(args.out, "compare.md"), table + "\n")
 
 
 def measure(preset, out_dir, groups, args):

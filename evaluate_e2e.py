@@ -20,6 +20,10 @@ import json
 import math
 import os
 
+from data.common import quiet_ctrl_c
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -247,7 +251,13 @@ def main(argv=None):
     writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
 
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype)
-    predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, args.max_new_tokens,
+    check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
+                                                     f"({model.config.vocab_size}), not {args.beam_size}")
+    longest = max(len(get_tokenizer().encode_ordinary(g["mr"] + sep)) for g in groups)
+    check(longest < model.config.block_size, f"an MR of {args.split} is {longest} tokens, as long as the model's "
+                                             f"context ({model.config.block_size}): it leaves no room to generate")
+    max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)  # as much as the context holds
+    predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, max_new_tokens,
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
     scores = corpus_scores(predictions, [g["refs"] for g in groups])
 

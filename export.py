@@ -12,6 +12,10 @@ exactly; shared tensors are written once per layer, since PEFT has no sharing.
 """
 import os
 
+from data.common import quiet_ctrl_c
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
 import runtime
 import sharelora
 from model import HF_FUSED
@@ -33,6 +37,11 @@ def export(args):
                                      merge=False)
     if info["adapter"] is None:
         runtime.fail("no adapter found: give --out_dir of an adapter run or --adapter FILE")
+    held = [f for f in (runtime.CKPT_FILE, runtime.ADAPTER_FILE) if os.path.exists(os.path.join(args.dest, f))]
+    is_base = os.path.isdir(args.dest) and os.path.isdir(info["base"]) and os.path.samefile(info["base"], args.dest)
+    if held or is_base:
+        runtime.fail(f"--dest {args.dest} holds a training run or the base model ({', '.join(held) or 'the base'}), "
+                     "which the export would overwrite: choose a new folder")
     runtime.writable_folder(args.dest, "--dest")
     if args.to == "hf":
         sharelora.export_merged(model, args.dest)

@@ -45,8 +45,10 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): "
                              "each head gets n_embd / n_head channels")
-        if not 0 <= self.dropout < 1:
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"layer_norm_eps (config.json's layer_norm_epsilon) must be in (0, 1), not {self.layer_norm_eps!r}")
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -459,16 +461,16 @@ def _config_from_checkpoint(config, state, overrides):
     if config is not None and not isinstance(config, dict):
         raise ValueError("the checkpoint's config.json is not a JSON object")
     if config is not None:
+        missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in config]
+        if missing:
+            raise ValueError(f"the checkpoint's config.json lacks {', '.join(missing)}: write it with "
+                             "transformers' save_pretrained, or delete it to infer the size from the weights")
         unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn") if config.get(k)]
         if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") or unsupported:
             raise ValueError(f"this checkpoint uses GPT-2 options that model.py does not implement: "
                              f"{unsupported or config['activation_function']}")
         if config.get("n_inner") not in (None, 4 * config["n_embd"]):
             raise ValueError("this checkpoint's MLP is not 4 x n_embd wide, which model.py assumes")
-        missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in config]
-        if missing:
-            raise ValueError(f"the checkpoint's config.json lacks {', '.join(missing)}: write it with "
-                             "transformers' save_pretrained, or delete it to infer the size from the weights")
         args = dict(block_size=config["n_positions"], vocab_size=config["vocab_size"],
                     n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                     layer_norm_eps=config.get("layer_norm_epsilon", 1e-5))

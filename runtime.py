@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 
 import torch
 
@@ -33,21 +35,31 @@ def run(main, *args):
     preset, adapter for another base, missing weights); any other OSError is the machine refusing a
     file (permissions, a full disk) and its message names the file. Ctrl-C outside train.py's own
     handler ends with exit code 130 and one line. SHARELORA_TRACEBACK=1 shows the traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
     try:
         return main(*args)
-    except (UserError, ValueError, OSError) as e:
-        if os.environ.get("SHARELORA_TRACEBACK"):
-            raise
+    except (UserError, ValueError, OSError, MemoryError, RuntimeError) as e:
+        if os.environ.get("SHARELORA_TRACEBACK") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
+            raise  # any other RuntimeError is a bug: its traceback is what a report needs
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        print("error: interrupted; files are only ever replaced whole, so what is on disk is complete",
+              file=sys.stderr)
         sys.exit(130)
 
 
+def _out_of_memory(e):
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
+
+
 def _one_line(e):
+    if _out_of_memory(e):
+        return ("out of memory: use a smaller batch_size, num_samples, block_size or model "
+                f"({' '.join(str(e).split())[:120]})")
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
-        return f"cannot use {e.filename}: {e.strerror or e}; choose a path you can write to, on a disk with space"
+        return f"cannot use {e.filename}: {e.strerror or e}"
     return " ".join(str(e).split())  # one line, whatever the message held
 
 
@@ -152,8 +164,10 @@ def write_checkpoint(out_dir, ckpt, write_files):
         for name in os.listdir(stage):
             _fsync(os.path.join(stage, name))
         _fsync(stage)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C: the staged files go, the last set stays
         shutil.rmtree(stage, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         kept = _committed_step(out_dir)
         fail(f"could not write the checkpoint of step {ckpt['step']} to {out_dir} ({e.strerror or e}); "
              + (f"the checkpoint of step {kept} there is kept" if kept is not None else "no checkpoint was written")
@@ -225,6 +239,8 @@ def read_checkpoint(out_dir):
     missing = [k for k in CKPT_KEYS if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict):
         fail(f"{path} lacks {', '.join(missing) or 'a config'}: it is damaged; train again or restore the file")
+    if type(ckpt["step"]) is not int or ckpt["step"] < 0 or not isinstance(ckpt["best_val"], float):
+        fail(f"{path} has a damaged step or best_val: train again or restore the file")
     return ckpt
 
 
@@ -240,7 +256,7 @@ def base_reference(init_from, folder):
     return rel if rel == "." or rel.startswith("..") else os.path.join(".", rel)
 
 
-def resolve_base(reference, folder, what):
+def resolve_base(reference, folder, what, fix="pass the base with --init_from=PATH, or move the run folder back beside it"):
     """The base a run names, as a path to load (or a hub name). `what` names the file that named it."""
     if reference == "." or reference.startswith(("./", "../", ".\\", "..\\")):
         path = os.path.normpath(os.path.join(folder, reference))
@@ -250,7 +266,7 @@ def resolve_base(reference, folder, what):
         return reference  # a hub name
     if not os.path.exists(path):
         fail(f"{what} was trained on the base model at {reference!r} (relative to its folder), but {path} "
-             "does not exist: pass the base with --init_from=PATH, or move the run folder back beside it")
+             f"does not exist: {fix}")
     return path
 
 

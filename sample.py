@@ -14,6 +14,10 @@ import math
 import os
 import sys
 
+from data.common import quiet_ctrl_c
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
 import torch
 
 import runtime

@@ -217,6 +217,17 @@ class AdapterConfig:
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
+        for name, ok in (("preset", isinstance(self.preset, str)), ("spec", self.spec is None or isinstance(self.spec, str)),
+                         ("targets", all(isinstance(t, str) for t in self.targets)),
+                         ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+                         ("split", self.split is None or (isinstance(self.split, dict) and all(
+                             isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+                             for k, v in self.split.items()))),
+                         ("layer_pattern", isinstance(self.layer_pattern, str)),
+                         ("modules_to_save", isinstance(self.modules_to_save, (list, tuple)) and all(
+                             isinstance(m, str) for m in self.modules_to_save))):
+            if not ok:
+                raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(self, name)!r}")
         self.split = {k: tuple(v) for k, v in (self.split or {}).items()} or None  # tuples: equal after JSON
         self.modules_to_save = tuple(self.modules_to_save)
         try:
@@ -665,8 +676,11 @@ def read_adapter(path):
     try:
         meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
         config = AdapterConfig(**meta["config"])
-        if not isinstance(meta["shapes"], dict) or not isinstance(meta["regenerated"], dict):
-            raise TypeError("shapes and regenerated must be objects")
+        pair = lambda v, kind: isinstance(v, list) and len(v) == 2 and all(isinstance(x, kind) for x in v)
+        if not (isinstance(meta["shapes"], dict) and all(pair(v, int) for v in meta["shapes"].values())
+                and isinstance(meta["regenerated"], dict) and all(pair(v, (int, float)) for v in meta["regenerated"].values())
+                and (meta.get("base") is None or isinstance(meta["base"], str))):
+            raise TypeError("shapes, regenerated or base do not have their form")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
         raise ValueError(f"{path} {what}: save the adapter again, or restore the file") from None
@@ -708,7 +722,7 @@ def load_adapter(model, path):
         have = list(d[name]) if name in d else None
         if have != theirs.get(name):
             size = lambda s: "x".join(map(str, s)) if s else "missing"
-            raise ValueError(f"{path} was made for base {meta['base']!r}, where {name} is {size(theirs.get(name))}; "
+            raise ValueError(f"{path} was made for base {meta.get('base')!r}, where {name} is {size(theirs.get(name))}; "
                              f"in this model it is {size(have)}: load the adapter onto the base it was trained on")
     expected = {}  # key -> (the dims of a map that holds it, component), as adapter_state_dict will name them
     for name in d:

@@ -21,6 +21,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
+from data.common import quiet_ctrl_c
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
 import torch
 from tqdm import tqdm
 
@@ -80,6 +84,8 @@ class TrainConfig:
     seed: int = 1337
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer works in float32: larger values overflow to inf
+
 # what init_from=resume takes from the command line; everything else comes from the checkpoint
 RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "device", "compile")
 
@@ -105,7 +111,7 @@ def parse_args(argv):
                 runtime.fail(f"config file {arg} does not exist")
             try:
                 settings = runpy.run_path(arg)
-            except Exception as e:  # a syntax error, or code in it that raises
+            except (Exception, SystemExit) as e:  # a syntax error, code in it that raises or calls exit()
                 where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
                 runtime.fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
                              "write it as `name = value` lines")
@@ -145,7 +151,6 @@ def _check(key, value, kind, where):
 
 def validate(cfg):
     """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
-    finite = math.isfinite
     unit = lambda x: 0 <= x < 1
     rules = [
         ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
@@ -155,16 +160,16 @@ def validate(cfg):
         ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
         ("adapter", cfg.adapter == "none" or cfg.adapter in sharelora.PRESETS,
          f"one of {', '.join(sharelora.PRESETS)} or none"),
-        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", finite(cfg.alpha), "a finite number (e.g. 16)"),
+        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", abs(cfg.alpha) <= FLOAT32_MAX, "a float32 number (e.g. 16)"),
         ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
         ("max_iters", cfg.max_iters >= 0, "at least 0"),
-        ("learning_rate", finite(cfg.learning_rate) and cfg.learning_rate >= 0, "a finite number >= 0 (e.g. 2e-4)"),
-        ("min_lr", finite(cfg.min_lr) and cfg.min_lr >= 0, "a finite number >= 0"),
+        ("learning_rate", 0 <= cfg.learning_rate <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 2e-4)"),
+        ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
         ("warmup_iters", cfg.warmup_iters >= 0, "at least 0"), ("lr_decay_iters", cfg.lr_decay_iters >= 0, "at least 0"),
         ("decay", cfg.decay in ("linear", "cosine", "constant"), "linear, cosine or constant"),
-        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0 (e.g. 0.01)"),
+        ("weight_decay", 0 <= cfg.weight_decay <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 0.01)"),
         ("beta1", unit(cfg.beta1), "in [0, 1) (e.g. 0.9)"), ("beta2", unit(cfg.beta2), "in [0, 1) (e.g. 0.999)"),
-        ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip >= 0, "a finite number >= 0 (0 disables clipping)"),
+        ("grad_clip", 0 <= cfg.grad_clip <= FLOAT32_MAX, "a float32 number >= 0 (0 disables clipping)"),
         ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
         ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
         ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
@@ -311,18 +316,32 @@ def train(cfg):
     ckpt = runtime.read_checkpoint(cfg.out_dir) if resuming else None
     if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
         defaults = TrainConfig()
-        changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if getattr(cfg, k) != getattr(defaults, k)}
+        given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+        fixed = sorted(given - set(RESUME_OPTIONS) - {"init_from", "out_dir"})
+        if fixed:
+            runtime.fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
+                         f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")
+        changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if k in given}
         stored = ckpt["config"]
-        unknown = sorted(set(stored) - {f.name for f in fields(TrainConfig)})
+        types = {f.name: type(f.default) for f in fields(TrainConfig)}
+        unknown = sorted(set(stored) - set(types))
         if unknown:
             runtime.fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
                          "resume it with the version of this project that wrote it")
+        stored = {k: _check(k, v, types[k], f"the checkpoint in {cfg.out_dir}") for k, v in stored.items()}
         cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
+        if cfg.max_iters <= ckpt["step"]:
+            runtime.fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
+                         "to train on")
         need = "adapter" if cfg.adapter != "none" else "model"
         if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
             runtime.fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
         if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
-            cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}")
+            cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
+                                                 fix="put the base back there, or move the run folder back beside it")
+    elif os.path.exists(os.path.join(cfg.out_dir, runtime.CKPT_FILE)):  # nothing is ever overwritten unasked
+        runtime.fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
+                     "or choose another out_dir (delete that one to start over)")
     validate(cfg)
     runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
     device = runtime.pick_device(cfg.device)
@@ -333,8 +352,9 @@ def train(cfg):
     batches = Batches(cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset),
                       cfg.batch_size, cfg.block_size, seed=cfg.seed)
     model = build_model(cfg, ckpt)
-    if batches.meta.get("vocab_size", 50257) > model.config.vocab_size:
-        runtime.fail(f"the data's vocabulary ({batches.meta['vocab_size']}) is larger than the model's")
+    if batches.max_token() >= model.config.vocab_size:
+        runtime.fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
+                     f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     batches.set_block_size(cfg.block_size)
     runtime.place(model, device, dtype).train()
@@ -350,10 +370,14 @@ def train(cfg):
             runtime.fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
         step, best_val = ckpt["step"], ckpt["best_val"]
         saved = step
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        try:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            random.setstate(tuple(ckpt["rng"]["python"]))
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as e:
+            runtime.fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
+                         "restore the file, or train again")
     forward = torch.compile(model) if cfg.compile else model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "

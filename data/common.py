@@ -41,10 +41,21 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def quiet_ctrl_c():
+    """Ctrl-C while a script still imports torch (seconds): exit 130 with one line, not a traceback.
+    runtime.run hands Ctrl-C back to Python's own handling once the script's work starts."""
+    import signal
+
+    def stop(signum, frame):
+        print("error: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, stop)
+
+
 def decode_utf8(data, name):
     """Bytes -> text, or one sentence naming the file that is not UTF-8."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark at the start (as Excel writes) is dropped
     except UnicodeDecodeError as e:
         fail(f"{name} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}): convert it to UTF-8 first")
 

@@ -26,6 +26,7 @@ class Batches:
                 self.meta = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{meta_path} is not valid JSON ({e}): {self.redo}") from None
+        self.data_dir = data_dir
         self.kind = self.meta.get("kind") if isinstance(self.meta, dict) else None
         if self.kind not in ("stream", "examples"):  # Shakespeare is a stream, E2E is examples
             raise ValueError(f"{meta_path} has no valid kind (stream or examples): {self.redo}")
@@ -43,6 +44,10 @@ class Batches:
                                      f"preparation): {self.redo}")
                 self.examples[split] = rows
         self.set_block_size(block_size)
+
+    def max_token(self):
+        """The largest token id in the data: it must be inside the model's vocabulary."""
+        return max(int(t.max()) for t in self.tokens.values())
 
     def set_block_size(self, block_size):
         """A stream draws windows of block_size + 1 tokens: each split must hold at least one."""

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import analyze
+import compare
 import evaluate_e2e
 import export
 import runtime
@@ -34,7 +36,8 @@ def _script(path):
     return module
 
 
-MAINS = {"train.py": train.main, "sample.py": sample.main, "export.py": export.main,
+MAINS = {"train.py": train.main, "sample.py": sample.main, "export.py": export.main, "analyze.py": analyze.main,
+         "compare.py": compare.main,
          "evaluate_e2e.py": lambda argv: runtime.run(evaluate_e2e.main, argv)}
 PREPARE = ("data/e2e/prepare.py", "data/shakespeare/prepare.py", "data/e2e_refs/prepare.py")
 
@@ -74,6 +77,7 @@ class Case:
     def run_copy(self, change):
         """A copy of the trained adapter run whose ckpt.pt went through `change`."""
         run = self.copy(self.trained / "adapted", "run")
+        self.copy(self.base, "base")  # beside it, as the run names it: ../base
         ckpt = torch.load(run / "ckpt.pt", weights_only=True)
         change(ckpt)
         torch.save(ckpt, run / "ckpt.pt")
@@ -103,13 +107,14 @@ def _meta_without_kind(c):
     return d
 
 
-def _hf_dir(c, config=None, weights=None, config_text=None):
+def _hf_dir(c, config=None, weights=None, config_text=None, extra=None):
     d = c.tmp / "hf"
     d.mkdir()
     shutil.copy(c.base / "model.safetensors", d)
     cfg = json.loads((c.base / "config.json").read_text())
     for k in config or ():
         del cfg[k]
+    cfg.update(extra or {})
     (d / "config.json").write_text(config_text or json.dumps(cfg))
     if weights is not None:
         (d / "model.safetensors").unlink()
@@ -131,12 +136,12 @@ def _csv(c, name, text, encoding="utf-8"):
     return d
 
 
-def _tiny_stream(c, tokens):
+def _tiny_stream(c, tokens, token=None):
     from data.common import write_bin, write_json
     d = c.tmp / "tiny_stream"
     d.mkdir()
     for split in ("train", "val"):
-        write_bin(str(d / f"{split}.bin"), "H", list(range(1, tokens + 1)))
+        write_bin(str(d / f"{split}.bin"), "H", [token or i for i in range(1, tokens + 1)])
     write_json(str(d / "meta.json"), {"kind": "stream", "vocab_size": 50257})
     return d
 
@@ -191,14 +196,56 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                              "config.json is not valid JSON"),
     # checkpoints
     "checkpoint with an unknown option": ("train.py", lambda c: [
-        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k['config'].update(bogus=1))}"], "does not know (bogus)"),
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k['config'].update(bogus=1))}"], "does not know (bogus)"),
     "checkpoint without optimizer": ("train.py", lambda c: [
-        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k.pop('optimizer'))}"], "lacks optimizer"),
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k.pop('optimizer'))}"], "lacks optimizer"),
     "checkpoint without adapter tensors": ("train.py", lambda c: [
-        "--init_from=resume", f"--out_dir={c.run_copy(lambda k: k.pop('adapter'))}"], "lacks its adapter tensors"),
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k.pop('adapter'))}"], "lacks its adapter tensors"),
     "checkpoint of another project": ("train.py", lambda c: [
         "--init_from=resume", f"--out_dir={c.file('f/ckpt.pt', b'x').parent}"], "not a readable checkpoint"),
+    "fresh run into a run's folder": ("train.py", lambda c: c.train(f"--out_dir={c.trained / 'adapted'}"),
+                                      "holds a training run already"),
+    "resume changing a fixed option": ("train.py", lambda c: [
+        "--init_from=resume", "--max_iters=5", "--learning_rate=5", f"--out_dir={c.copy(c.trained / 'adapted', 'r')}"],
+        "learning_rate cannot change when a run resumes"),
+    "resume to a step already reached": ("train.py", lambda c: [
+        "--init_from=resume", "--max_iters=1", f"--out_dir={c.copy(c.trained / 'adapted', 'r')}"], "at step 1 already"),
+    "checkpoint option of the wrong type": ("train.py", lambda c: [
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k['config'].update(r='abc'))}"],
+        "r in the checkpoint"),
+    "checkpoint step of the wrong type": ("train.py", lambda c: [
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k.update(step='5'))}"], "damaged step"),
+    "checkpoint random state damaged": ("train.py", lambda c: [
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k['rng'].update(torch=torch.zeros(3, dtype=torch.uint8)))}"],
+        "random state"),
+    "learning_rate beyond float32": ("train.py", lambda c: c.train("--learning_rate=1e300"), "learning_rate must be"),
+    "config file that calls exit()": ("train.py", lambda c: [c.file("c.py", "import sys\nsys.exit(0)\n")], "could not run"),
+    "token ids beyond the vocabulary": ("train.py", lambda c: c.train(f"--data_dir={_tiny_stream(c, 100, token=60000)}"),
+                                        "beyond the model's vocabulary"),
+    "config.json without n_embd but with n_inner": ("train.py", lambda c: c.train(
+        f"--init_from={_hf_dir(c, config=['n_embd'], extra={'n_inner': 128})}"), "lacks n_embd"),
+    "config.json epsilon of the wrong type": ("train.py", lambda c: c.train(
+        f"--init_from={_hf_dir(c, extra={'layer_norm_epsilon': 'x'})}"), "layer_norm_eps"),
+    "config.json epsilon negative": ("train.py", lambda c: c.train(
+        f"--init_from={_hf_dir(c, extra={'layer_norm_epsilon': -1.0})}"), "layer_norm_eps"),
     # adapter files
+    "adapter spec of the wrong type": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'config': json.dumps({'preset': 'lora', 'spec': 5})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter alpha of the wrong type": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'config': json.dumps({'preset': 'lora', 'alpha': 'x'})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter alpha infinite": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'config': json.dumps({'preset': 'lora', 'alpha': math.inf})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter targets not names": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'config': json.dumps({'preset': 'lora', 'targets': [1]})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter shapes damaged": ("sample.py", lambda c: [
+        f"--adapter={c.adapter_with(metadata={'shapes': json.dumps({'transformer.h.0.attn.q': 5})})}",
+        f"--init_from={c.base}"], "damaged metadata"),
+    "adapter base not a name": ("sample.py", lambda c: [f"--adapter={c.adapter_with(metadata={'base': '5'})}"],
+                                "damaged metadata"),
     "adapter metadata without config": ("sample.py", lambda c: [f"--adapter={c.adapter_with(drop=['config'])}",
                                                                 f"--init_from={c.base}"], "lacks 'config'"),
     "adapter metadata without shapes": ("sample.py", lambda c: [f"--adapter={c.adapter_with(drop=['shapes'])}",
@@ -218,6 +265,11 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
     "out_dir is a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}"), "is a file"),
     "out_dir cannot be made": ("train.py", lambda c: c.train("--out_dir=/sys/sharelora-test"), "cannot write in out_dir"),
     "out_dir below a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}/sub"), "cannot write in out_dir"),
+    "export --dest is a run": ("export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf",
+                                                     f"--dest={c.copy(c.trained / 'adapted', 'r')}"], "holds a training run"),
+    "export --dest is the base": ("export.py", lambda c: [f"--adapter={c.copy(c.trained / 'adapted', 'ad') / 'adapter.safetensors'}",
+                                                        f"--init_from={c.copy(c.base, 'b')}", "--to=hf", f"--dest={c.tmp / 'b'}"],
+                                  "the base"),
     "export --dest is a file": ("export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf", f"--dest={c.file('f', 'x')}"],
                                 "--dest"),
     "prepare --out is a file": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "devset.csv", "mr,ref\nname[B],B.\n"),
@@ -239,6 +291,16 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                                      "is not a list of"),
     "refs file not JSON": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", f"--data_dir={_refs(c, '[{')}"],
                            "test_refs.json is not a valid JSON"),
+    "evaluate --beam_size beyond the vocabulary": ("evaluate_e2e.py", lambda c: [
+        f"--adapter={c.adapter}", f"--data_dir={c.data['e2e']}", "--beam_size=100000", "--limit=1",
+        f"--results_dir={c.tmp / 'res'}"], "at most the vocabulary size"),
+    "analyze a run without adapter": ("analyze.py", lambda c: [f"--out_dir={c.base}"], "holds no adapter"),
+    "analyze --png is a folder": ("analyze.py", lambda c: [f"--adapter={c.adapter}", f"--png={c.tmp}"], "ending in .png"),
+    "compare with r=0": ("compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", "--r=0",
+                                                  f"--out={c.tmp / 'cmp'}"], "r must be"),
+    "compare into an earlier comparison": ("compare.py", lambda c: [
+        f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", f"--out={c.file('cmp/lora/x', 'x').parent.parent}"],
+        "holds an earlier comparison"),
     "evaluate --beam_size=0": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),
     # preparing data
     "prepare non-UTF-8 text": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Ros\xe9 ".encode("latin-1") * 99),
@@ -460,3 +522,28 @@ def test_a_moved_clone_still_finds_its_base(trained, data, tmp_path):
     shutil.rmtree(moved / "base")
     p = run("sample.py", f"--out_dir={moved / 'run'}", "--device=cpu", check=False)
     assert p.returncode == 2 and "trained on the base model at '../base'" in p.stderr, p.stderr
+
+
+def test_an_interruption_while_staging_leaves_the_last_set_and_no_staged_files(tmp_path):
+    from pathlib import Path
+    runtime.write_checkpoint(str(tmp_path), {"step": 1}, lambda d: Path(d, "adapter.safetensors").write_text("one"))
+
+    def interrupted(folder):  # a second Ctrl-C while the next checkpoint's files are written
+        Path(folder, "adapter.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runtime.write_checkpoint(str(tmp_path), {"step": 2}, interrupted)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "ckpt.pt"]
+    assert (tmp_path / "adapter.safetensors").read_text() == "one"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"step": 1}
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "csvs"
+    src.mkdir()
+    for f in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        (src / f).write_text("\ufeffmr,ref\nname[A],A is nice.\n", encoding="utf-8")  # as Excel saves UTF-8
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--src", str(src), "--out", str(tmp_path / "o")])
+    _script("data/e2e/prepare.py").main()
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["train_examples"] == 1

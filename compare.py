@@ -29,7 +29,8 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = runtime.Parser(prog="compare.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True, help="the base: hub name or local path (the same for every preset)")
-    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--presets", default="lora,sharea,shareb,shareab,tied,vera",
+                   help=f"any of {', '.join(PRESETS)} (default: the papers' six)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default="q,v")

@@ -27,7 +27,8 @@ random matrices and only u and v train (and s = 1).
 So every method here is one formula with four components A, B, u, v, each with a placement
 (`layer`: one per layer, `shared`: one for all layers of a target, `off`: the constant 1, u and v
 only) and a training setting (`train` or `frozen`). Read this file top to bottom: the adapted layer,
-the configuration, adding adapters to a model, counting, merging, saving, exporting.
+the configuration, adding adapters to a model (3b: other people's models), counting, merging, saving,
+exporting.
 Imports only torch and the standard library, so it can be copied into any project.
 """
 import hashlib
@@ -346,6 +347,46 @@ def add_adapters(model, config):
     return model
 
 
+def _key(name, x, comps, group):
+    """Where component x of the map `name` is saved: under its group for a shared one
+    (transformer.h.*.attn.q.lora_A), under the map for a per-layer one (transformer.h.7.attn.q.lora_B)."""
+    return f"{group if comps[x][0] == 'shared' else name}.lora_{x}"
+
+
+def _zero_factor(comps):
+    """ΔW must be 0 at the start, so one factor starts at zero. It must be a trainable one, and only one:
+    two zero factors in one product give each other zero gradients forever. LoRA's choice is B; with B
+    frozen (VeRA) it is v; then u, then A, for the rarer corners of the spec space."""
+    return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
+
+
+def _shape(x, d, r):
+    d_out, d_in = d
+    return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
+
+
+def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
+    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
+    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
+    matrices, on any machine."""
+    shape = _shape(x, d, r)
+    if x == zero:
+        t = torch.zeros(shape)
+    elif x in ("A", "B"):  # Kaiming-uniform with a = sqrt(5), as nn.Linear and loralib: U(±1/sqrt(fan_in))
+        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16))
+        bound = 1 / math.sqrt(shape[1])
+        t = torch.empty(shape).uniform_(-bound, bound, generator=g)
+    else:  # u and v start at 1, except VeRA's u (λ_d) at 0.1, the paper's d_initial, when v is the zero factor
+        t = torch.full(shape, 0.1 if (x == "u" and zero == "v") else 1.0)
+    # adapters live in float32 even on a bfloat16 base: they are what the optimizer updates
+    return nn.Parameter(t.to(device), requires_grad=comps[x][1])
+
+
+# ---- 3b. Other people's models ------------------------------------------------------------------
+# What add_adapters needs to know about a model it did not write: which modules are the targets
+# (nn.Linear, or transformers' Conv1D; or a part of a fused map), how the maps group for sharing,
+# and which targets cannot work and are refused before any change (each case says why).
+
 def find_targets(model, config):
     """{map name: (module name, rows)} for every target. A map is a linear module (rows None), or a part
     of one that config.split divides into equal parts: "c_attn.q" with split {"c_attn": ("q", "k", "v")}
@@ -452,41 +493,6 @@ def find_modules_to_save(model, config, maps):
                 raise ValueError(f"{n} is in modules_to_save and holds the target {inside[0]}: choose one")
             found[n] = model.get_submodule(n)
     return found
-
-
-def _key(name, x, comps, group):
-    """Where component x of the map `name` is saved: under its group for a shared one
-    (transformer.h.*.attn.q.lora_A), under the map for a per-layer one (transformer.h.7.attn.q.lora_B)."""
-    return f"{group if comps[x][0] == 'shared' else name}.lora_{x}"
-
-
-def _zero_factor(comps):
-    """ΔW must be 0 at the start, so one factor starts at zero. It must be a trainable one, and only one:
-    two zero factors in one product give each other zero gradients forever. LoRA's choice is B; with B
-    frozen (VeRA) it is v; then u, then A, for the rarer corners of the spec space."""
-    return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
-
-
-def _shape(x, d, r):
-    d_out, d_in = d
-    return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
-
-
-def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
-    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
-    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
-    matrices, on any machine."""
-    shape = _shape(x, d, r)
-    if x == zero:
-        t = torch.zeros(shape)
-    elif x in ("A", "B"):  # Kaiming-uniform with a = sqrt(5), as nn.Linear and loralib: U(±1/sqrt(fan_in))
-        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16))
-        bound = 1 / math.sqrt(shape[1])
-        t = torch.empty(shape).uniform_(-bound, bound, generator=g)
-    else:  # u and v start at 1, except VeRA's u (λ_d) at 0.1, the paper's d_initial, when v is the zero factor
-        t = torch.full(shape, 0.1 if (x == "u" and zero == "v") else 1.0)
-    # adapters live in float32 even on a bfloat16 base: they are what the optimizer updates
-    return nn.Parameter(t.to(device), requires_grad=comps[x][1])
 
 
 def adapted_layers(model):
@@ -799,9 +805,15 @@ def merged_state_dict(model):
 
 
 def export_merged(model, path):
-    """Save the merged model with the model's own save_pretrained (model.py's GPT writes the Hugging
-    Face GPT-2 layout, which transformers loads with the same logits)."""
-    model.save_pretrained(path, state_dict=merged_state_dict(model))
+    """Save the merged model with the model's own save_pretrained when it has one (model.py's GPT writes
+    the Hugging Face GPT-2 layout; a transformers model its own), else merged_state_dict as one
+    safetensors file at `path`, for the plain model's load_state_dict."""
+    state = merged_state_dict(model)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path, state_dict=state)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path)  # clone: tied tensors apart
 
 
 @torch.no_grad()

@@ -76,6 +76,13 @@ class AdaptedLinear(nn.Module):
     def weight(self):  # so that code reading `module.weight` (dtype, device, shape) keeps working
         return self.base.weight
 
+    def __getattr__(self, name):
+        if name == "bias":  # no pass-through, on purpose: code that reads a layer's weight and bias to compute
+            # with them itself (nn.MultiheadAttention's out_proj, WavLM's attention) would skip the adapter
+            raise AttributeError(f"{self.name} is adapted, but this model reads its weight and bias itself instead "
+                                 "of calling it, which would skip the adapter: adapt other layers of this model")
+        return super().__getattr__(name)  # parameters and submodules (nn.Module keeps them in dicts)
+
     def forward(self, x):
         y = self.base(x)
         if self.merged:  # ΔW is inside base.weight already: no adapter work at all
@@ -340,11 +347,22 @@ def add_adapters(model, config):
             parent_name, _, child = module.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, wrapped)
-            if isinstance(parent, nn.TransformerEncoderLayer):
-                # torch's fused inference path for this layer reads linear1.weight and linear2.weight itself
-                # and would skip the adapter; it is not taken when a submodule has a hook, so give it one
-                wrapped.register_forward_pre_hook(lambda module, args: None)
+    _avoid_fused_paths(model)
     return model
+
+
+def _avoid_fused_paths(model):
+    """torch's nn.TransformerEncoderLayer has a fused inference path that reads linear1.weight and
+    linear2.weight itself, skipping an adapter there; nn.TransformerEncoder's nested-tensor path reads
+    their biases. The first is not taken when a submodule has a hook (so each adapted map gets one that
+    does nothing), the second not when use_nested_tensor is off. Both are only speed-ups."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for m in module.modules():
+                if isinstance(m, AdaptedLinear) and not m._forward_pre_hooks:
+                    m.register_forward_pre_hook(lambda module, args: None)
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, AdaptedLinear) for m in module.modules()):
+            module.use_nested_tensor = False
 
 
 def _key(name, x, comps, group):
@@ -464,20 +482,26 @@ def group_maps(maps, layer_pattern, share):
 def check_supported(model, maps):
     """Refuse, before any change, the maps whose adapter would be silently ignored or whose merge would
     change another module."""
-    owners = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(n)
     for module, _ in maps.values():
-        parent_name, _, child = module.rpartition(".")
+        parent_name = module.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(parent, nn.MultiheadAttention):
             # F.multi_head_attention_forward reads out_proj.weight and .bias itself, never calls out_proj
             raise ValueError(f"{module} belongs to nn.MultiheadAttention, which reads its weights directly: an "
                              "adapter there would be ignored; adapt the layers around it (e.g. linear1, linear2)")
-        tied = [n for n in owners[id(model.get_submodule(module).weight)] if n != f"{module}.weight"]
+        _refuse_tied(model, module, [model.get_submodule(module).weight], "merging an adapter would change both")
+
+
+def _refuse_tied(model, module, params, why):
+    """A parameter of `module` that another module holds too (an lm_head tied to the embedding)."""
+    owners = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for p in params:
+        tied = [n for n in owners[id(p)] if not n.startswith(module + ".")]
         if tied:
-            raise ValueError(f"{module}.weight is tied to {tied[0]}: merging an adapter would change both; untie it "
-                             f"first (e.g. m.weight = nn.Parameter(m.weight.clone())) or leave {child} out of targets")
+            raise ValueError(f"{module} shares a weight with {tied[0]} (tied weights): {why}; untie it first (e.g. "
+                             "m.weight = nn.Parameter(m.weight.clone())) or leave it out")
 
 
 def find_modules_to_save(model, config, maps):
@@ -492,6 +516,7 @@ def find_modules_to_save(model, config, maps):
             if inside:
                 raise ValueError(f"{n} is in modules_to_save and holds the target {inside[0]}: choose one")
             found[n] = model.get_submodule(n)
+            _refuse_tied(model, n, (p for p in found[n].parameters()), "training it whole would train both")
     return found
 
 
@@ -608,6 +633,15 @@ def _saved_state_dict(model):
     return {f"{n}.{k}": t for n, module in saved_modules(model).items() for k, t in module.state_dict().items()}
 
 
+def _refuse_unsaved(model):
+    """A tensor that trains but is neither an adapter nor in modules_to_save would be lost on saving."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
+             and not any(n.startswith(m + ".") for m in saved_modules(model))]
+    if names:
+        raise ValueError(f"{names[0]} trains but is neither an adapter nor in modules_to_save, so it would not be "
+                         "saved: add its module to AdapterConfig(modules_to_save=...) or freeze it")
+
+
 def _map_dims(m):
     """(d_out, d_in) of an adapted map, read off its factors: A is r x d_in, B is d_out x r."""
     return m.lora_B.size(0), m.lora_A.size(1)
@@ -629,12 +663,7 @@ def save_adapter(model, path, base=None):
     layers = _require_adapters(model)
     config = layers[0].config
     comps = config.components()
-    stray = [r["target"] for r in trainable_breakdown(model) if r["target"] == "(other trainable)"]
-    if stray:  # a tensor that trains but would not be saved would be lost
-        names = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
-                 and not any(n.startswith(m + ".") for m in saved_modules(model))]
-        raise ValueError(f"{names[0]} trains but is neither an adapter nor in modules_to_save, so it would not be "
-                         "saved: add its module to AdapterConfig(modules_to_save=...) or freeze it")
+    _refuse_unsaved(model)
     tensors, regenerated = {}, {}
     for key, t in adapter_state_dict(model).items():
         if not t.requires_grad:  # frozen: is it still what a fresh add_adapters would make from the seed?
@@ -728,7 +757,7 @@ def load_adapter(model, path):
         have = list(d[name]) if name in d else None
         if have != theirs.get(name):
             size = lambda s: "x".join(map(str, s)) if s else "missing"
-            raise ValueError(f"{path} was made for base {meta.get('base')!r}, where {name} is {size(theirs.get(name))}; "
+            raise ValueError(f"{path} was made for base {meta.get('base') or '(unnamed)'!r}, where {name} is {size(theirs.get(name))}; "
                              f"in this model it is {size(have)}: load the adapter onto the base it was trained on")
     expected = {}  # key -> (the dims of a map that holds it, component), as adapter_state_dict will name them
     for name in d:
@@ -830,6 +859,7 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     None detects it from the adapted layers. task_type: PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS"), or None."""
     from safetensors.torch import save_file
     layers = _require_adapters(model)
+    _refuse_unsaved(model)
     # their module -> {"rows": its d_out, "parts": [(start, A', B', s)]}
     modules = {}
     for m in layers:

@@ -289,7 +289,7 @@ def test_layer_pattern_groups_maps_named_without_a_digit_part():
 @pytest.mark.parametrize("name,make,message", [
     ("MultiheadAttention", lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
                                                          enable_nested_tensor=False), "reads its weights directly"),
-    ("tied lm_head", lambda: _tied(), "is tied to"),
+    ("tied lm_head", lambda: _tied(), "tied weights"),
 ])
 def test_what_cannot_work_is_refused_before_any_change(name, make, message):
     model = make()
@@ -348,3 +348,45 @@ def test_share_targets_is_shareqkv_per_layer():
     assert h[0].attn.q.lora_A is h[0].attn.v.lora_A and h[0].attn.q.lora_A is not h[1].attn.q.lora_A
     assert sl.count_trainable(model) == 3 * 4 * 32 + 3 * 3 * 4 * 32  # L·r·d + 3·L·r·d
     assert sl.trainable_breakdown(model)[0]["target"] == "transformer.h.0.attn.q+k+v"
+
+
+def test_transformer_encoder_with_a_padding_mask_in_eval(one_thread):
+    """nn.TransformerEncoder's nested-tensor path (eval, a padding mask) reads linear1's bias itself."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
+    sl.add_adapters(enc, sl.AdapterConfig(preset="tied", r=4, targets=("linear1", "linear2")))
+    perturb(enc)
+    x, mask = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    with torch.no_grad():
+        adapted = enc(x, src_key_padding_mask=mask)
+        sl.merge(enc)
+        merged = enc(x, src_key_padding_mask=mask)
+    torch.testing.assert_close(adapted[~mask], merged[~mask], atol=1e-5, rtol=0)
+
+
+def test_a_model_that_reads_an_adapted_bias_itself_gets_a_clear_error():
+    class ReadsWeights(nn.Module):  # as WavLM's attention passes q_proj.weight, .bias to a functional
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.q_proj.weight, self.q_proj.bias)
+    model = ReadsWeights()
+    sl.add_adapters(model, sl.AdapterConfig(preset="lora", r=2, targets=("q_proj",)))
+    with pytest.raises(AttributeError, match="reads its weight and bias itself"):
+        model(torch.randn(2, 8))
+
+
+def test_a_tied_module_to_save_and_an_unsaved_tensor_in_export_are_refused(tmp_path):
+    from transformers import GPT2LMHeadModel
+    with pytest.raises(ValueError, match="tied weights"):
+        sl.add_adapters(GPT2LMHeadModel(hf_config(vocab_size=64)), sl.AdapterConfig(
+            preset="sharea", targets=("c_attn.q",), split={"c_attn": ("q", "k", "v")}, modules_to_save=("lm_head",)))
+    model, _, kwargs, _, _ = build("llama")
+    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, **kwargs))
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        sl.export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

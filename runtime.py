@@ -13,21 +13,13 @@ import threading
 import torch
 
 import sharelora
-from data.common import Parser  # noqa: F401  (argparse with one `error:` line; torch-free, for data/ too)
+from data.common import Parser, UserError, check, fail  # noqa: F401  (torch-free: data/ and train.py's options use them too)
 from model import GPT
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
 
 
 # ---- errors a user can cause: one sentence, exit code 2, no traceback ------------------------
-
-class UserError(Exception):
-    """Bad input that the user can fix: printed as `error: <message>`, exit code 2."""
-
-
-def fail(message):
-    raise UserError(message)
-
 
 def run(main, *args):
     """Call main(*args) and turn the user's mistakes into one line on stderr and exit code 2.
@@ -61,12 +53,6 @@ def _one_line(e):
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
         return f"cannot use {e.filename}: {e.strerror or e}"
     return " ".join(str(e).split())  # one line, whatever the message held
-
-
-def check(ok, message):
-    """fail(message) unless ok: for option checks that read as a list."""
-    if not ok:
-        fail(message)
 
 
 def read_json(path, what="file"):
@@ -273,7 +259,12 @@ def resolve_base(reference, folder, what, fix="pass the base with --init_from=PA
 def load_base(init_from, **overrides):
     if init_from in ("scratch", "resume"):
         fail(f"init_from={init_from} names no weights to load here: give a hub name or a local path")
-    return GPT.from_pretrained(init_from, **overrides)
+    try:
+        return GPT.from_pretrained(init_from, **overrides)
+    except FileNotFoundError as e:
+        if "hugging face hub" not in str(e).lower():
+            raise
+        fail(f"{e}, or run `make demo`, which trains a stand-in base here (then init_from=out-demo/base)")
 
 
 def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype="auto", merge=True):

@@ -21,18 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
-from data.common import quiet_ctrl_c
-
-if __name__ == "__main__":
-    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-import torch
-from tqdm import tqdm
-
-import runtime
-import sharelora
-from data.loader import Batches
-from model import GPT, GPTConfig
-from tokenizer import decode, encode
+from data.common import UserError, check, fail, quiet_ctrl_c
 
 
 @dataclass
@@ -103,17 +92,17 @@ def parse_args(argv):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
-                runtime.fail(f"write options as --{key}=value")
+                fail(f"write options as --{key}=value")
             key = _known(key, types)
             values[key] = _convert(key, value, types[key])
         else:
             if not os.path.isfile(arg):
-                runtime.fail(f"config file {arg} does not exist")
+                fail(f"config file {arg} does not exist")
             try:
                 settings = runpy.run_path(arg)
             except (Exception, SystemExit) as e:  # a syntax error, code in it that raises or calls exit()
                 where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
-                runtime.fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
+                fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
                              "write it as `name = value` lines")
             for key, value in settings.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
@@ -125,7 +114,7 @@ def parse_args(argv):
 def _known(key, types, where="the command line"):
     if key not in types:
         close = difflib.get_close_matches(key, types, n=3)
-        runtime.fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
+        fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
                                                               "; see python train.py --help"))
     return key
 
@@ -133,23 +122,23 @@ def _known(key, types, where="the command line"):
 def _convert(key, text, kind):
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            runtime.fail(f"--{key} takes True or False, not {text!r}")
+            fail(f"--{key} takes True or False, not {text!r}")
         return text.lower() in ("true", "1")
     try:
         return kind(text)
     except ValueError:
-        runtime.fail(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {text!r}")
+        fail(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {text!r}")
 
 
 def _check(key, value, kind, where):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # 3 where 3.0 is expected is fine
     if type(value) is not kind:
-        runtime.fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
+        fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
     return value
 
 
-def validate(cfg):
+def check_options(cfg):
     """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
     unit = lambda x: 0 <= x < 1
     rules = [
@@ -158,8 +147,6 @@ def validate(cfg):
          f"a positive multiple of n_head ({cfg.n_head}): each head gets n_embd / n_head channels"),
         ("block_size", cfg.block_size >= 1, "at least 1 (tokens per training sequence)"),
         ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
-        ("adapter", cfg.adapter == "none" or cfg.adapter in sharelora.PRESETS,
-         f"one of {', '.join(sharelora.PRESETS)} or none"),
         ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", abs(cfg.alpha) <= FLOAT32_MAX, "a float32 number (e.g. 16)"),
         ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
         ("max_iters", cfg.max_iters >= 0, "at least 0"),
@@ -178,7 +165,41 @@ def validate(cfg):
                                                                   "gpt2 ... gpt2-xl, a path, scratch or resume"),
     ]
     for name, ok, what in rules:
-        runtime.check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
+        check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
+
+
+def early_options(argv):
+    """The options, checked as far as the standard library can: a typo or a bad value is reported at
+    once, not after the seconds that importing torch takes. (A resumed run's options come later, from
+    its checkpoint.)"""
+    try:
+        cfg = parse_args(argv)
+        if cfg.init_from != "resume":
+            check_options(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
+    early_options(sys.argv[1:])
+
+import torch  # noqa: E402  (after the options were checked)
+from tqdm import tqdm  # noqa: E402
+
+import runtime  # noqa: E402
+import sharelora  # noqa: E402
+from data.loader import Batches  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import decode, encode  # noqa: E402
+
+
+def validate(cfg):
+    """check_options, plus what needs sharelora: the preset, the spec and the targets."""
+    check_options(cfg)
+    check(cfg.adapter == "none" or cfg.adapter in sharelora.PRESETS,
+          f"adapter must be one of {', '.join(sharelora.PRESETS)} or none, not {cfg.adapter!r}")
     if cfg.adapter != "none":  # the spec and targets, by the same rules add_adapters applies
         adapter_config(cfg)
 
@@ -416,7 +437,8 @@ def train(cfg):
                     record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
                     if cfg.eval_prompt:
                         record["sample"] = sample_text(model, cfg, device, ctx)
-                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+                    # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
+                    tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
                     runtime.json_line(log_path, record)
                     save(step)
             if step >= cfg.max_iters:

@@ -3,20 +3,34 @@ Small helpers shared by the data/*/prepare.py scripts: user errors without trace
 timeout, and little-endian binary arrays written with the stdlib (no numpy needed to read or write them).
 """
 import argparse
+import hashlib
 import json
+import lzma
 import os
 import sys
 import urllib.error
 import urllib.request
 from array import array
+from pathlib import Path
 
 
-class DataError(Exception):
-    """A mistake the user can fix (no network, wrong --src...): printed as one line, exit code 2."""
+class UserError(Exception):
+    """A mistake the user can fix (a wrong option, a damaged file, no network...): printed as
+    `error: <message>`, exit code 2. Defined here, without torch, so that the prepare scripts and
+    train.py's option parsing report mistakes before torch loads; runtime.py uses the same class."""
+
+
+DataError = UserError  # the prepare scripts' name for it
 
 
 def fail(msg):
-    raise DataError(msg)
+    raise UserError(msg)
+
+
+def check(ok, message):
+    """fail(message) unless ok: for option checks that read as a list."""
+    if not ok:
+        fail(message)
 
 
 def run(main):
@@ -78,6 +92,22 @@ def download(url, hint, timeout=20):
             return r.read()
     except (urllib.error.URLError, OSError) as e:  # URLError, HTTPError, timeouts are all OSErrors
         fail(f"could not download {url} ({getattr(e, 'reason', e)}); {hint}")
+
+
+def checked(data, sha256, name, hint):
+    """data, after checking that it is the file the project was made with (a copy that differs by one byte
+    would silently change every figure measured on it)."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        fail(f"{name} is not the expected file (its sha256 differs from {sha256[:12]}...); {hint}")
+    return data
+
+
+def shipped(path):
+    """The bytes of a data file shipped with the project as path + '.xz' (data/*/source/)."""
+    try:
+        return lzma.decompress(Path(path + ".xz").read_bytes())
+    except (OSError, lzma.LZMAError) as e:
+        fail(f"the shipped copy {path}.xz cannot be read ({e}): restore it with git checkout, or use --download")
 
 
 def write_bin(path, typecode, values):

@@ -4,7 +4,6 @@ test which tries to open a network connection, and small builders for transforme
 Everything runs on the CPU in float32; transformers and peft objects are built from configs, never
 downloaded.
 """
-import csv
 import os
 import socket
 import subprocess
@@ -81,7 +80,6 @@ def hf_model(seed=0, std=0.05, **config):
 
 # ---- running the scripts on tiny models and data (test_train.py, test_faults.py) -------------------
 
-SHARED = ROOT.parent / "shared" / "data"
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--device=cpu", "--dtype=float32"]
 
@@ -96,28 +94,12 @@ def run(script, *args, check=True):
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    """{'shakespeare': dir, 'e2e': dir}, prepared by the real prepare scripts."""
+    """{'shakespeare': dir, 'e2e': dir}, prepared by the real prepare scripts from the copies shipped in
+    data/*/source (a subset of E2E)."""
     tmp = tmp_path_factory.mktemp("data")
-    text, e2e = SHARED / "tinyshakespeare" / "input.txt", SHARED / "e2e"
-    if not text.exists():
-        text = tmp / "input.txt"
-        lines = ["First Citizen:", "Before we proceed any further, hear me speak.", "All:", "Speak, speak.",
-                 "You are all resolved rather to die than to famish?", "Resolved. resolved."]
-        text.write_text("\n".join(lines * 400))
-    if not (e2e / "trainset.csv").exists():
-        e2e = tmp / "e2e"
-        e2e.mkdir()
-        foods = ["Italian", "French", "English", "Chinese", "Japanese"]
-        for name, n in (("trainset.csv", 60), ("devset.csv", 12), ("testset_w_refs.csv", 12)):
-            with open(e2e / name, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["mr", "ref"])
-                for i in range(n):
-                    food = foods[i % 5]
-                    w.writerow([f"name[The Place {i % 7}], food[{food}]", f"The Place {i % 7} serves {food} food."])
     out = {"shakespeare": tmp / "shakespeare", "e2e": tmp / "e2e_prepared"}
-    run("data/shakespeare/prepare.py", "--src", text, "--out", out["shakespeare"])
-    run("data/e2e/prepare.py", "--src", e2e, "--out", out["e2e"], "--limit", 2000)
+    run("data/shakespeare/prepare.py", "--out", out["shakespeare"])
+    run("data/e2e/prepare.py", "--out", out["e2e"], "--limit", 2000)
     return out
 
 

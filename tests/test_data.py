@@ -1,12 +1,14 @@
 """
 Runs data/shakespeare/prepare.py and data/e2e/prepare.py the way a user does (subprocess, from the repo
-root) and checks what they write. Sources: ../shared/data when it exists, and always a small sample
-written here, so the tests need neither the network nor the shared folder.
+root) and checks what they write. Sources: the copies shipped in data/*/source (decompressed here, and
+read by default), and a small sample written here; no network.
 """
 import csv
+import hashlib
 import importlib.util
 import io
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -17,7 +19,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 from tokenizer import decode  # noqa: E402
 
@@ -57,13 +58,19 @@ def write_sample(folder):
     return folder / "input.txt", folder
 
 
-@pytest.fixture(params=["shared", "sample"])
+def unpack_shipped(folder):
+    """The shipped copies, decompressed: (input.txt, E2E folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for xz in [ROOT / "data/shakespeare/source/input.txt.xz", *(ROOT / "data/e2e/source").glob("*.csv.xz")]:
+        (folder / xz.name[:-3]).write_bytes(lzma.decompress(xz.read_bytes()))
+    return folder / "input.txt", folder
+
+
+@pytest.fixture(params=["shipped", "sample"])
 def sources(request, tmp_path_factory):
     """(tinyshakespeare input.txt, E2E folder)."""
-    if request.param == "shared":
-        if not SHARED.exists():
-            pytest.skip(f"no {SHARED}")
-        return SHARED / "tinyshakespeare" / "input.txt", SHARED / "e2e"
+    if request.param == "shipped":
+        return unpack_shipped(tmp_path_factory.mktemp("shipped"))
     return write_sample(tmp_path_factory.mktemp("sample"))
 
 
@@ -139,14 +146,48 @@ def test_e2e(sources, tmp_path):
             assert max(len(x["refs"]) for x in refs) > 1
 
 
-def test_offline_without_src(tmp_path):
+def test_download_offline_is_one_sentence(tmp_path):
     dead = "http://127.0.0.1:9"  # every download goes through a proxy that refuses connections
     env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
            "no_proxy": "", "NO_PROXY": ""}
     for script in (SHAKESPEARE, E2E):
-        r = prepare(script, "--out", tmp_path / script.parent.name, env=env)
+        r = prepare(script, "--download", "--out", tmp_path / script.parent.name, env=env)
         assert_user_error(r)
         assert not (tmp_path / script.parent.name / "meta.json").exists()
+
+
+def test_the_default_reads_the_shipped_copy_offline(tmp_path):
+    """No --src, no network: the same files as from the decompressed copy, which has the upstream sha256."""
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
+    text, e2e_dir = unpack_shipped(tmp_path / "unpacked")
+    assert hashlib.sha256(text.read_bytes()).hexdigest() == _module(SHAKESPEARE).SHA256
+    for name, sha in _module(E2E).SHA256.items():
+        assert hashlib.sha256((e2e_dir / name).read_bytes()).hexdigest() == sha
+    for script, src, extra in ((SHAKESPEARE, text, []), (E2E, e2e_dir, ["--limit", 50])):
+        default, explicit = tmp_path / f"{script.parent.name}_default", tmp_path / f"{script.parent.name}_src"
+        assert prepare(script, "--out", default, *extra, env=env).returncode == 0
+        assert prepare(script, "--src", src, "--out", explicit, *extra).returncode == 0
+        for f in default.iterdir():
+            if f.name != "meta.json":  # which names its source
+                assert f.read_bytes() == (explicit / f.name).read_bytes(), f.name
+
+
+def test_a_damaged_shipped_copy_is_refused(tmp_path, monkeypatch, capsys):
+    mod = _module(SHAKESPEARE)
+    bad = tmp_path / "input.txt"
+    bad.with_suffix(".txt.xz").write_bytes(lzma.compress(b"Not Shakespeare at all.\n" * 100))
+    monkeypatch.setattr(mod, "SHIPPED", bad)
+    from data.common import DataError
+    with pytest.raises(DataError, match="sha256 differs"):
+        mod.read_text()
+
+
+def _module(path):
+    spec = importlib.util.spec_from_file_location(path.parent.name + "_prepare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_bad_src(tmp_path):
@@ -168,6 +209,7 @@ def test_release_zip_layout(monkeypatch):
         for name in CSVS.values():
             zf.writestr(f"e2e-dataset/{name}", f"mr,ref\n{name},x\n")
         zf.writestr("e2e-dataset/README.md", "hi")
-    monkeypatch.setattr(mod, "download", lambda url, hint: buf.getvalue())
-    sources = mod.read_sources(None)
+    monkeypatch.setattr(mod, "download_url", lambda url, hint: buf.getvalue())
+    monkeypatch.setattr(mod, "SHA256", {name: hashlib.sha256(f"mr,ref\n{name},x\n".encode()).hexdigest() for name in CSVS.values()})
+    sources = mod.read_sources(None, download=True)
     assert {s: mod.read_rows(b, s) for s, b in sources.items()} == {s: [(n, "x")] for s, n in CSVS.items()}

@@ -1,9 +1,10 @@
 """
 The E2E NLG Challenge data set (restaurant meaning representations -> English) as GPT-2 BPE examples.
 
-    python data/e2e/prepare.py                          # downloads the official v1.0.0 release zip
-    python data/e2e/prepare.py --src ../shared/data/e2e  # a folder with the three CSVs
-    python data/e2e/prepare.py --src ../shared/data/e2e --limit 300 --out /tmp/e2e  # quick test
+    python data/e2e/prepare.py                          # the copy shipped in data/e2e/source (no network)
+    python data/e2e/prepare.py --download               # the official v1.0.0 release zip, same sha256
+    python data/e2e/prepare.py --src DIR                # a folder with the three CSVs
+    python data/e2e/prepare.py --limit 300 --out /tmp/e2e   # quick test
 
 Every CSV row (header `mr,ref`) becomes one example, context + completion:
     context    = mr + " ||"                    e.g. "name[Blue Spice], eatType[coffee shop] ||"
@@ -30,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import Parser, decode_utf8, download, fail, run, start_output, write_bin, write_json  # noqa: E402
+from data.common import Parser, checked, decode_utf8, fail, run, shipped, start_output, write_bin, write_json
+from data.common import download as download_url  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
@@ -39,23 +41,35 @@ SEP = " ||"
 NEED = "trainset.csv, devset.csv and testset_w_refs.csv"
 
 
-def read_sources(src):
-    """{split: raw CSV bytes}, from the release zip (src None) or from the folder src."""
-    if src is None:
-        hint = f"pass --src DIR instead, a folder with {NEED} (e.g. --src ../shared/data/e2e)."
-        try:
-            zf = zipfile.ZipFile(io.BytesIO(download(URL, hint)))
-        except zipfile.BadZipFile:
-            fail(f"{URL} did not give a zip file; {hint}")
-        by_name = {os.path.basename(n): n for n in zf.namelist()}  # the CSVs sit in a subfolder
-        missing = [f for f in CSVS.values() if f not in by_name]
-        if missing:
-            fail(f"the release zip has no {missing[0]}; {hint}")
-        return {split: zf.read(by_name[f]) for split, f in CSVS.items()}
-    for f in CSVS.values():
-        if not os.path.isfile(os.path.join(src, f)):
-            fail(f"--src {src} has no {f}; --src must be a folder with {NEED} (e.g. ../shared/data/e2e).")
-    return {split: Path(src, f).read_bytes() for split, f in CSVS.items()}
+SHA256 = {  # of the release's CSVs (data/e2e/source/README.md)
+    "trainset.csv": "f27d48df45815288ab15619d47a79028c300fbb7f42e373668aba0b98c1d57c6",
+    "devset.csv": "fc26b78cdb849c80545f513b223d1e051138b43882eeb79e3eb153e689c864f9",
+    "testset_w_refs.csv": "edc8db685e39bb9824d5bd70c18b1c9b0412d14b527aa960e2d1c8251ee15ccd",
+}
+SHIPPED = Path(__file__).resolve().parent / "source"
+
+
+def read_sources(src=None, download=False):
+    """{split: raw CSV bytes}: from the folder src, from the release zip (download), or by default from
+    the compressed copy shipped in data/e2e/source; the last two are checked against SHA256."""
+    hint = f"pass --src DIR instead, a folder with {NEED}."
+    if src is not None:
+        for f in CSVS.values():
+            if not os.path.isfile(os.path.join(src, f)):
+                fail(f"--src {src} has no {f}; --src must be a folder with {NEED}.")
+        return {split: Path(src, f).read_bytes() for split, f in CSVS.items()}
+    if not download:
+        return {split: checked(shipped(str(SHIPPED / f)), SHA256[f], f"{SHIPPED / f}.xz", "git checkout it again")
+                for split, f in CSVS.items()}
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(download_url(URL, hint)))
+    except zipfile.BadZipFile:
+        fail(f"{URL} did not give a zip file; {hint}")
+    by_name = {os.path.basename(n): n for n in zf.namelist()}  # the CSVs sit in a subfolder
+    missing = [f for f in CSVS.values() if f not in by_name]
+    if missing:
+        fail(f"the release zip has no {missing[0]}; {hint}")
+    return {split: checked(zf.read(by_name[f]), SHA256[f], f"{f} of {URL}", hint) for split, f in CSVS.items()}
 
 
 def read_rows(data, name, limit=None):
@@ -97,14 +111,15 @@ def group_refs(rows):
 
 def main():
     p = Parser(prog="data/e2e/prepare.py", description=__doc__.split("\n")[1])
-    p.add_argument("--src", help=f"folder with {NEED} instead of downloading the release zip")
+    p.add_argument("--src", help=f"a folder with {NEED}, instead of the copy shipped in data/e2e/source")
+    p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
     p.add_argument("--limit", type=int, help="keep only the first N rows of each CSV (quick tests)")
     args = p.parse_args()
     if args.limit is not None and args.limit < 1:
         fail(f"--limit must be at least 1, not {args.limit}")
 
-    sources = read_sources(args.src)
+    sources = read_sources(args.src, args.download)
     rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first
     enc = get_tokenizer()
     start_output(args.out)
@@ -123,7 +138,7 @@ def main():
             msg += f" ({len(refs)} MRs)"
         print(msg)
     meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
-    meta["source"] = args.src or URL
+    meta["source"] = args.src or (URL if args.download else "data/e2e/source (shipped, sha256-checked)")
     write_json(os.path.join(args.out, "meta.json"), meta)
 
 

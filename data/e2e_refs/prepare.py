@@ -25,14 +25,15 @@ from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 def main():
     p = Parser(prog="data/e2e_refs/prepare.py", description=__doc__.split("\n")[1])
-    p.add_argument("--src", help="folder with the E2E CSVs instead of downloading the release zip")
+    p.add_argument("--src", help="a folder with the E2E CSVs, instead of the copy shipped in data/e2e/source")
+    p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
     args = p.parse_args()
-    sources = read_sources(args.src)
+    sources = read_sources(args.src, args.download)
     rows = {split: read_rows(sources[split], CSVS[split]) for split in ("train", "val")}  # all checked first
     enc = get_tokenizer()
     start_output(args.out)
-    meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or "the E2E release zip"}
+    meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or ("the E2E release zip" if args.download else "data/e2e/source")}
     for split in ("train", "val"):
         sentences = list(dict.fromkeys(ref for _, ref in rows[split]))
         tokens = [t for s in sentences for t in enc.encode_ordinary(" " + s) + [EOT]]

@@ -17,7 +17,8 @@ test: .venv/installed  ## the test suite (python -m pytest -q)
 
 # the environment, made again when a requirements file changes
 .venv/installed: requirements.txt requirements-dev.txt
+	@echo "installing torch 2.13.0, then requirements-dev.txt, into .venv (a minute or two; once)"
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
 	touch $@

@@ -49,7 +49,7 @@ def main():
     say(5, "summary")
     print(table(rows))
     png = plot(args.out)
-    print(f"\nbase {base} (val loss {best_val(base):.2f}), adapters in {args.out}/<preset>/adapter.safetensors, "
+    print(f"\nbase {base} (val loss {best_val(base):.2f}, pretrained in {timings['base']:.0f} s), adapters in {args.out}/<preset>/adapter.safetensors, "
           f"metrics in {args.out}/<preset>/metrics.jsonl" + (f", loss curves in {png}" if png else ""))
     print(f"demo took {time.time() - started:,.0f} s. Next, on a GPU with GPT-2 Medium (README, Quick start):\n"
           "  python data/e2e/prepare.py && python train.py config/e2e_gpt2m_sharea.py\n"

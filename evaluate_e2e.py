@@ -2,7 +2,7 @@
 Evaluate a fine-tuned GPT-2 on the E2E NLG Challenge: decode one text per meaning representation (MR),
 score it against all of that MR's references, and write the files the official scorer reads.
 
-    python data/e2e/prepare.py --src ../shared/data/e2e     # once: writes data/e2e/test_refs.json
+    python data/e2e/prepare.py     # once: writes data/e2e/test_refs.json
     python evaluate_e2e.py --out_dir out-e2e                  # beam 10, as in the LoRA and ShareLoRA papers
     python evaluate_e2e.py --out_dir out-e2e --beam_size 1 --limit 50   # greedy, a quick look
 

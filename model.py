@@ -366,6 +366,9 @@ class GPT(nn.Module):
                       bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
         os.makedirs(path, exist_ok=True)
         save_file(hf, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        mask = os.umask(0)  # save_file makes the file 0600; give it what open() gives every other file
+        os.umask(mask)
+        os.chmod(os.path.join(path, "model.safetensors"), 0o666 & ~mask)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
 

@@ -659,7 +659,6 @@ def save_adapter(model, path, base=None):
     name_or_path, and the shape of every adapted map) and, for frozen tensors that are still their
     seeded random values, a fingerprint instead of the tensor: they are rebuilt from the seed on load,
     so a VeRA file holds only its vectors, as in the VeRA paper."""
-    from safetensors.torch import save_file
     layers = _require_adapters(model)
     config = layers[0].config
     comps = config.components()
@@ -686,11 +685,19 @@ def save_adapter(model, path, base=None):
         raise ValueError(f"{path} is a folder: give save_adapter a file name, e.g. {os.path.join(path, 'adapter.safetensors')}")
     tmp = f"{path}.tmp"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        _write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, path)  # atomic on POSIX and Windows: a crash leaves the old file or the new one
     finally:
         if os.path.exists(tmp):  # a failed write (a full disk) leaves nothing behind
             os.remove(tmp)
+
+
+def _write_safetensors(path, tensors, metadata=None):
+    """safetensors' own save_file makes its files readable by their owner alone (0600); written through
+    open() they get the permissions every other file gets (the umask's)."""
+    from safetensors.torch import save
+    with open(path, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
 
 
 def read_adapter(path):
@@ -841,8 +848,7 @@ def export_merged(model, path):
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(path, state_dict=state)
     else:
-        from safetensors.torch import save_file
-        save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path)  # clone: tied tensors apart
+        _write_safetensors(path, {k: v.detach().cpu().clone() for k, v in state.items()})  # clone: tied tensors apart
 
 
 @torch.no_grad()
@@ -857,7 +863,6 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     one LoRA of rank n·r whose B is block-diagonal (zero rows for a part that is not adapted): the
     same update. fan_in_fan_out: True for weights stored (d_in, d_out), as transformers' Conv1D does;
     None detects it from the adapted layers. task_type: PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS"), or None."""
-    from safetensors.torch import save_file
     layers = _require_adapters(model)
     _refuse_unsaved(model)
     # their module -> {"rows": its d_out, "parts": [(start, A', B', s)]}
@@ -895,7 +900,7 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
         "inference_mode": True,
     }
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    _write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -1,5 +1,5 @@
 # The CPU demo, step 1 of 2: a small GPT-2 from scratch on Shakespeare, no pretrained weights, no network.
-#   python data/shakespeare/prepare.py --src ../shared/data/tinyshakespeare/input.txt
+#   python data/shakespeare/prepare.py
 #   python train.py config/cpu_demo.py
 # It writes out-cpu-demo/ (config.json + model.safetensors, the Hugging Face layout), which step 2
 # (config/cpu_demo_e2e.py) loads as its base. Measured losses and times: see the README.

@@ -1,5 +1,5 @@
 # The CPU demo, step 2 of 2: a ShareA adapter on E2E NLG, on top of the small model of step 1.
-#   python data/e2e/prepare.py --src ../shared/data/e2e
+#   python data/e2e/prepare.py
 #   python train.py config/cpu_demo_e2e.py
 #   python sample.py --out_dir=out-cpu-demo-e2e --start="name[The Eagle], eatType[coffee shop], food[French]"
 # The base knows Shakespeare's English, not restaurants, so expect its sentences to be rough.

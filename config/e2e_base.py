@@ -1,7 +1,7 @@
 # A stand-in base for compare.py where real GPT-2 weights cannot be had: a small GPT-2 pretrained from
 # scratch on the E2E reference sentences alone (data/e2e_refs: the domain's English, never an MR), so
 # that the adapters still have the whole data-to-text task to learn. A few minutes on 2 CPU cores:
-#   python data/e2e_refs/prepare.py --src ../shared/data/e2e
+#   python data/e2e_refs/prepare.py
 #   python train.py config/e2e_base.py
 #   python compare.py --init_from=out-e2e-base --max_iters=300 --eval_mrs=100
 init_from = "scratch"

@@ -547,3 +547,17 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--src", str(src), "--out", str(tmp_path / "o")])
     _script("data/e2e/prepare.py").main()
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["train_examples"] == 1
+
+
+def test_every_file_written_gets_the_same_permissions(trained, tmp_path):
+    """safetensors' writer alone would make model and adapter files 0600, unlike every other file."""
+    import stat
+    import sharelora
+    model, _ = runtime.load_model(adapter=str(trained / "adapted" / "adapter.safetensors"), device="cpu",
+                                  dtype="float32", merge=False)
+    sharelora.export_peft(model, tmp_path / "peft")
+    sharelora.export_merged(model, tmp_path / "merged")
+    files = [*(trained / "base").iterdir(), *(trained / "adapted").iterdir(), *(tmp_path / "peft").iterdir(),
+             *(tmp_path / "merged").iterdir()]
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files if f.is_file()}
+    assert len(set(modes.values())) == 1, modes

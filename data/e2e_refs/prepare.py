@@ -1,7 +1,7 @@
 """
 The E2E reference sentences alone, as a token stream: the corpus for a stand-in base model.
 
-    python data/e2e_refs/prepare.py --src ../shared/data/e2e
+    python data/e2e_refs/prepare.py
 
 Real GPT-2 weights cannot be downloaded everywhere (not on our CI machines, for one). A small GPT-2
 pretrained by train.py on these sentences knows the domain's English ("The Eagle is a cheap coffee

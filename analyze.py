@@ -38,6 +38,8 @@ def table(name, svs):
     lines = [f"## {name}", f"{'map':<28} {'eff. rank':>9}  σ_i/σ_1 for i = 1..{r}"]
     for layer, s in svs.items():
         lines.append(f"{layer:<28} {effective_rank(s):>9.2f}  " + " ".join(f"{x:.3f}" for x in s.tolist()))
+    mean = sum(effective_rank(s) for s in svs.values()) / len(svs)
+    lines.append(f"mean effective rank {mean:.2f} of {r}")
     return "\n".join(lines)
 
 

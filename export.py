@@ -12,27 +12,28 @@ exactly; shared tensors are written once per layer, since PEFT has no sharing.
 """
 import os
 
-from data.common import quiet_ctrl_c
+from data.common import Parser, quiet_ctrl_c
 
-if __name__ == "__main__":
-    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-import runtime
-import sharelora
-from model import HF_FUSED
+# torch and the model are imported after the options are read (a mistake shows at once)
 
 
 def main(argv=None):
-    p = runtime.Parser(prog="export.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", help="a training run's folder")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
     p.add_argument("--init_from", help="the base model; default: the one the adapter names")
     p.add_argument("--to", choices=("hf", "peft"), required=True)
     p.add_argument("--dest", required=True, help="the folder to write")
     args = p.parse_args(argv)
+    import runtime
     runtime.run(export, args)
 
 
 def export(args):
+    import runtime
+    import sharelora
+    from model import HF_FUSED
+
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, device="cpu", dtype="float32",
                                      merge=False)
     if info["adapter"] is None:
@@ -54,4 +55,5 @@ def export(args):
 
 
 if __name__ == "__main__":
+    quiet_ctrl_c()  # until runtime.run: Ctrl-C while torch loads ends quietly
     main()

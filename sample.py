@@ -14,18 +14,13 @@ import math
 import os
 import sys
 
-from data.common import quiet_ctrl_c
+from data.common import Parser, quiet_ctrl_c
 
-if __name__ == "__main__":
-    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-import torch
-
-import runtime
-from tokenizer import EOT, decode, encode
+# torch, the model and the tokenizer are imported after the options are read (a mistake shows at once)
 
 
 def main(argv=None):
-    p = runtime.Parser(prog="sample.py", description=__doc__.split("\n\n")[1],
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors, or its whole model)")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
@@ -55,10 +50,15 @@ def main(argv=None):
             (0 <= args.seed < 2**63, f"--seed must be in [0, 2**63), not {args.seed}")):
         if not ok:
             p.error(message)
+    import runtime
     runtime.run(generate, args)
 
 
 def generate(args):
+    import torch
+
+    import runtime
+    from tokenizer import EOT, decode, encode
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
                                      merge=not args.no_merge)
     start = args.start
@@ -87,10 +87,12 @@ def generate(args):
 
 def _trained_on(out_dir):
     """The dataset of the run in out_dir, if its checkpoint says."""
+    import runtime
     if out_dir is None or not os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)):
         return None
     return runtime.read_checkpoint(out_dir)["config"].get("dataset")
 
 
 if __name__ == "__main__":
+    quiet_ctrl_c()  # until runtime.run: Ctrl-C while torch loads ends quietly
     main()

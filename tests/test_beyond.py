@@ -61,6 +61,8 @@ def test_normalized_singular_values_and_effective_rank():
     assert analyze.effective_rank(torch.ones(4)) == pytest.approx(4)
     assert analyze.effective_rank(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1)
     assert "eff. rank" in analyze.table("x", svs)
+    mean = sum(map(analyze.effective_rank, svs.values())) / len(svs)
+    assert analyze.table("x", svs).endswith(f"mean effective rank {mean:.2f} of {len(next(iter(svs.values())))}")
 
 
 def saved_adapter(tmp_path, preset):

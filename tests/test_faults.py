@@ -441,20 +441,18 @@ def test_a_kill_at_any_point_of_a_checkpoint_leaves_a_consistent_pair(trained, d
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(trained, data, tmp_path, monkeypatch, capsys):
     import errno
-    import safetensors.torch
+    import sharelora
     c = Case(trained, data, tmp_path)
     out = tmp_path / "run"
     train.main(adapter_run(c, out, "--max_iters=1"))
     before = snapshot(out)
-    real = safetensors.torch.save_file
 
-    def full(tensors, path, metadata=None):
-        real(tensors, path, metadata=metadata)
-        with open(path, "r+b") as f:
-            f.truncate(10)  # what a full disk leaves
+    def full(path, tensors, metadata=None):  # the adapter file's writer finds the disk full halfway
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(sharelora, "_write_safetensors", full)
     with pytest.raises(SystemExit) as e:
         train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=2"])
     assert e.value.code == 2

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from data.common import Parser, checked, decode_utf8, fail, run, shipped, start_output, write_bin, write_json
 from data.common import download as download_url  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 CSVS = {"train": "trainset.csv", "val": "devset.csv", "test": "testset_w_refs.csv"}
@@ -88,10 +89,10 @@ def read_rows(data, name, limit=None):
     return rows
 
 
-def tokenize(rows, enc):
+def tokenize(rows, enc, desc="tokenizing"):
     """All rows' tokens back to back, and the (start, context_len, total_len) triples, flattened."""
     tokens, index = [], []
-    for mr, ref in rows:
+    for mr, ref in tqdm(rows, desc=desc, unit=" rows", leave=False):  # train: about 5 s
         # encode_ordinary + [EOT] is what encode(" " + ref + "<|endoftext|>") gives, except that a
         # literal "<|endoftext|>" inside the data could not sneak in a real EOT
         ctx = enc.encode_ordinary(mr + SEP)
@@ -126,7 +127,7 @@ def main():
     meta = {"kind": "examples", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
             "examples_format": "int32 (start, context_len, total_len) per example"}
     for split, rows in rows.items():
-        tokens, index = tokenize(rows, enc)
+        tokens, index = tokenize(rows, enc, f"tokenizing {split}")
         write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
         write_bin(os.path.join(args.out, f"{split}_examples.bin"), "i", index)
         max_len = max(index[2::3], default=0)

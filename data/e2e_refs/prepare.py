@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from data.common import Parser, run, start_output, write_bin, write_json  # noqa: E402
 from data.e2e.prepare import CSVS, read_rows, read_sources  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 def main():
@@ -36,7 +37,8 @@ def main():
     meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or ("the E2E release zip" if args.download else "data/e2e/source")}
     for split in ("train", "val"):
         sentences = list(dict.fromkeys(ref for _, ref in rows[split]))
-        tokens = [t for s in sentences for t in enc.encode_ordinary(" " + s) + [EOT]]
+        tokens = [t for s in tqdm(sentences, desc=f"tokenizing {split}", unit=" sentences", leave=False)
+                  for t in enc.encode_ordinary(" " + s) + [EOT]]
         write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
         meta[f"{split}_tokens"] = len(tokens)
         print(f"{split} has {len(sentences):,} sentences, {len(tokens):,} tokens")

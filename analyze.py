@@ -9,18 +9,20 @@ direction carries everything; r: all directions carry the same). The paper repor
 singular values decay more smoothly than LoRA's: sharing A makes each layer use more of its rank.
 With matplotlib installed, --png plots the per-target means.
 """
-import argparse
 import math
 import os
 
-import torch
+from data.common import Parser, quiet_ctrl_c
 
-import runtime
-import sharelora
+# torch, runtime and sharelora are imported where they are used, so that a mistake in the options
+# shows at once, not after the seconds that importing torch takes
 
 
 def normalized_singular_values(model):
     """{map name: tensor (r,) of σ_i / σ_1}, for every adapted map of the model."""
+    import torch
+
+    import sharelora
     out = {}
     for m in sharelora.adapted_layers(model):
         s = torch.linalg.svdvals(m.delta_weight())[: m.lora_A.size(0)]  # rank r at most: the rest are ~0
@@ -44,15 +46,19 @@ def table(name, svs):
 
 
 def main(argv=None):
-    p = runtime.Parser(prog="analyze.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="analyze.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", action="append", default=[], help="a training run's folder (repeat to compare)")
     p.add_argument("--adapter", action="append", default=[], help="an adapter file (repeat to compare)")
     p.add_argument("--png", help="write a plot here (needs matplotlib)")
     args = p.parse_args(argv)
+    import runtime
     runtime.run(analyze, args)
 
 
 def analyze(args):
+    import torch
+
+    import runtime
     runs = [(d, dict(out_dir=d)) for d in args.out_dir] + [(a, dict(adapter=a)) for a in args.adapter]
     if not runs:
         runtime.fail("give at least one --out_dir or --adapter")
@@ -83,4 +89,5 @@ def analyze(args):
 
 
 if __name__ == "__main__":
+    quiet_ctrl_c()  # until runtime.run: Ctrl-C while torch loads ends quietly
     main()

@@ -16,21 +16,17 @@ import statistics
 import subprocess
 import sys
 
-import runtime
-import sharelora
-import train
-from evaluate_e2e import corpus_scores, decode_mrs
-
-PRESETS = list(sharelora.PRESETS)
+from data.common import Parser, quiet_ctrl_c
+from data.common import run as run_early
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def options(argv):
+    """-> (the options, what follows `--` for every train.py run); checked before torch loads."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = runtime.Parser(prog="compare.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="compare.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True, help="the base: hub name or local path (the same for every preset)")
     p.add_argument("--presets", default="lora,sharea,shareb,shareab,tied,vera",
-                   help=f"any of {', '.join(PRESETS)} (default: the papers' six)")
+                   help="presets of sharelora.py, comma-separated (default: the papers' six)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default="q,v")
@@ -44,7 +40,23 @@ def main(argv=None):
     p.add_argument("--out", default="out-compare", help="one folder per preset in here, and compare.md")
     p.add_argument("--override", action="append", default=[], metavar="PRESET:KEY=VALUE")
     p.add_argument("--device", default="auto")
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    return p.parse_args(argv[:argv.index("--")] if "--" in argv else argv), extra
+
+
+if __name__ == "__main__":
+    quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
+    run_early(options, sys.argv[1:])
+
+import runtime  # noqa: E402  (after the options were checked)
+import sharelora  # noqa: E402
+import train  # noqa: E402
+from evaluate_e2e import corpus_scores, decode_mrs  # noqa: E402
+
+PRESETS = list(sharelora.PRESETS)
+
+
+def main(argv=None):
+    args, extra = options(sys.argv[1:] if argv is None else argv)
     runtime.run(compare, args, extra)
 
 

@@ -19,17 +19,49 @@ METEOR and CIDEr, and its ROUGE-L is computed differently (see corpus_scores).
 import json
 import math
 import os
+import sys
 
-from data.common import quiet_ctrl_c
+from data.common import Parser, check, quiet_ctrl_c
+from data.common import run as run_early
+
+
+def options(argv):
+    """The command line, checked before torch loads (a mistake shows at once)."""
+    p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
+    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
+    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
+    p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--beam_size", type=int, default=10, help="1: greedy decoding, batched")
+    p.add_argument("--length_penalty", type=float, default=0.9)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="0: allow repeats")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
+    p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch for greedy decoding")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
+    args = p.parse_args(argv)
+    check(args.out_dir is not None or args.adapter is not None, "pass --out_dir (a training run's folder) or --adapter FILE")
+    check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")
+    check(args.limit is None or args.limit >= 1, f"--limit must be at least 1, not {args.limit}")
+    check(args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
+    check(args.batch_size >= 1, f"--batch_size must be at least 1, not {args.batch_size}")
+    check(args.no_repeat_ngram_size >= 0, f"--no_repeat_ngram_size must be at least 0, not {args.no_repeat_ngram_size}")
+    check(math.isfinite(args.length_penalty), f"--length_penalty must be a finite number, not {args.length_penalty}")
+    return args
+
 
 if __name__ == "__main__":
     quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-import torch
-from torch.nn import functional as F
-from tqdm import tqdm
+    run_early(options, sys.argv[1:])
 
-from model import KVCache
-from runtime import Parser, autocast, check, fail, load_model, read_json, run, writable_folder, write_text
+import torch  # noqa: E402  (after the options were checked)
+from torch.nn import functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from model import KVCache  # noqa: E402
+from runtime import autocast, fail, load_model, read_json, run, writable_folder, write_text  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -209,29 +241,7 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
 
 
 def main(argv=None):
-    p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
-    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
-    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
-    p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--beam_size", type=int, default=10, help="1: greedy decoding, batched")
-    p.add_argument("--length_penalty", type=float, default=0.9)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="0: allow repeats")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
-    p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch for greedy decoding")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
-    args = p.parse_args(argv)
-    check(args.out_dir is not None or args.adapter is not None, "pass --out_dir (a training run's folder) or --adapter FILE")
-    check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")
-    check(args.limit is None or args.limit >= 1, f"--limit must be at least 1, not {args.limit}")
-    check(args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
-    check(args.batch_size >= 1, f"--batch_size must be at least 1, not {args.batch_size}")
-    check(args.no_repeat_ngram_size >= 0, f"--no_repeat_ngram_size must be at least 0, not {args.no_repeat_ngram_size}")
-    check(math.isfinite(args.length_penalty), f"--length_penalty must be a finite number, not {args.length_penalty}")
-
+    args = options(argv)
     refs_path = os.path.join(args.data_dir, f"{args.split}_refs.json")
     if not os.path.exists(refs_path):
         fail(f"{refs_path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")

@@ -21,7 +21,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
-from data.common import UserError, check, fail, quiet_ctrl_c
+from data.common import check, fail, quiet_ctrl_c
+from data.common import run as run_early
 
 
 @dataclass
@@ -172,18 +173,14 @@ def early_options(argv):
     """The options, checked as far as the standard library can: a typo or a bad value is reported at
     once, not after the seconds that importing torch takes. (A resumed run's options come later, from
     its checkpoint.)"""
-    try:
-        cfg = parse_args(argv)
-        if cfg.init_from != "resume":
-            check_options(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = parse_args(argv)
+    if cfg.init_from != "resume":
+        check_options(cfg)
 
 
 if __name__ == "__main__":
     quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-    early_options(sys.argv[1:])
+    run_early(early_options, sys.argv[1:])
 
 import torch  # noqa: E402  (after the options were checked)
 from tqdm import tqdm  # noqa: E402

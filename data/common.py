@@ -33,11 +33,12 @@ def check(ok, message):
         fail(message)
 
 
-def run(main):
-    """Call main(); turn a DataError, or the machine refusing a file (OSError: permissions, a full
-    disk, a file where a folder should be), into `error: ...` on stderr and exit code 2, no traceback."""
+def run(main, *args):
+    """Call main(*args); turn a UserError, or the machine refusing a file (OSError: permissions, a full
+    disk, a file where a folder should be), into `error: ...` on stderr and exit code 2, no traceback.
+    (runtime.run does the same once torch is loaded, for the errors torch-based code raises too.)"""
     try:
-        main()
+        return main(*args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

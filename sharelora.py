@@ -165,12 +165,19 @@ def dims(layer):
     return tuple(layer.weight.shape)
 
 
-def _weight_view(m):
-    """The part of the stored base weight that ΔW of adapter m changes, as a view laid out like ΔW
-    (d_out, d_in): merge writes into it in place."""
-    layer = _stored(m)
-    w = layer.weight.t() if is_conv1d(layer) else layer.weight
+def _delta_view(m, w):
+    """The part of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as a
+    view laid out like ΔW (d_out, d_in): merge and base_state_dict write into it in place."""
+    w = w.t() if is_conv1d(_stored(m)) else w
     return w if m.rows is None else w[m.rows[0]:m.rows[1]]
+
+
+def _module_path(path, wrapper_paths):
+    """x.c_attn.base.base -> x.c_attn: the name a module had before it was wrapped (twice, when two
+    parts of one fused map are adapted; the outer wrapper sits at the module's own name)."""
+    while path.endswith(".base") and path[:-5] in wrapper_paths:
+        path = path[:-5]
+    return path
 
 
 # ---- 2. The configuration: presets are spec strings ---------------------------------------------
@@ -552,17 +559,21 @@ def trainable_breakdown(model):
     for row in rows.values():
         del row["seen"]
         row["total"] = sum(row[x] for x in COMPONENTS)
-    rows = list(rows.values())
-    # the rest of what trains: modules_to_save, and anything else the user unfroze (which save_adapter
-    # refuses to leave behind), so that the table's total is count_trainable(model)
+    whole = {}  # so that the table's total is count_trainable(model)
+    for label, p in _other_trainables(model).values():
+        whole[label] = whole.get(label, 0) + p.numel()
+    return list(rows.values()) + [{"target": k, "layers": 1, **{x: 0 for x in COMPONENTS}, "total": n}
+                                  for k, n in whole.items()]
+
+
+def _other_trainables(model):
+    """{name: (label, parameter)} for what trains besides the adapters: a module of modules_to_save
+    ("classifier (whole)"), or "(other trainable)", unfrozen by hand, which save_adapter refuses to
+    leave behind. A parameter several modules hold appears once."""
     adapter_ids = {id(p) for m in adapted_layers(model) for p in (m.lora_A, m.lora_B, m.lora_u, m.lora_v) if p is not None}
     owned = {id(p): name for name, module in saved_modules(model).items() for p in module.parameters()}
-    whole = {}
-    for p in {id(p): p for p in model.parameters()}.values():
-        if p.requires_grad and id(p) not in adapter_ids:
-            label = f"{owned[id(p)]} (whole)" if id(p) in owned else "(other trainable)"
-            whole[label] = whole.get(label, 0) + p.numel()
-    return rows + [{"target": k, "layers": 1, **{x: 0 for x in COMPONENTS}, "total": n} for k, n in whole.items()]
+    return {n: (f"{owned[id(p)]} (whole)" if id(p) in owned else "(other trainable)", p)
+            for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
 
 
 def parameter_table(model):
@@ -588,7 +599,7 @@ def merge(model):
     Explicit by design: never a side effect of train()/eval() (loralib's merge-on-eval surprised users)."""
     for m in _require_adapters(model):
         if not m.merged:
-            w = _weight_view(m)  # W's rows of this map, laid out (d_out, d_in) even where W is stored transposed
+            w = _delta_view(m, _stored(m).weight)  # its rows of W, laid out (d_out, d_in) even if stored transposed
             w.copy_((w.float() + m.delta_weight()).to(w.dtype))
             m.merged = True
     return model
@@ -600,7 +611,7 @@ def unmerge(model):
     loses the low bits of W, so keep a float32 base if you merge and unmerge repeatedly."""
     for m in _require_adapters(model):
         if m.merged:
-            w = _weight_view(m)
+            w = _delta_view(m, _stored(m).weight)
             w.copy_((w.float() - m.delta_weight()).to(w.dtype))
             m.merged = False
     return model
@@ -635,8 +646,7 @@ def _saved_state_dict(model):
 
 def _refuse_unsaved(model):
     """A tensor that trains but is neither an adapter nor in modules_to_save would be lost on saving."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
-             and not any(n.startswith(m + ".") for m in saved_modules(model))]
+    names = [n for n, (label, _) in _other_trainables(model).items() if label == "(other trainable)"]
     if names:
         raise ValueError(f"{names[0]} trains but is neither an adapter nor in modules_to_save, so it would not be "
                          "saved: add its module to AdapterConfig(modules_to_save=...) or freeze it")
@@ -810,25 +820,17 @@ def base_state_dict(model, add_delta=False):
     The model is left as it is."""
     _require_adapters(model)
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-
-    def unwrapped(owner):  # transformer.h.0.attn.c_attn.base.base -> transformer.h.0.attn.c_attn
-        while owner.endswith(".base") and owner[:-5] in wrappers:
-            owner = owner[:-5]
-        return owner
-
     out = {}
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if not leaf.startswith("lora_"):
-            out[f"{unwrapped(owner)}.{leaf}" if owner else leaf] = t
+            out[f"{_module_path(owner, wrappers)}.{leaf}" if owner else leaf] = t
     changed = {}  # weight key -> float32 copy, with every ΔW of its maps added or removed
     for name, m in wrappers.items():
         sign = 1 if add_delta and not m.merged else -1 if not add_delta and m.merged else 0
         if sign:
-            key = f"{unwrapped(name)}.weight"
-            w = changed.setdefault(key, out[key].float().clone())
-            view = w.t() if is_conv1d(_stored(m)) else w
-            view = view if m.rows is None else view[m.rows[0]:m.rows[1]]
+            key = f"{_module_path(name, wrappers)}.weight"
+            view = _delta_view(m, changed.setdefault(key, out[key].float().clone()))
             view += sign * m.delta_weight().to(view.device)
     out.update({k: w.to(out[k].dtype) for k, w in changed.items()})
     return out
@@ -867,9 +869,10 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     _refuse_unsaved(model)
     # their module -> {"rows": its d_out, "parts": [(start, A', B', s)]}
     modules = {}
-    for m in layers:
+    wrappers = {n: w for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
+    for name, m in wrappers.items():
         B, A = m.folded_factors()
-        target, start, height = _their_module(model, m, fused)
+        target, start, height = _their_module(model, m, _module_path(name, wrappers), fused)
         entry = modules.setdefault(target, {"rows": height, "parts": []})
         entry["parts"].append((start, A, B, m.scale))
     tensors, ranks, alphas = {}, {}, {}
@@ -905,12 +908,9 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
         json.dump(config, f, indent=2)
 
 
-def _their_module(model, m, fused):
-    """(the module PEFT adapts for our map m, the first of its output rows that m changes, its d_out)."""
-    wrappers = {id(w): n for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
-    path = wrappers[id(m)]
-    while path.endswith(".base") and isinstance(model.get_submodule(path[:-5]), AdaptedLinear):
-        path = path[:-5]  # the outer wrapper's path is the module's own
+def _their_module(model, m, path, fused):
+    """(the module PEFT adapts for our map m, the first of its output rows that m changes, its d_out);
+    path: the name of the module m adapts."""
     if m.rows is not None:  # a part of a fused map of this model
         return path, m.rows[0], dims(_stored(m))[0]
     for theirs, ours in (fused or {}).items():  # a map that the other framework fuses with its siblings

@@ -13,7 +13,7 @@ import threading
 import torch
 
 import sharelora
-from data.common import Parser, UserError, check, fail  # noqa: F401  (torch-free: data/ and train.py's options use them too)
+from data.common import Parser, UserError, check, fail, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
 from model import GPT
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
@@ -352,10 +352,7 @@ def trim_log(path, step):
                 continue
             if isinstance(record, dict) and record.get("step", record.get("done", 0)) <= step:
                 kept.append(line)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 def writable_folder(path, option):
@@ -371,15 +368,3 @@ def writable_folder(path, option):
         os.remove(probe)
     except OSError as e:
         fail(f"cannot write in {option} {path} ({e.strerror or e}): choose a folder you can write to")
-
-
-def write_text(path, text):
-    """Write a text file atomically: a temporary file beside it, then a rename."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -82,7 +82,7 @@ RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters", 
 # ---- configuration ----------------------------------------------------------------------------
 
 def parse_args(argv):
-    """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise runtime.UserError."""
+    """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise UserError (data.common)."""
     types = {f.name: type(f.default) for f in fields(TrainConfig)}
     values = {}
     for arg in argv:
@@ -104,7 +104,7 @@ def parse_args(argv):
             except (Exception, SystemExit) as e:  # a syntax error, code in it that raises or calls exit()
                 where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
                 fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
-                             "write it as `name = value` lines")
+                     "write it as `name = value` lines")
             for key, value in settings.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
                     key = _known(key, types, where=arg)
@@ -116,7 +116,7 @@ def _known(key, types, where="the command line"):
     if key not in types:
         close = difflib.get_close_matches(key, types, n=3)
         fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                              "; see python train.py --help"))
+                                                      "; see python train.py --help"))
     return key
 
 
@@ -246,13 +246,13 @@ def copy_adapter(model, tensors, source, only_shared_keys=False):
     own = sharelora.adapter_state_dict(model)
     keys = own.keys() & tensors.keys() if only_shared_keys else own.keys()
     if not keys:
-        runtime.fail(f"{source} has none of this run's adapter tensors (e.g. {next(iter(own))}): "
-                     "it was made for other targets")
+        fail(f"{source} has none of this run's adapter tensors (e.g. {next(iter(own))}): "
+             "it was made for other targets")
     for key in keys:
         if key not in tensors or tensors[key].shape != own[key].shape:
             have = tuple(tensors[key].shape) if key in tensors else "nothing"
-            runtime.fail(f"{source} holds {have} for {key}, where this run's adapter is {tuple(own[key].shape)}: "
-                         "use the same r, targets and base model it was made with")
+            fail(f"{source} holds {have} for {key}, where this run's adapter is {tuple(own[key].shape)}: "
+                 "use the same r, targets and base model it was made with")
     for key in keys:
         own[key].copy_(tensors[key])
 
@@ -337,29 +337,29 @@ def train(cfg):
         given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
         fixed = sorted(given - set(RESUME_OPTIONS) - {"init_from", "out_dir"})
         if fixed:
-            runtime.fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
-                         f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")
+            fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
+                 f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")
         changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if k in given}
         stored = ckpt["config"]
         types = {f.name: type(f.default) for f in fields(TrainConfig)}
         unknown = sorted(set(stored) - set(types))
         if unknown:
-            runtime.fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
-                         "resume it with the version of this project that wrote it")
+            fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
+                 "resume it with the version of this project that wrote it")
         stored = {k: _check(k, v, types[k], f"the checkpoint in {cfg.out_dir}") for k, v in stored.items()}
         cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
         if cfg.max_iters <= ckpt["step"]:
-            runtime.fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
-                         "to train on")
+            fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
+                 "to train on")
         need = "adapter" if cfg.adapter != "none" else "model"
         if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
-            runtime.fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
+            fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
         if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
             cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
                                                  fix="put the base back there, or move the run folder back beside it")
     elif os.path.exists(os.path.join(cfg.out_dir, runtime.CKPT_FILE)):  # nothing is ever overwritten unasked
-        runtime.fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
-                     "or choose another out_dir (delete that one to start over)")
+        fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
+             "or choose another out_dir (delete that one to start over)")
     validate(cfg)
     runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
     device = runtime.pick_device(cfg.device)
@@ -371,8 +371,8 @@ def train(cfg):
                       cfg.batch_size, cfg.block_size, seed=cfg.seed)
     model = build_model(cfg, ckpt)
     if batches.max_token() >= model.config.vocab_size:
-        runtime.fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
-                     f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
+        fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
+             f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     batches.set_block_size(cfg.block_size)
     runtime.place(model, device, dtype).train()
@@ -385,7 +385,7 @@ def train(cfg):
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
         except (ValueError, KeyError, TypeError) as e:
-            runtime.fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
+            fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
         step, best_val = ckpt["step"], ckpt["best_val"]
         saved = step
         try:
@@ -394,8 +394,8 @@ def train(cfg):
             if ckpt["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         except (RuntimeError, TypeError, ValueError, KeyError) as e:
-            runtime.fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
-                         "restore the file, or train again")
+            fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
+                 "restore the file, or train again")
     forward = torch.compile(model) if cfg.compile else model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
@@ -417,8 +417,8 @@ def train(cfg):
     def diverged(what):
         kept = f"the checkpoint of step {saved} in {cfg.out_dir} is kept" if saved is not None else \
             "no checkpoint was written"
-        runtime.fail(f"{what}, so training stopped; {kept}: lower learning_rate (now {cfg.learning_rate:g}), "
-                     "or use dtype=float32 or bfloat16")
+        fail(f"{what}, so training stopped; {kept}: lower learning_rate (now {cfg.learning_rate:g}), "
+             "or use dtype=float32 or bfloat16")
 
     losses = []
     stop = StopSignals()

@@ -121,7 +121,12 @@ def write_bin(path, typecode, values):
 
 
 def write_json(path, obj):
-    _atomic(path, "w", lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n"))
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_text(path, text):
+    """A text file, written atomically (runtime re-exports it for the scripts)."""
+    _atomic(path, "w", lambda f: f.write(text))
 
 
 def _atomic(path, mode, write):

@@ -80,6 +80,16 @@ def hf_model(seed=0, std=0.05, **config):
 
 # ---- running the scripts on tiny models and data (test_train.py, test_faults.py) -------------------
 
+def load_script(path):
+    """A script (data/*/prepare.py, which reads sys.argv) as a module; path relative to the root."""
+    import importlib.util
+    path = ROOT / path
+    spec = importlib.util.spec_from_file_location(path.parent.name + "_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--device=cpu", "--dtype=float32"]
 

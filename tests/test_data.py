@@ -5,7 +5,6 @@ read by default), and a small sample written here; no network.
 """
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import lzma
@@ -20,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import load_script  # noqa: E402
 from tokenizer import decode  # noqa: E402
 
 SHAKESPEARE = ROOT / "data" / "shakespeare" / "prepare.py"
@@ -161,8 +161,8 @@ def test_the_default_reads_the_shipped_copy_offline(tmp_path):
     dead = "http://127.0.0.1:9"
     env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
     text, e2e_dir = unpack_shipped(tmp_path / "unpacked")
-    assert hashlib.sha256(text.read_bytes()).hexdigest() == _module(SHAKESPEARE).SHA256
-    for name, sha in _module(E2E).SHA256.items():
+    assert hashlib.sha256(text.read_bytes()).hexdigest() == load_script(SHAKESPEARE).SHA256
+    for name, sha in load_script(E2E).SHA256.items():
         assert hashlib.sha256((e2e_dir / name).read_bytes()).hexdigest() == sha
     for script, src, extra in ((SHAKESPEARE, text, []), (E2E, e2e_dir, ["--limit", 50])):
         default, explicit = tmp_path / f"{script.parent.name}_default", tmp_path / f"{script.parent.name}_src"
@@ -174,20 +174,13 @@ def test_the_default_reads_the_shipped_copy_offline(tmp_path):
 
 
 def test_a_damaged_shipped_copy_is_refused(tmp_path, monkeypatch, capsys):
-    mod = _module(SHAKESPEARE)
+    mod = load_script(SHAKESPEARE)
     bad = tmp_path / "input.txt"
     bad.with_suffix(".txt.xz").write_bytes(lzma.compress(b"Not Shakespeare at all.\n" * 100))
     monkeypatch.setattr(mod, "SHIPPED", bad)
     from data.common import DataError
     with pytest.raises(DataError, match="sha256 differs"):
         mod.read_text()
-
-
-def _module(path):
-    spec = importlib.util.spec_from_file_location(path.parent.name + "_prepare", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_bad_src(tmp_path):
@@ -201,9 +194,7 @@ def test_bad_src(tmp_path):
 
 def test_release_zip_layout(monkeypatch):
     """The default (download) path finds the CSVs inside the release zip's e2e-dataset/ folder."""
-    spec = importlib.util.spec_from_file_location("e2e_prepare", E2E)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(E2E)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name in CSVS.values():

@@ -6,7 +6,6 @@ uncaught exception fails the test with its traceback.
 Each case builds its bad input in its own folder from the tiny base, adapter and data that conftest
 trains once (`trained`, `data`)."""
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -25,15 +24,7 @@ import export
 import runtime
 import sample
 import train
-from conftest import ROOT, TINY
-
-
-def _script(path):
-    """A data/*/prepare.py script as a module (they read sys.argv)."""
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_"), ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, TINY, load_script
 
 
 MAINS = {"train.py": train.main, "sample.py": sample.main, "export.py": export.main, "analyze.py": analyze.main,
@@ -337,7 +328,8 @@ def call(script, argv, monkeypatch, capsys):
             MAINS[script](argv)
         else:
             monkeypatch.setattr(sys, "argv", [script, *argv])
-            _script(script).run(_script(script).main)
+            prepare = load_script(script)
+            prepare.run(prepare.main)
             pytest.fail(f"{script} {argv} exited 0")
     return e.value.code, capsys.readouterr().err
 
@@ -543,7 +535,7 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path, monkeypatch, capsy
     for f in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
         (src / f).write_text("\ufeffmr,ref\nname[A],A is nice.\n", encoding="utf-8")  # as Excel saves UTF-8
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--src", str(src), "--out", str(tmp_path / "o")])
-    _script("data/e2e/prepare.py").main()
+    load_script("data/e2e/prepare.py").main()
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["train_examples"] == 1
 
 

@@ -1,16 +1,21 @@
 """
-Train every preset on E2E with the same base, budget and seed, and print one table.
+Train every preset on E2E with the same base and budget, once per seed, and print one table of means and
+standard deviations over the seeds; --png draws the curves and the papers' quality-against-parameters plot.
 
-    python compare.py --init_from=gpt2-medium --r=4 --max_iters=26288      # the paper's setting, on a GPU
-    python compare.py --init_from=out-e2e-base --max_iters=300 --eval_mrs=100   # the README's CPU run
+    python compare.py --init_from=gpt2-medium --r=4 --max_iters=26288 --seeds=1,2,3   # the paper's setting, on a GPU
+    python compare.py --init_from=out-e2e-base-6l --seeds=1,2,3 --png                   # the README's CPU run
 
-Each preset trains in its own train.py process (so its peak memory is its own) into OUT/<preset>/, then
-decodes the first `eval_mrs` test MRs (greedy by default) for BLEU and ROUGE-L against all their
-references. Anything after `--` goes to every train.py run as it is (e.g. -- --batch_size=16), and
---override PRESET:KEY=VALUE changes one preset only (VeRA needs a far larger learning rate than LoRA).
+Each run trains in its own train.py process (so its peak memory is its own) into OUT/<preset>/seed<N>/,
+then decodes the test MRs (all 630 by default; greedy unless --beam_size) and scores them with the five
+official E2E metrics (e2e_metrics.py; METEOR, ROUGE-L and CIDEr need Java). A finished run's row is kept
+in its folder, so the same command run again after an interruption trains only what is missing, and
+re-draws the table and plots at once. Anything after `--` goes to every train.py run as it is (e.g.
+-- --batch_size=16), and --override PRESET:KEY=VALUE changes one preset only (VeRA needs a far larger
+learning rate than LoRA).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -18,6 +23,10 @@ import sys
 
 from data.common import Parser, quiet_ctrl_c
 from data.common import run as run_early
+
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")  # e2e_metrics.METRICS, without importing it yet
+NAMES = {"val_loss": "val loss", "bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L",
+         "cider": "CIDEr"}
 
 
 def options(argv):
@@ -33,14 +42,29 @@ def options(argv):
     p.add_argument("--max_iters", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval_mrs", type=int, default=100, help="the first N of the 630 test MRs (0: skip decoding)")
-    p.add_argument("--beam_size", type=int, default=1)
+    p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3: every preset trains once per seed")
+    p.add_argument("--eval_mrs", type=int, default=630, help="the first N of the 630 test MRs (0: skip decoding)")
+    p.add_argument("--beam_size", type=int, default=1, help="1: greedy (batched); 10: the papers' beam search")
     p.add_argument("--data_dir", default="data/e2e")
-    p.add_argument("--out", default="out-compare", help="one folder per preset in here, and compare.md")
+    p.add_argument("--out", default="out-compare", help="one folder per preset and seed in here, compare.md, results.json")
     p.add_argument("--override", action="append", default=[], metavar="PRESET:KEY=VALUE")
+    p.add_argument("--png", action="store_true", help="also write OUT/loss.png and OUT/quality.png (needs matplotlib)")
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv[:argv.index("--")] if "--" in argv else argv), extra
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be whole numbers separated by commas, like 1,2,3, not {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds names a seed twice: {args.seeds}")
+    if args.eval_mrs < 0 or args.max_iters < 1 or args.beam_size < 1:
+        p.error("--eval_mrs must be at least 0, --max_iters and --beam_size at least 1")
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--png needs matplotlib: pip install matplotlib (or leave out --png)")
+    return args, extra
 
 
 if __name__ == "__main__":
@@ -50,9 +74,11 @@ if __name__ == "__main__":
 import runtime  # noqa: E402  (after the options were checked)
 import sharelora  # noqa: E402
 import train  # noqa: E402
-from evaluate_e2e import corpus_scores, decode_mrs  # noqa: E402
+from e2e_metrics import e2e_scores  # noqa: E402
+from evaluate_e2e import decode_mrs, room_to_generate  # noqa: E402
 
 PRESETS = list(sharelora.PRESETS)
+ROW_FILE = "compare_row.json"  # a finished run's measurements, next to its adapter
 
 
 def main(argv=None):
@@ -71,68 +97,186 @@ def compare(args, extra):
         if preset not in presets or "=" not in setting:
             runtime.fail(f"--override {o!r} should look like vera:learning_rate=1e-2, for a preset being run")
         overrides.setdefault(preset, []).append(f"--{setting}")
-    runtime.check(args.eval_mrs >= 0 and args.max_iters >= 1, "--eval_mrs must be at least 0 and --max_iters at least 1")
     refs = os.path.join(args.data_dir, "test_refs.json")
     runtime.check(os.path.exists(refs), f"{refs} does not exist: run python data/e2e/prepare.py first (or pass --data_dir)")
     groups = runtime.read_json(refs, "references file")[:args.eval_mrs]
     runtime.writable_folder(args.out, "--out")
-    commands = {}
+    runs = {}  # (preset, seed) -> (command, its folder, its row when an earlier run of this command finished)
     for preset in presets:
-        out_dir = os.path.join(args.out, preset)
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-               f"--init_from={args.init_from}", "--dataset=e2e", f"--data_dir={args.data_dir}", f"--adapter={preset}",
-               f"--r={args.r}", f"--alpha={args.alpha}", f"--targets={args.targets}", f"--max_iters={args.max_iters}",
-               f"--batch_size={args.batch_size}", f"--learning_rate={args.learning_rate}", f"--seed={args.seed}",
-               f"--out_dir={out_dir}", f"--device={args.device}", f"--warmup_iters={max(1, args.max_iters // 20)}",
-               f"--eval_interval={max(1, args.max_iters // 4)}", *extra, *overrides.get(preset, [])]
-        if os.path.exists(out_dir):  # never overwrite an earlier comparison's runs
-            runtime.fail(f"--out {args.out} holds an earlier comparison ({out_dir}): choose another --out, or delete it")
-        train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
-        commands[preset] = cmd
+        for seed in args.seeds:
+            out_dir = os.path.join(args.out, preset, f"seed{seed}")
+            cmd = train_command(args, preset, seed, out_dir, extra + overrides.get(preset, []))
+            train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
+            runs[preset, seed] = cmd, out_dir, earlier_row(out_dir, cmd, args, len(groups))
     rows = []
-    for preset, cmd in commands.items():
-        print(f"== {preset}: {' '.join(cmd[2:])}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            print(f"compare.py: training {preset} failed; its error is above", file=sys.stderr)
-            sys.exit(2)
-        rows.append(measure(preset, os.path.join(args.out, preset), groups, args))
+    for (preset, seed), (cmd, out_dir, row) in runs.items():
+        if row is None:
+            print(f"== {preset}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                print(f"compare.py: training {preset} (seed {seed}) failed; its error is above", file=sys.stderr)
+                sys.exit(2)
+            row = measure(preset, seed, out_dir, groups, args)
+            runtime.write_text(os.path.join(out_dir, ROW_FILE), json.dumps({**row, "command": cmd[2:]}, indent=1) + "\n")
+        else:
+            print(f"== {preset}, seed {seed}: finished earlier in {out_dir}, reused")
+        rows.append(row)
+    runtime.write_text(os.path.join(args.out, "results.json"), json.dumps(rows, indent=1) + "\n")
     table = format_table(rows, args, extra, overrides, len(groups))
     print("\n" + table)
     runtime.write_text(os.path.join(args.out, "compare.md"), table + "\n")
+    if args.png:
+        for path in (plot_loss(rows, args), plot_quality(rows, args)):
+            print(f"wrote {path}")
 
 
-def measure(preset, out_dir, groups, args):
+def train_command(args, preset, seed, out_dir, extra):
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+            f"--init_from={args.init_from}", "--dataset=e2e", f"--data_dir={args.data_dir}", f"--adapter={preset}",
+            f"--r={args.r}", f"--alpha={args.alpha}", f"--targets={args.targets}", f"--max_iters={args.max_iters}",
+            f"--batch_size={args.batch_size}", f"--learning_rate={args.learning_rate}", f"--seed={seed}",
+            f"--out_dir={out_dir}", f"--device={args.device}", f"--warmup_iters={max(1, args.max_iters // 20)}",
+            f"--eval_interval={max(1, args.max_iters // 4)}", *extra]
+
+
+def earlier_row(out_dir, cmd, args, n_mrs):
+    """The row an earlier compare.py wrote for this very command, or None when the run is still to do.
+    A folder that holds another command's run, or a run that never finished, is refused: never overwritten."""
+    if not os.path.exists(out_dir):
+        return None
+    path = os.path.join(out_dir, ROW_FILE)
+    row = runtime.read_json(path, "comparison row") if os.path.exists(path) else None
+    same = (isinstance(row, dict) and row.get("command") == cmd[2:] and row.get("mrs") == n_mrs
+            and row.get("beam_size") == args.beam_size)
+    runtime.check(same, f"--out {args.out} holds another or an unfinished run in {out_dir}: use the same options "
+                        "as the comparison that made it, choose another --out, or delete that folder")
+    return row
+
+
+def measure(preset, seed, out_dir, groups, args):
     log = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     steps = [r for r in log if "tokens_per_s" in r]
     done = next(r for r in log if "done" in r)
     adapter = os.path.join(out_dir, runtime.ADAPTER_FILE)
     model, info = runtime.load_model(adapter=adapter, device=args.device)
-    row = {"preset": preset, "trainable": sharelora.count_trainable(model), "mrs": len(groups),
-           "file_bytes": os.path.getsize(adapter), "best_val_loss": done["best_val_loss"],
+    row = {"preset": preset, "seed": seed, "trainable": sharelora.count_trainable(model), "mrs": len(groups),
+           "beam_size": args.beam_size, "file_bytes": os.path.getsize(adapter), "val_loss": done["best_val_loss"],
+           "val_curve": [[r["step"], r["val_loss"]] for r in log if "val_loss" in r],
            # the median step, skipping the first 5 (warm-up of allocator and caches)
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[5:] or steps),
            "peak_memory_mb": done["peak_memory_mb"]}
     if groups:
-        predictions = decode_mrs(model, info, [g["mr"] for g in groups], beam_size=args.beam_size)
-        row.update(corpus_scores(predictions, [g["refs"] for g in groups]))
+        mrs = [g["mr"] for g in groups]
+        predictions = decode_mrs(model, info, mrs, beam_size=args.beam_size, max_new_tokens=room_to_generate(model, mrs))
+        row.update(e2e_scores(predictions, [g["refs"] for g in groups]))
     return row
 
 
-def format_table(rows, args, extra, overrides, n_mrs):
-    head = ("| preset | trainable params | adapter file (bytes) | best val loss | BLEU | ROUGE-L | train tokens/s "
-            "| peak memory (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
+# ---- the table ------------------------------------------------------------------------------
+
+def spread(values):
+    """(mean, sample standard deviation); the deviation is 0 for a single value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def by_preset(rows):
+    out = {}
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['trainable']:,} | {r['file_bytes']:,} | {r['best_val_loss']:.3f} | "
-                     f"{r.get('bleu', float('nan')):.2f} | {r.get('rouge_l', float('nan')):.2f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_memory_mb']:,.0f} |")
+        out.setdefault(r["preset"], []).append(r)
+    return out
+
+
+def differs(mine, lora):
+    """True when two presets' means are further apart than their standard deviations added: a difference
+    the seeds' own scatter does not cover (a rough rule for 3 seeds, not a significance test)."""
+    (m1, s1), (m2, s2) = mine, lora
+    return (s1 > 0 or s2 > 0) and abs(m1 - m2) > s1 + s2
+
+
+def format_table(rows, args, extra, overrides, n_mrs):
+    groups = by_preset(rows)
+    columns = ["val_loss"] + [m for m in METRICS if all(m in r for r in rows)]
+    digits = {"val_loss": 3, "nist": 3, "cider": 3}
+    stats = {p: {c: spread([r[c] for r in rs]) for c in columns} for p, rs in groups.items()}
+    head = ("| preset | trainable params | adapter file (bytes) | " + " | ".join(NAMES[c] for c in columns)
+            + " | train tokens/s | peak memory (MB) |")
+    lines = [head, "|---|---:|---:|" + "---:|" * (len(columns) + 2)]
+    for preset, rs in groups.items():
+        cells = []
+        for c in columns:
+            (m, s), d = stats[preset][c], digits.get(c, 2)
+            mark = " *" if preset != "lora" and "lora" in stats and differs((m, s), stats["lora"][c]) else ""
+            cells.append(f"{m:.{d}f} ± {s:.{d}f}{mark}" if len(rs) > 1 else f"{m:.{d}f}")
+        lines.append(f"| {preset} | {rs[0]['trainable']:,} | {rs[0]['file_bytes']:,} | " + " | ".join(cells)
+                     + f" | {statistics.median(r['tokens_per_s'] for r in rs):,.0f} "
+                       f"| {max(r['peak_memory_mb'] for r in rs):,.0f} |")
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
+    seeds = ",".join(map(str, args.seeds))
     lines.append(f"\nbase {args.init_from}; targets {args.targets}, r = {args.r}, alpha = {args.alpha}; "
-                 f"{args.max_iters} steps of batch {args.batch_size}, lr {args.learning_rate}, seed {args.seed}"
+                 f"{args.max_iters} steps of batch {args.batch_size}, lr {args.learning_rate}; seeds {seeds}"
                  + (f"; extra {' '.join(extra)}" if extra else "")
                  + (f"; overrides {overrides}" if overrides else "")
-                 + f"; BLEU/ROUGE-L on the first {n_mrs} test MRs, {how}; {runtime.machine(args.device)}")
+                 + f"; metrics on the first {n_mrs} test MRs, {how}; {runtime.machine(args.device)}.")
+    if len(args.seeds) > 1:
+        lines.append(f"Mean ± sample standard deviation over the {len(args.seeds)} seeds; * marks a mean further "
+                     "from LoRA's than the two standard deviations added. Val loss is the best one of each run.")
     return "\n".join(lines)
+
+
+# ---- the plots (--png) ----------------------------------------------------------------------
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    """Write a figure as PNG through a temporary file, so a crash never leaves half a picture."""
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    os.replace(tmp, path)
+    pyplot().close(fig)
+    return path
+
+
+def plot_loss(rows, args):
+    """Validation loss against step, one line per preset: the mean over seeds, and a band of ± one
+    standard deviation around it."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for preset, rs in by_preset(rows).items():
+        steps = sorted({s for r in rs for s, _ in r["val_curve"]})
+        curves = [dict(map(tuple, r["val_curve"])) for r in rs]
+        steps = [s for s in steps if all(s in c for c in curves)]
+        mean, std = zip(*(spread([c[s] for c in curves]) for s in steps))
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{preset} ({rs[0]['trainable']:,} params)")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(f"step ({args.batch_size} E2E examples each)")
+    ax.set_ylabel("validation loss (reference tokens)")
+    ax.set_title(f"{args.init_from}, {len(args.seeds)} seed(s): mean ± std")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * min(r["val_loss"] for r in rows)))  # step 0 would flatten the rest
+    ax.legend()
+    return save(fig, os.path.join(args.out, "loss.png"))
+
+
+def plot_quality(rows, args):
+    """The papers' figure: quality against trainable parameters (log scale), mean ± std over seeds,
+    one panel for BLEU (when decoded) and one for the validation loss."""
+    plt = pyplot()
+    panels = (["bleu"] if all("bleu" in r for r in rows) else []) + ["val_loss"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, column in zip(axes[0], panels):
+        for preset, rs in by_preset(rows).items():
+            m, s = spread([r[column] for r in rs])
+            ax.errorbar(rs[0]["trainable"], m, yerr=s, fmt="o", capsize=4)
+            ax.annotate(preset, (rs[0]["trainable"], m), textcoords="offset points", xytext=(6, 4))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(NAMES[column] + (" (lower is better)" if column == "val_loss" else ""))
+    fig.suptitle(f"{args.init_from}: quality against parameters, {len(args.seeds)} seed(s)")
+    return save(fig, os.path.join(args.out, "quality.png"))
 
 
 if __name__ == "__main__":

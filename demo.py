@@ -93,7 +93,8 @@ def best_val(out_dir):
 def score(out, preset, seconds):
     import runtime
     import sharelora
-    from evaluate_e2e import corpus_scores, decode_mrs
+    from e2e_metrics import bleu
+    from evaluate_e2e import decode_mrs
     adapter = os.path.join(out, preset, runtime.ADAPTER_FILE)
     model, info = runtime.load_model(adapter=adapter, device="cpu", dtype="float32")
     groups = runtime.read_json("data/e2e/test_refs.json")[:MRS]
@@ -102,7 +103,7 @@ def score(out, preset, seconds):
         print(f"   {preset:>6} | {g['mr']}\n          -> {text}\n     (ref)   {g['refs'][0]}")
     model, _ = runtime.load_model(adapter=adapter, device="cpu", dtype="float32", merge=False)
     return {"preset": preset, "trainable": sharelora.count_trainable(model), "bytes": os.path.getsize(adapter),
-            "val": best_val(os.path.join(out, preset)), "bleu": corpus_scores(predictions, [g["refs"] for g in groups])["bleu"],
+            "val": best_val(os.path.join(out, preset)), "bleu": bleu(predictions, [g["refs"] for g in groups]),
             "seconds": seconds}
 
 

@@ -10,25 +10,27 @@ The prompt is the training context, MR + " ||" (see data/e2e/prepare.py); the mo
 and then <|endoftext|>. The test split has 630 MRs with 4,693 references (1 to 45 per MR, most have 6).
 
 Decoding follows the LoRA paper's E2E recipe (microsoft/LoRA, examples/NLG/src/gpt2_beam.py): beam
-search with 10 beams, a length penalty and no repeated 4-gram. The scores here are sacrebleu's BLEU
-(set up as the official scorer's BLEU) and rouge_score's ROUGE-L, both on a 0-100 scale like the
-papers' tables. For numbers to put next to published ones, run the official scorer (github
-tuetschek/e2e-metrics) on the predictions.txt and references.txt written here: it also gives NIST,
-METEOR and CIDEr, and its ROUGE-L is computed differently (see corpus_scores).
+search with 10 beams, a length penalty and no repeated 4-gram. The scores are the E2E challenge's five,
+computed as its official scorer does (e2e_metrics.py): BLEU, NIST, METEOR, ROUGE-L and CIDEr, the last
+three with Java. Files in the official layout, written anywhere, are scored the same way without a model:
+
+    python evaluate_e2e.py --predictions predictions.txt --references references.txt
 """
 import json
 import math
 import os
 import sys
 
-from data.common import Parser, check, quiet_ctrl_c
+from data.common import Parser, check, quiet_ctrl_c, write_text
 from data.common import run as run_early
 
 
 def options(argv):
     """The command line, checked before torch loads (a mistake shows at once)."""
-    p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them (BLEU, ROUGE-L).")
+    p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them with the official metrics.")
     p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
+    p.add_argument("--predictions", help="score this file (one text per line) instead of decoding; needs --references")
+    p.add_argument("--references", help="with --predictions: each MR's references on consecutive lines, a blank line between MRs")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
     p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
     p.add_argument("--split", default="test", choices=["test", "val"])
@@ -42,7 +44,12 @@ def options(argv):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
     args = p.parse_args(argv)
-    check(args.out_dir is not None or args.adapter is not None, "pass --out_dir (a training run's folder) or --adapter FILE")
+    check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
+          "pass both files to score them, or neither to decode a model's")
+    check(args.predictions is None or (args.out_dir is None and args.adapter is None),
+          "--predictions scores a file without a model: leave out --out_dir and --adapter")
+    check(args.predictions is not None or args.out_dir is not None or args.adapter is not None,
+          "pass --out_dir (a training run's folder) or --adapter FILE, or --predictions and --references to score files")
     check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")
     check(args.limit is None or args.limit >= 1, f"--limit must be at least 1, not {args.limit}")
     check(args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
@@ -52,16 +59,44 @@ def options(argv):
     return args
 
 
+def score_files(args):
+    """--predictions and --references: files in the official layout, scored without a model or torch."""
+    from data.common import decode_utf8
+    from e2e_metrics import e2e_scores, format_scores, parse_predictions, parse_references
+    texts = {}
+    for option in ("predictions", "references"):
+        path = getattr(args, option)
+        check(os.path.isfile(path), f"--{option} {path} is not a file")
+        with open(path, "rb") as f:
+            texts[option] = decode_utf8(f.read(), f"--{option} {path}")
+    predictions, references = parse_predictions(texts["predictions"]), parse_references(texts["references"])
+    check(references, f"--references {args.references} holds no reference")
+    check(len(predictions) == len(references), f"--predictions {args.predictions} has {len(predictions)} lines but "
+          f"--references {args.references} has {len(references)} MRs (groups of lines between blank lines): "
+          "they must match one to one, in the same order")
+    scores = e2e_scores(predictions, references)
+    print(f"{len(predictions)} MRs: {format_scores(scores)}")
+    if args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)
+        write_text(os.path.join(args.results_dir, "scores.json"), json.dumps(
+            {**scores, "mrs": len(predictions), "predictions": args.predictions, "references": args.references}, indent=1) + "\n")
+    return scores
+
+
 if __name__ == "__main__":
     quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
-    run_early(options, sys.argv[1:])
+    early = run_early(options, sys.argv[1:])
+    if early.predictions is not None:
+        run_early(score_files, early)  # no model: torch is never loaded
+        sys.exit(0)
 
 import torch  # noqa: E402  (after the options were checked)
 from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
-from runtime import autocast, fail, load_model, read_json, run, writable_folder, write_text  # noqa: E402
+from e2e_metrics import e2e_scores, format_scores  # noqa: E402
+from runtime import autocast, fail, load_model, read_json, run, writable_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -170,36 +205,7 @@ def greedy_batch(model, prompts, max_new_tokens=64, eos_token=EOT, batch_size=32
     return out
 
 
-# ---- scoring --------------------------------------------------------------------------------
-
-def corpus_scores(predictions, references_list):
-    """{"bleu", "rouge_l"}, both 0-100, of predictions[i] against all of references_list[i].
-
-    BLEU: sacrebleu reads references as streams (stream j = the j-th reference of every segment), and
-    E2E MRs have 1 to 45 references; a missing one is None, which sacrebleu leaves out of that
-    segment (its documented way to give a variable number of references; an empty string instead
-    would count as a reference of length 0). Like the official scorer (mteval-v13a, via e2e-metrics),
-    it uses the 13a tokenization, n-gram counts clipped by the maximum over the references and the
-    closest reference length for the brevity penalty, and it ignores case (lowercase=True), as
-    mteval-v13a does by default and e2e-metrics' Python port of it (case_sensitive=False).
-
-    ROUGE-L: rouge_score's LCS F-measure (beta = 1) against each reference, the best one per MR,
-    averaged over MRs. The official scorer uses the MS-COCO caption code instead: recall and precision
-    are each maximised over the references, then combined with beta = 1.2, after the PTB tokenizer,
-    so its ROUGE-L differs a little from this one."""
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU
-
-    if len(predictions) != len(references_list):
-        raise ValueError(f"{len(predictions)} predictions for {len(references_list)} sets of references")
-    most = max(len(refs) for refs in references_list)
-    streams = [[refs[j] if j < len(refs) else None for refs in references_list] for j in range(most)]
-    bleu = BLEU(lowercase=True).corpus_score(predictions, streams).score
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    best = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-            for pred, refs in zip(predictions, references_list)]
-    return {"bleu": bleu, "rouge_l": 100 * sum(best) / len(best)}
-
+# ---- the official files --------------------------------------------------------------------------------
 
 def one_line(text):
     """A text as one line with single spaces: the official files have one text per line."""
@@ -222,6 +228,15 @@ def write_official_layout(out_dir, predictions, groups):
 
 # ---- the command line -----------------------------------------------------------------------
 
+def room_to_generate(model, mrs, sep=" ||", max_new_tokens=64, split="test"):
+    """max_new_tokens, or fewer when the longest prompt leaves less room in the model's context; an
+    error when it leaves none."""
+    longest = max(len(get_tokenizer().encode_ordinary(mr + sep)) for mr in mrs)
+    check(longest < model.config.block_size, f"an MR of {split} is {longest} tokens, as long as the model's "
+                                             f"context ({model.config.block_size}): it leaves no room to generate")
+    return min(max_new_tokens, model.config.block_size - longest)
+
+
 def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, length_penalty=0.9,
                no_repeat_ngram_size=4, batch_size=32):
     """One sentence per MR: greedy (beam_size 1, batched) or beam search, with a tqdm bar."""
@@ -242,6 +257,8 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
 
 def main(argv=None):
     args = options(argv)
+    if args.predictions is not None:
+        return score_files(args)
     refs_path = os.path.join(args.data_dir, f"{args.split}_refs.json")
     if not os.path.exists(refs_path):
         fail(f"{refs_path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
@@ -263,13 +280,10 @@ def main(argv=None):
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
-    longest = max(len(get_tokenizer().encode_ordinary(g["mr"] + sep)) for g in groups)
-    check(longest < model.config.block_size, f"an MR of {args.split} is {longest} tokens, as long as the model's "
-                                             f"context ({model.config.block_size}): it leaves no room to generate")
-    max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)  # as much as the context holds
+    max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)
     predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, max_new_tokens,
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
-    scores = corpus_scores(predictions, [g["refs"] for g in groups])
+    scores = e2e_scores(predictions, [g["refs"] for g in groups])
 
     pred_path, ref_path = write_official_layout(results_dir, predictions, groups)
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
@@ -277,10 +291,8 @@ def main(argv=None):
     write_text(os.path.join(results_dir, "scores.json"),
                json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-    print(f"{args.split}: {len(groups)} MRs, {how}: BLEU {scores['bleu']:.2f}, ROUGE-L {scores['rouge_l']:.2f}")
-    print(f"wrote {pred_path}, {ref_path} and scores.json; the official scores (NIST, METEOR, CIDEr too):")
-    print(f"  ./measure_scores.py {os.path.abspath(ref_path)} {os.path.abspath(pred_path)}"
-          "   # in a clone of github.com/tuetschek/e2e-metrics")
+    print(f"{args.split}: {len(groups)} MRs, {how}: {format_scores(scores)}")
+    print(f"wrote {pred_path}, {ref_path} (the official scorer's layout) and scores.json")
 
 
 if __name__ == "__main__":

@@ -290,8 +290,10 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
     "compare with r=0": ("compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", "--r=0",
                                                   f"--out={c.tmp / 'cmp'}"], "r must be"),
     "compare into an earlier comparison": ("compare.py", lambda c: [
-        f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", f"--out={c.file('cmp/lora/x', 'x').parent.parent}"],
-        "holds an earlier comparison"),
+        f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", f"--out={c.file('cmp/lora/seed1/x', 'x').parent.parent.parent}"],
+        "holds another or an unfinished run"),
+    "compare --seeds not numbers": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=1,two"], "--seeds must be whole numbers"),
+    "compare --seeds twice the same": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=3,3"], "names a seed twice"),
     "evaluate --beam_size=0": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),
     # preparing data
     "prepare non-UTF-8 text": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Ros\xe9 ".encode("latin-1") * 99),

@@ -1,0 +1,63 @@
+"""
+compare.py end to end on a tiny base: two presets x two seeds, the table of means and standard deviations,
+results.json, the two plots, and a second run of the same command that trains nothing and reuses every
+row. The statistics helpers on numbers worked out by hand.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from conftest import TINY, run  # noqa: E402
+
+import compare  # noqa: E402
+
+
+def test_spread_and_differs():
+    assert compare.spread([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample standard deviation: sqrt(2 / 2)
+    assert compare.spread([5.0]) == (5.0, 0.0)
+    assert compare.differs((10.0, 1.0), (7.0, 1.0))  # 3 apart, spreads add to 2
+    assert not compare.differs((10.0, 1.0), (8.5, 1.0))  # 1.5 apart: within the scatter
+    assert not compare.differs((10.0, 0.0), (7.0, 0.0))  # a single seed has no spread to compare against
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    """A tiny base with room for E2E prompts (the test MRs are up to 52 tokens)."""
+    out = tmp_path_factory.mktemp("cmpbase") / "base"
+    argv = [a for a in TINY if not a.startswith("--block_size")]
+    run("train.py", *argv, "--block_size=96", "--adapter=none", f"--data_dir={data['shakespeare']}",
+        f"--out_dir={out}", "--max_iters=1")
+    return out
+
+
+def test_compare_seeds_table_plots_and_rerun(base, data, tmp_path):
+    out = tmp_path / "cmp"
+    argv = [f"--init_from={base}", f"--data_dir={data['e2e']}", "--presets=lora,sharea", "--seeds=1,2",
+            "--max_iters=2", "--batch_size=2", "--eval_mrs=3", "--r=2", f"--out={out}", "--device=cpu", "--png",
+            "--", "--eval_iters=1", "--dtype=float32"]
+    first = run("compare.py", *argv)
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["preset"], r["seed"]) for r in rows] == [("lora", 1), ("lora", 2), ("sharea", 1), ("sharea", 2)]
+    for r in rows:
+        assert r["mrs"] == 3 and {"bleu", "nist", "val_loss", "trainable"} <= set(r) and r["val_curve"]
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the seeds are different runs
+    table = (out / "compare.md").read_text()
+    assert table in first.stdout
+    lora = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert lora.count(" ± ") == len([c for c in ("val_loss", "bleu", "nist", "meteor", "rouge_l", "cider")
+                                     if c in rows[0]])
+    assert "seeds 1,2" in table and "Mean ± sample standard deviation over the 2 seeds" in table
+    for png in ("loss.png", "quality.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = out / "lora" / "seed1" / "adapter.safetensors"
+    before = adapter.stat().st_mtime_ns
+    second = run("compare.py", *argv)  # the same command again: nothing to train, the same table
+    assert second.stdout.count("reused") == 4 and "== lora, seed 1: " + "finished earlier" in second.stdout
+    assert adapter.stat().st_mtime_ns == before and (out / "compare.md").read_text() == table
+    other = run("compare.py", *argv[:-3], "--", "--eval_iters=2", "--dtype=float32", check=False)  # another command
+    assert other.returncode == 2 and "holds another or an unfinished run" in other.stderr
+    assert adapter.stat().st_mtime_ns == before

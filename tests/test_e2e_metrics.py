@@ -1,0 +1,207 @@
+"""
+e2e_metrics.py against the official E2E scorer (tuetschek/e2e-metrics, measure_scores.py, default Perl
+BLEU/NIST, pycocoevalcap 1.2 jars): five scores pinned on a case the official tool scored, small cases
+worked out by hand, the official file layout, and `evaluate_e2e.py --predictions --references` with and
+without Java.
+
+The Java metrics (METEOR, ROUGE-L, CIDEr) are skipped where no Java runtime is installed, except under
+CI (the CI variable set): .ci/run installs Java, so there a missing one fails instead of hiding.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import e2e_metrics as em  # noqa: E402
+from data.e2e.prepare import CSVS, group_refs, read_rows, read_sources  # noqa: E402
+
+needs_java = pytest.mark.skipif(em.java_missing() is not None and not os.environ.get("CI"),
+                                reason=em.java_missing() or "")
+
+# The official tool on the leave-one-out case (measure_scores.py, printed to 4 decimals, BLEU, METEOR and
+# ROUGE_L on 0-1) and how close ours must come: BLEU and ROUGE-L to 0.01 points of 100, the others to 0.005
+# on the official scale (METEOR's 0.005 is 0.5 on ours).
+OFFICIAL = {"bleu": 0.6046, "nist": 8.9029, "meteor": 0.4563, "rouge_l": 0.6381, "cider": 1.8572}
+SCALE = {"bleu": 100, "nist": 1, "meteor": 100, "rouge_l": 100, "cider": 1}
+TOLERANCE = {"bleu": 0.01 + 0.005, "nist": 0.005, "meteor": 0.5, "rouge_l": 0.01 + 0.005, "cider": 0.005}
+# (+0.005 for BLEU and ROUGE-L: the official 4 decimals on 0-1 are 2 on 0-100, themselves rounded)
+
+
+@pytest.fixture(scope="module")
+def leave_one_out(tmp_path_factory):
+    """Every test MR with at least two references (616 of 630, in test_refs.json's order): its first
+    reference is the prediction, the others are the references. Written in the official layout, from
+    the E2E copy shipped in data/e2e/source."""
+    groups = [g for g in group_refs(read_rows(read_sources()["test"], CSVS["test"])) if len(g["refs"]) >= 2]
+    preds = [" ".join(g["refs"][0].split()) for g in groups]
+    refs = [[" ".join(r.split()) for r in g["refs"][1:]] for g in groups]
+    d = tmp_path_factory.mktemp("loo")
+    (d / "predictions.txt").write_text("".join(p + "\n" for p in preds), encoding="utf-8")
+    (d / "references.txt").write_text("\n".join("".join(r + "\n" for r in rs) for rs in refs), encoding="utf-8")
+    return preds, refs, d
+
+
+def test_leave_one_out_case_has_616_mrs(leave_one_out):
+    preds, refs, _ = leave_one_out
+    assert len(preds) == 616 and max(map(len, refs)) == 44 and min(map(len, refs)) == 1
+
+
+@pytest.mark.parametrize("metric", ["bleu", "nist"])
+def test_bleu_and_nist_agree_with_the_official_scorer(leave_one_out, metric):
+    preds, refs, _ = leave_one_out
+    ours = getattr(em, metric)(preds, refs)
+    assert abs(ours - SCALE[metric] * OFFICIAL[metric]) <= TOLERANCE[metric], (metric, ours)
+
+
+@needs_java
+def test_cli_scores_the_official_files_like_the_official_scorer(leave_one_out, tmp_path):
+    """All five, through the command line that scores files without a model."""
+    _, _, d = leave_one_out
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
+                        "--references", str(d / "references.txt"), "--results_dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("616 MRs: BLEU 60.46, NIST 8.9029, METEOR 45.63, ROUGE-L 63.81, CIDEr 1.857")
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for metric, official in OFFICIAL.items():
+        assert abs(scores[metric] - SCALE[metric] * official) <= TOLERANCE[metric], (metric, scores[metric])
+
+
+def test_without_java_bleu_and_nist_remain_and_one_line_says_why(leave_one_out):
+    _, _, d = leave_one_out
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no java on this PATH
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
+                        "--references", str(d / "references.txt")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "616 MRs: BLEU 60.46, NIST 8.9029\n"
+    assert r.stderr.count("\n") == 1 and "Java" in r.stderr and "default-jre-headless" in r.stderr
+
+
+def test_a_java_that_fails_is_reported_in_one_line(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "java").write_text("#!/bin/sh\necho 'Error: could not create the Java Virtual Machine.' >&2\nexit 1\n")
+    (bin_dir / "java").chmod(0o755)
+    (tmp_path / "p.txt").write_text("The Vaults is a pub.\n")
+    (tmp_path / "r.txt").write_text("The Vaults is a pub.\nThe Vaults is a local pub.\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}"}
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(tmp_path / "p.txt"),
+                        "--references", str(tmp_path / "r.txt")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("1 MRs: BLEU 100.00, NIST "), r.stderr
+    assert r.stderr == "note: METEOR, ROUGE-L and CIDEr were skipped: java failed " \
+                       "(Error: could not create the Java Virtual Machine.)\n"
+
+
+@pytest.mark.parametrize("case", ["fewer predictions", "only one file", "missing file", "not UTF-8", "no references"])
+def test_bad_files_get_one_line(leave_one_out, tmp_path, case):
+    _, _, d = leave_one_out
+    pred, ref = d / "predictions.txt", d / "references.txt"
+    bad = tmp_path / "bad.txt"
+    if case == "fewer predictions":
+        bad.write_text("one line\n")
+        argv, expect = ["--predictions", bad, "--references", ref], "has 1 lines but --references"
+    elif case == "only one file":
+        argv, expect = ["--predictions", pred], "--predictions and --references go together"
+    elif case == "missing file":
+        argv, expect = ["--predictions", pred, "--references", tmp_path / "none.txt"], "is not a file"
+    elif case == "not UTF-8":
+        bad.write_bytes(b"caf\xe9\n")
+        argv, expect = ["--predictions", bad, "--references", ref], "is not UTF-8"
+    else:
+        bad.write_text("\n\n")
+        argv, expect = ["--predictions", pred, "--references", bad], "holds no reference"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), *map(str, argv)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert expect in r.stderr
+
+
+# ---- small cases worked out by hand --------------------------------------------------------
+
+REFS = [["The Vaults is a pub.", "The Vaults is a local pub.", "There is a pub called The Vaults."],
+        ["Blue Spice serves Chinese food."],
+        ["Zizzi is by the riverside.", "Near the river is Zizzi."]]
+
+
+def test_references_score_full_marks_against_themselves():
+    for k in (0, 1):  # the first reference of each MR, then the second where there is one
+        preds = [refs[min(k, len(refs) - 1)] for refs in REFS]
+        assert em.bleu(preds, REFS) == pytest.approx(100.0)
+    # the official BLEU ignores case (mteval-v13a without -c), and so does ours
+    assert em.bleu([r[0].upper() for r in REFS], REFS) == pytest.approx(100.0)
+
+
+def test_known_bleu():
+    """hyp "the cat sat on the mat", ref "the cat sat on a mat": n-gram precisions 5/6, 3/5, 2/4, 1/3,
+    equal lengths (no brevity penalty): BLEU = 100 (5/6 * 3/5 * 2/4 * 1/3)^(1/4) = 53.73. A second,
+    unrelated reference changes nothing (no clipped n-gram gains, the same closest length)."""
+    hyp, ref = "the cat sat on the mat", "the cat sat on a mat"
+    for refs in ([ref], [ref, "dogs bark loudly here today"]):
+        assert em.bleu([hyp], [refs]) == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+
+
+def test_variable_reference_counts():
+    """A missing reference counts as absent: the same BLEU as padding with a duplicate of an existing
+    reference, which changes neither the clipped n-gram counts nor the closest length."""
+    from sacrebleu.metrics import BLEU
+    preds = ["The Vaults is a pub in town.", "Blue Spice serves food.", "Zizzi is near the river."]
+    dup = [[refs[j] if j < len(refs) else refs[0] for refs in REFS] for j in range(3)]
+    expected = BLEU(lowercase=True).corpus_score(preds, dup).score
+    assert 0 < expected < 100 and em.bleu(preds, REFS) == pytest.approx(expected, abs=1e-9)
+
+
+def test_known_nist():
+    """References "a b" and "a c": 4 words, a twice, so info(a) = log2(4/2) = 1, info(b) = info(c) =
+    log2(4/1) = 2, info(a b) = log2(count(a) / count(a b)) = log2(2/1) = 1.
+    "a b" scores (1 + 2) / 2 unigrams + 1 / 1 bigram = 2.5, at full length (2 words against an average
+    of 4 / 2 reference sets = 2). "a" alone: 1 / 1 = 1, times the length penalty at ratio 1/2,
+    exp(-beta ln(1/2)^2) with beta = ln 2 / ln(1.5)^2 (a ratio of 2/3 costs half)."""
+    refs = [["a b", "a c"]]
+    assert em.nist(["a b"], refs) == pytest.approx(2.5)
+    beta = math.log(2) / math.log(1.5) ** 2
+    assert em.nist(["a"], refs) == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))
+    assert em.nist_length_penalty(2 / 3) == pytest.approx(0.5)
+    assert em.nist(["x y"], refs) == 0  # nothing matches
+
+
+def test_mteval_tokens():
+    """mteval-v13a's default tokenization: lowercased, punctuation split off, but not a period or comma
+    between digits, and a dash only after a digit."""
+    assert em.mteval_tokens("The Eagle, near Café Rouge, costs £20-25. Family-friendly!") == \
+        "the eagle , near café rouge , costs £20 - 25 . family-friendly !".split()
+    assert em.mteval_tokens("rated 4.5 out of 5") == "rated 4.5 out of 5".split()
+
+
+@needs_java
+def test_known_rouge_l_and_self_scores():
+    """ROUGE-L as the COCO code: LCS "the cat sat on mat" is 5 of 6 words both ways, F = 5/6 whatever
+    beta. Against itself every metric is at its top, CIDEr aside (it weights by idf over the set)."""
+    scores = em.coco_metrics(["the cat sat on the mat"], [["the cat sat on a mat"]])
+    assert scores["rouge_l"] == pytest.approx(100 * 5 / 6)
+    own = em.coco_metrics([r[0] for r in REFS], REFS)
+    assert own["rouge_l"] == pytest.approx(100.0) and own["meteor"] > 90
+
+
+@needs_java
+def test_ptb_tokenizer_as_the_official_rouge_sees_text():
+    """Lowercased, "family-friendly" and "20-25" kept whole, "£" turned into "#", the punctuation list
+    dropped, an empty text kept as one; and, faithfully to pycocoevalcap, the brackets' -LRB- / -RRB-
+    survive: the tokenizer lowercases them before the (upper-case) list is checked."""
+    assert em.ptb_tokenize(["The Eagle, a family-friendly pub, costs £20-25.", "", "It's near (riverside)."]) == \
+        ["the eagle a family-friendly pub costs # 20-25", "", "it 's near -lrb- riverside -rrb-"]
+
+
+def test_official_layout_parsers():
+    assert em.parse_predictions(" a \nb\n") == ["a", "b"]
+    assert em.parse_references("a\nb\n\nc\n") == [["a", "b"], ["c"]]
+    assert em.parse_references("a\n\n\nc\n\n") == [["a"], ["c"]]  # extra blank lines start no empty MR
+    with pytest.raises(ValueError, match="predictions for"):
+        em.e2e_scores(["a"], [["a"], ["b"]], warn=False)
+    with pytest.raises(ValueError, match="at least one reference"):
+        em.e2e_scores(["a"], [[]], warn=False)

@@ -6,8 +6,8 @@ standard deviations over the seeds; --png draws the curves and the papers' quali
     python compare.py --init_from=out-e2e-base-6l --seeds=1,2,3 --png                   # the README's CPU run
 
 Each run trains in its own train.py process (so its peak memory is its own) into OUT/<preset>/seed<N>/,
-then decodes the test MRs (all 630 by default; greedy unless --beam_size) and scores them with the five
-official E2E metrics (e2e_metrics.py; METEOR, ROUGE-L and CIDEr need Java). A finished run's row is kept
+then decodes the test MRs (all 630 by default; greedy unless --beam_size; predictions.txt in the run's
+folder) and scores them with the five official E2E metrics (e2e_metrics.py; METEOR, ROUGE-L and CIDEr need Java). A finished run's row is kept
 in its folder, so the same command run again after an interruption trains only what is missing, and
 re-draws the table and plots at once. Anything after `--` goes to every train.py run as it is (e.g.
 -- --batch_size=16), and --override PRESET:KEY=VALUE changes one preset only (VeRA needs a far larger
@@ -75,7 +75,7 @@ import runtime  # noqa: E402  (after the options were checked)
 import sharelora  # noqa: E402
 import train  # noqa: E402
 from e2e_metrics import e2e_scores  # noqa: E402
-from evaluate_e2e import decode_mrs, room_to_generate  # noqa: E402
+from evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # noqa: E402
 
 PRESETS = list(sharelora.PRESETS)
 ROW_FILE = "compare_row.json"  # a finished run's measurements, next to its adapter
@@ -167,6 +167,7 @@ def measure(preset, seed, out_dir, groups, args):
     if groups:
         mrs = [g["mr"] for g in groups]
         predictions = decode_mrs(model, info, mrs, beam_size=args.beam_size, max_new_tokens=room_to_generate(model, mrs))
+        write_official_layout(out_dir, predictions, groups)  # predictions.txt, references.txt: to read, or score elsewhere
         row.update(e2e_scores(predictions, [g["refs"] for g in groups]))
     return row
 

@@ -44,6 +44,8 @@ def test_compare_seeds_table_plots_and_rerun(base, data, tmp_path):
     assert [(r["preset"], r["seed"]) for r in rows] == [("lora", 1), ("lora", 2), ("sharea", 1), ("sharea", 2)]
     for r in rows:
         assert r["mrs"] == 3 and {"bleu", "nist", "val_loss", "trainable"} <= set(r) and r["val_curve"]
+        predictions = (out / r["preset"] / f"seed{r['seed']}" / "predictions.txt").read_text().splitlines()
+        assert len(predictions) == 3  # the decoded texts, in the official layout beside the adapter
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the seeds are different runs
     table = (out / "compare.md").read_text()
     assert table in first.stdout

@@ -39,7 +39,8 @@ def options(argv):
     p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="0: allow repeats")
     p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
     p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch for greedy decoding")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="prompts decoded together (beam search: each with beam_size rows in the batch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
@@ -111,17 +112,15 @@ def banned_tokens(seq, n):
     return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
 
 
-@torch.no_grad()
-def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penalty=0.9,
-                no_repeat_ngram_size=4, eos_token=EOT, use_cache=True):
-    """The best continuation of one prompt (a list of ids): its new tokens, without the eos.
+class Hypotheses:
+    """One prompt's beam search: its live beams (new tokens and summed log-probs, float32) and the pool
+    of finished hypotheses, best first, at most beam_size.
 
     Each step extends every live beam by every token and keeps the beam_size best sums of log-probs.
-    A candidate ending in eos leaves for the pool of finished hypotheses, scored
-    sum_logprob / length ** length_penalty with length = new tokens including the eos (Hugging Face
-    and microsoft/LoRA both count it): length_penalty 0 ranks by total log-prob, which favours short
-    texts; 1 by the mean per token. As in Hugging Face, an eos only counts when it is among the
-    beam_size best candidates, and the pool keeps the beam_size best hypotheses.
+    A candidate ending in eos leaves for the pool, scored sum_logprob / length ** length_penalty with
+    length = new tokens including the eos (Hugging Face and microsoft/LoRA both count it):
+    length_penalty 0 ranks by total log-prob, which favours short texts; 1 by the mean per token. As in
+    Hugging Face, an eos only counts when it is among the beam_size best candidates.
 
     Stopping rule, Hugging Face's default (early_stopping=False): stop once the pool is full and the
     best live beam, scored as if it ended now, does not beat the pool's worst. This is a heuristic:
@@ -133,75 +132,137 @@ def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penal
     gpt2_beam.py does; Hugging Face also counts the prompt for a decoder-only model. On E2E that
     difference matters: the prompt holds the MR's values, and a text that copies "1 out of 5" or
     "Raja Indian Cuisine" with the MR's tokenization would be forbidden: 100 of the 4,672 validation
-    references (11 of the test's) could not be generated under Hugging Face's rule.
+    references (11 of the test's) could not be generated under Hugging Face's rule."""
 
-    use_cache=False recomputes the whole sequence every step instead of feeding one token per beam to
-    the KV cache; the selection code is shared, so both must give the same tokens (a test checks)."""
+    def __init__(self, beam_size, length_penalty, no_repeat_ngram_size, eos_token, device):
+        self.beam_size, self.length_penalty = beam_size, length_penalty
+        self.no_repeat_ngram_size, self.eos_token = no_repeat_ngram_size, eos_token
+        self.seqs = [[]]  # a single empty beam until the first step
+        self.sums = torch.zeros(1, device=device)
+        self.pool = []  # (score, tokens)
+        self.done = False
+
+    def step(self, logp, step, last):
+        """Choose the next beams from logp, (live beams, vocab) float32 log-probs of the next token.
+        Returns (parents, tokens): each new beam is its parent row's beam plus its token. Sets done
+        when the search is over (the stopping rule, or `last`, the step at max_new_tokens)."""
+        for b, seq in enumerate(self.seqs):
+            logp[b, banned_tokens(seq, self.no_repeat_ngram_size)] = float("-inf")
+        vocab, k = logp.size(1), self.beam_size
+        # 2 x beam_size candidates: at most one eos per beam, so at least beam_size of them live on
+        top, index = (self.sums[:, None] + logp).view(-1).topk(2 * k)
+        parents, tokens, live = [], [], []
+        for rank, (total, i) in enumerate(zip(top.tolist(), index.tolist())):
+            parent, token = divmod(i, vocab)
+            if token != self.eos_token:
+                parents.append(parent)
+                tokens.append(token)
+                live.append(total)
+            elif rank < k:  # finished: step + 1 new tokens, counting the eos
+                self.pool.append((total / (step + 1) ** self.length_penalty, self.seqs[parent]))
+                self.pool = sorted(self.pool, key=lambda h: h[0], reverse=True)[:k]
+            if len(live) == k:
+                break
+        self.seqs = [self.seqs[p] + [t] for p, t in zip(parents, tokens)]
+        self.sums = torch.tensor(live, device=self.sums.device)
+        if len(self.pool) == k and live[0] / (step + 1) ** self.length_penalty <= self.pool[-1][0]:
+            self.done = True  # no live beam is expected to beat the worst finished one
+        elif last:  # max_new_tokens reached: the live beams compete unfinished
+            self.pool += [(total / (step + 1) ** self.length_penalty, seq) for total, seq in zip(live, self.seqs)]
+            self.done = True
+        return parents, tokens
+
+    def best(self):
+        return max(self.pool, key=lambda h: h[0])[1]
+
+
+@torch.no_grad()
+def beam_search_batch(model, prompts, beam_size=10, max_new_tokens=64, length_penalty=0.9,
+                      no_repeat_ngram_size=4, eos_token=EOT):
+    """The best continuation of each prompt (lists of ids, all the same length): its new tokens, without
+    the eos. The live beams of all the prompts go through the model together, one token per beam per
+    step through the KV cache; a prompt whose search is over leaves the batch (its cache rows with it).
+    Each prompt's result is what it would get alone (Hypotheses decides; a test checks)."""
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("beam_search_batch takes prompts of one length (group them as decode_mrs does)")
+    device = next(model.parameters()).device
+    searches = [Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token, device) for _ in prompts]
+    cache = KVCache(model.config.n_layer, len(prompts[0]) + max_new_tokens)
+    x = torch.tensor(prompts, dtype=torch.long, device=device)  # (prompts, T): one row per prompt at first
+    active = list(range(len(prompts)))  # the searches still running, in the order of their cache rows
+    for step in range(max_new_tokens):
+        logits, _ = model(x, cache=cache)
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (rows, vocab)
+        rows, tokens, still, first = [], [], [], 0
+        for s in active:
+            n = len(searches[s].seqs)
+            parents, chosen = searches[s].step(logp[first:first + n], step, last=step == max_new_tokens - 1)
+            if not searches[s].done:
+                still.append(s)
+                rows += [first + p for p in parents]  # each new beam takes its parent's keys and values
+                tokens += chosen
+            first += n
+        if not still:
+            break
+        active = still
+        cache.reorder(torch.tensor(rows, device=device))
+        x = torch.tensor(tokens, device=device)[:, None]  # (rows, 1)
+    return [h.best() for h in searches]
+
+
+@torch.no_grad()
+def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penalty=0.9,
+                no_repeat_ngram_size=4, eos_token=EOT, use_cache=True):
+    """The best continuation of one prompt (see Hypotheses). use_cache=False recomputes the whole
+    sequence every step instead of feeding one token per beam to the KV cache; the selection code is
+    shared, so both must give the same tokens (a test checks)."""
+    if use_cache:
+        return beam_search_batch(model, [prompt_ids], beam_size, max_new_tokens, length_penalty,
+                                 no_repeat_ngram_size, eos_token)[0]
     if max_new_tokens < 1:
         return []
     device = next(model.parameters()).device
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    cache = KVCache(model.config.n_layer, len(prompt_ids) + max_new_tokens) if use_cache else None
-    seqs = [[]]  # the live beams' new tokens: a single empty beam until the first step
-    sums = torch.zeros(1, device=device)  # their summed log-probs, float32
-    pool = []  # finished hypotheses, (score, tokens), best first, at most beam_size
-    x = prompt  # what the model reads this step
+    search = Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token, device)
     for step in range(max_new_tokens):
-        if cache is None:  # the prompt, repeated for each beam, followed by that beam's tokens
-            x = torch.cat((prompt.expand(len(seqs), -1), torch.tensor(seqs, dtype=torch.long, device=device)), 1)
-        logits, _ = model(x, cache=cache)
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (beams, vocab)
-        for b, seq in enumerate(seqs):
-            logp[b, banned_tokens(seq, no_repeat_ngram_size)] = float("-inf")
-        vocab = logp.size(1)
-        # 2 x beam_size candidates: at most one eos per beam, so at least beam_size of them live on
-        top, index = (sums[:, None] + logp).view(-1).topk(2 * beam_size)
-        parents, tokens, live = [], [], []
-        for rank, (total, i) in enumerate(zip(top.tolist(), index.tolist())):
-            parent, token = divmod(i, vocab)
-            if token != eos_token:
-                parents.append(parent)
-                tokens.append(token)
-                live.append(total)
-            elif rank < beam_size:  # finished: step + 1 new tokens, counting the eos
-                pool.append((total / (step + 1) ** length_penalty, seqs[parent]))
-                pool = sorted(pool, key=lambda h: h[0], reverse=True)[:beam_size]
-            if len(live) == beam_size:
-                break
-        seqs = [seqs[p] + [t] for p, t in zip(parents, tokens)]
-        sums = torch.tensor(live, device=device)
-        if len(pool) == beam_size and live[0] / (step + 1) ** length_penalty <= pool[-1][0]:
-            break  # no live beam is expected to beat the worst finished one
-        if cache is not None:
-            cache.reorder(torch.tensor(parents, device=device))  # each beam takes its parent's keys and values
-            x = torch.tensor(tokens, device=device)[:, None]  # (beams, 1)
-    else:  # max_new_tokens reached: the live beams compete unfinished
-        pool += [(total / max_new_tokens ** length_penalty, seq) for total, seq in zip(live, seqs)]
-    return max(pool, key=lambda h: h[0])[1]
+        # the prompt, repeated for each beam, followed by that beam's tokens
+        x = torch.cat((prompt.expand(len(search.seqs), -1),
+                       torch.tensor(search.seqs, dtype=torch.long, device=device)), 1)
+        logits, _ = model(x)
+        search.step(F.log_softmax(logits[:, -1].float(), dim=-1), step, last=step == max_new_tokens - 1)
+        if search.done:
+            break
+    return search.best()
+
+
+def by_length(prompts, batch_size):
+    """Lists of at most batch_size prompt numbers, each of prompts of one length, shortest first.
+    Batched without padding: GPT-2 has no padding token, and left padding would need attention masks
+    and shifted positions. The 630 test prompts have 36 distinct lengths (16 to 52 tokens)."""
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for _, members in sorted(groups.items()):
+        for s in range(0, len(members), batch_size):
+            yield members[s:s + batch_size]
 
 
 @torch.no_grad()
 def greedy_batch(model, prompts, max_new_tokens=64, eos_token=EOT, batch_size=32, progress=None):
-    """Greedy continuations of many prompts (lists of ids), batched without padding: prompts of equal
-    length go through model.generate together (GPT-2 has no padding token, and left padding would need
-    attention masks and shifted positions). The 630 test prompts have 36 distinct lengths (16 to 52
-    tokens): 44 batches of at most 32 instead of 20 full ones, and no padding arithmetic. Returns the
-    new tokens of each prompt, in the given order, cut before the first eos. `progress` (a tqdm bar)
-    is advanced by the prompts done."""
+    """Greedy continuations of many prompts (lists of ids), batched by length (by_length): the 630 test
+    prompts make 44 batches of at most 32. Returns the new tokens of each prompt, in the given order,
+    cut before the first eos. `progress` (a tqdm bar) is advanced by the prompts done."""
     device = next(model.parameters()).device
-    by_length = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
     out = [None] * len(prompts)
-    for length, members in sorted(by_length.items()):
-        for s in range(0, len(members), batch_size):
-            chunk = members[s:s + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            rows = model.generate(idx, max_new_tokens, temperature=0, eos_token=eos_token)[:, length:].tolist()
-            for i, row in zip(chunk, rows):
-                out[i] = row[:row.index(eos_token)] if eos_token in row else row
-            if progress is not None:
-                progress.update(len(chunk))
+    for chunk in by_length(prompts, batch_size):
+        idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+        rows = model.generate(idx, max_new_tokens, temperature=0, eos_token=eos_token)[:, idx.size(1):].tolist()
+        for i, row in zip(chunk, rows):
+            out[i] = row[:row.index(eos_token)] if eos_token in row else row
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 
@@ -239,19 +300,22 @@ def room_to_generate(model, mrs, sep=" ||", max_new_tokens=64, split="test"):
 
 def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, length_penalty=0.9,
                no_repeat_ngram_size=4, batch_size=32):
-    """One sentence per MR: greedy (beam_size 1, batched) or beam search, with a tqdm bar."""
+    """One sentence per MR: greedy (beam_size 1) or beam search, both batched by prompt length, with a
+    tqdm bar."""
     enc = get_tokenizer()
     prompts = [enc.encode_ordinary(mr + sep) for mr in mrs]  # exactly the training contexts
     how = "greedy" if beam_size == 1 else f"beam {beam_size}"
     with autocast(info["device"], info["dtype"]), tqdm(total=len(prompts), desc=f"decoding ({how})", unit="MR") as bar:
         if beam_size == 1:
             outs = greedy_batch(model, prompts, max_new_tokens, EOT, batch_size, progress=bar)
-        else:
-            outs = []
-            for prompt in prompts:
-                outs.append(beam_search(model, prompt, beam_size, max_new_tokens, length_penalty,
-                                        no_repeat_ngram_size, EOT))
-                bar.update(1)
+        else:  # the beams of up to batch_size prompts of one length at a time
+            outs = [None] * len(prompts)
+            for chunk in by_length(prompts, batch_size):
+                found = beam_search_batch(model, [prompts[i] for i in chunk], beam_size, max_new_tokens,
+                                          length_penalty, no_repeat_ngram_size, EOT)
+                for i, tokens in zip(chunk, found):
+                    outs[i] = tokens
+                bar.update(len(chunk))
     return [one_line(decode(o)) for o in outs]
 
 

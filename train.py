@@ -50,6 +50,7 @@ class TrainConfig:
     init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
     # optimisation: AdamW over the trainable tensors; weight decay on matrices only
     batch_size: int = 8
+    group_by_length: bool = True  # example sets: batches of similar lengths, <1% padding on E2E (data/loader.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 1000
     learning_rate: float = 2e-4
@@ -347,6 +348,7 @@ def train(cfg):
             fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
                  "resume it with the version of this project that wrote it")
         stored = {k: _check(k, v, types[k], f"the checkpoint in {cfg.out_dir}") for k, v in stored.items()}
+        stored.setdefault("group_by_length", False)  # runs saved before the option existed had random batches
         cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
         if cfg.max_iters <= ckpt["step"]:
             fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
@@ -368,7 +370,7 @@ def train(cfg):
     random.seed(cfg.seed)
 
     batches = Batches(cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset),
-                      cfg.batch_size, cfg.block_size, seed=cfg.seed)
+                      cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
     model = build_model(cfg, ckpt)
     if batches.max_token() >= model.config.vocab_size:
         fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
@@ -402,6 +404,9 @@ def train(cfg):
           f"{n_trainable:,} trainable parameters")
     if cfg.adapter != "none":
         print(sharelora.parameter_table(model))
+    if batches.kind == "examples":  # what a padded batch wastes: every padded position is a full forward and backward
+        print(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
+              f"({'length-grouped' if cfg.group_by_length else 'random'} batches of {cfg.batch_size})")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if resuming:
         runtime.trim_log(log_path, step)

@@ -1,9 +1,19 @@
 """
 Batches from what data/<name>/prepare.py wrote, for train.py.
 
-Every batch is a pure function of (split, index): batch i of a stream is drawn from a generator seeded
-with (seed, i), batch i of an example set is slice i of the epoch-by-epoch shuffled order. Resuming at
-step N therefore needs no data-loader state to continue exactly where the run stopped.
+Every batch is a pure function of (split, index, seed): batch i of a stream is drawn from a generator
+seeded with (seed, i); batch i of an example set comes from the epoch-by-epoch shuffled order. Resuming
+at step N therefore needs no data-loader state to continue exactly where the run stopped.
+
+Length grouping (group_by_length, the default for example sets). A batch is padded to its longest
+example, and every padded position costs a full forward and backward. E2E's examples run from 14 to 142
+tokens: random batches of 8 are 26.5% padding, of 32 33.6%. So each epoch's shuffled order is cut into
+windows of GROUP_WINDOW batches, each window is sorted by length and cut into batches, and the batches of
+the whole epoch are shuffled again: neighbours in a batch have nearly the same length (0.4-0.8% padding
+on E2E train at batch 8 to 32), while what a batch holds and the order of the batches stay random. Each
+epoch is ceil(n / batch_size) batches and shows every example exactly once (one batch is smaller when
+the batch size does not divide n). Packing several examples into one row with a block-diagonal mask
+would waste nothing at all, but needs a mask in the attention, which the padded batches do not.
 """
 import json
 import os
@@ -11,11 +21,12 @@ import os
 import torch
 
 EOT = 50256
+GROUP_WINDOW = 100  # batches sorted together: larger windows pad less but make batches less random
 
 
 class Batches:
 
-    def __init__(self, data_dir, batch_size, block_size, seed=0):
+    def __init__(self, data_dir, batch_size, block_size, seed=0, group_by_length=True):
         meta_path = os.path.join(data_dir, "meta.json")
         name = os.path.basename(os.path.normpath(data_dir))
         self.redo = f"run python data/{name}/prepare.py again"
@@ -30,8 +41,8 @@ class Batches:
         self.kind = self.meta.get("kind") if isinstance(self.meta, dict) else None
         if self.kind not in ("stream", "examples"):  # Shakespeare is a stream, E2E is examples
             raise ValueError(f"{meta_path} has no valid kind (stream or examples): {self.redo}")
-        self.batch_size, self.seed = batch_size, seed
-        self.tokens, self.examples, self.orders = {}, {}, {}
+        self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length
+        self.tokens, self.examples, self.orders, self.groups = {}, {}, {}, {}
         for split in ("train", "val"):
             self.tokens[split] = self._read(os.path.join(data_dir, f"{split}.bin"), torch.uint16)
             if self.kind == "examples":  # rows of (start, context_len, total_len)
@@ -79,15 +90,8 @@ class Batches:
         return self._example_batch(split, i)
 
     def _example_batch(self, split, i):
-        # Example b of batch i is position (i*B + b) of an endless sequence of epochs, each its own
-        # seeded shuffle. E2E train has 42,061 examples: batch 8 makes 5,258 steps an epoch.
         index = self.examples[split]
-        n = len(index)
-        picks = []
-        for k in range(i * self.batch_size, (i + 1) * self.batch_size):
-            epoch, pos = divmod(k, n)
-            order = self._order(split, epoch)
-            picks.append(index[order[pos]].tolist())
+        picks = [index[k].tolist() for k in self.batch_examples(split, i)]
         T = min(self.block_size + 1, max(total for _, _, total in picks))  # pad to the longest, not to block_size
         x = torch.full((len(picks), T - 1), EOT, dtype=torch.long)
         y = torch.full((len(picks), T - 1), -100, dtype=torch.long)
@@ -99,6 +103,44 @@ class Batches:
             y[b, :max(0, context - cut - 1)] = -100  # the MR is context: the loss counts the reference only
         return x, y
 
+    def batch_examples(self, split, i):
+        """The example numbers in batch i."""
+        n, B = len(self.examples[split]), self.batch_size
+        if not self.group_by_length:
+            # position (i*B + b) of an endless sequence of epochs, each its own seeded shuffle
+            return [self._order(split, k // n)[k % n] for k in range(i * B, (i + 1) * B)]
+        epoch, j = divmod(i, -(-n // B))  # ceil(n / B) batches an epoch
+        return self._grouped(split, epoch)[j]
+
+    def _grouped(self, split, epoch):
+        """An epoch's batches, length-grouped (see the top of this file)."""
+        if (split, epoch) not in self.groups:
+            if len(self.groups) > 4:
+                self.groups.clear()
+            order, B = self._order(split, epoch), self.batch_size
+            length = self.examples[split][:, 2].tolist()
+            window = GROUP_WINDOW * B
+            batches = []
+            for w in range(0, len(order), window):
+                ranked = sorted(order[w:w + window], key=length.__getitem__)  # stable: ties keep the shuffle
+                batches += [ranked[b:b + B] for b in range(0, len(ranked), B)]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_000_003)  # not _order's stream
+            self.groups[split, epoch] = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        return self.groups[split, epoch]
+
+    def padding_share(self, split="train", batches=None):
+        """The share of a batch's positions that are padding, over an epoch's batches (or the first
+        `batches`): computed from the examples' lengths, nothing is read."""
+        n, B = len(self.examples[split]), self.batch_size
+        count = -(-n // B) if self.group_by_length else n // B
+        lengths = self.examples[split][:, 2].tolist()
+        used = padded = 0
+        for i in range(count if batches is None else min(batches, count)):
+            rows = [min(lengths[k], self.block_size + 1) - 1 for k in self.batch_examples(split, i)]
+            used += sum(rows)
+            padded += len(rows) * max(rows)
+        return 1 - used / padded
+
     def _order(self, split, epoch):
         if (split, epoch) not in self.orders:
             if len(self.orders) > 4:
@@ -109,4 +151,7 @@ class Batches:
 
     def epoch_steps(self):
         """Batches per epoch of the training split (None for a stream: it has no epochs)."""
-        return None if self.kind == "stream" else len(self.examples["train"]) // self.batch_size
+        if self.kind == "stream":
+            return None
+        n = len(self.examples["train"])
+        return -(-n // self.batch_size) if self.group_by_length else n // self.batch_size

@@ -149,6 +149,24 @@ def test_prompt_ngrams_are_not_banned(model, prompts):
     assert checked >= 3  # 4 of the 10 prompts qualify
 
 
+@pytest.mark.parametrize("beam_size", [2, 5])
+def test_beam_search_batch_matches_one_by_one(model, beam_size):
+    """Seven prompts' beams through the model together give what each prompt gets alone without the KV
+    cache; their searches end at different steps (an eos, the stopping rule or max_new_tokens), so
+    prompts leave the batch while the others go on."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (5,), generator=g).tolist() for _ in range(7)]
+    lengths = set()
+    for lp, n in ((0.9, 4), (0.0, 0), (1.0, 2)):
+        kw = dict(beam_size=beam_size, max_new_tokens=20, length_penalty=lp, no_repeat_ngram_size=n, eos_token=EOS)
+        batched = ev.beam_search_batch(model, prompts, **kw)
+        assert batched == [ev.beam_search(model, p, use_cache=False, **kw) for p in prompts]
+        lengths |= {len(o) for o in batched}
+    assert len(lengths) > 2 and 20 in lengths
+    with pytest.raises(ValueError, match="one length"):
+        ev.beam_search_batch(model, [[1, 2], [1, 2, 3]])
+
+
 def test_greedy_batch_matches_one_by_one(model):
     g = torch.Generator().manual_seed(2)
     lengths = [5, 3, 5, 7, 3, 5, 4, 3, 7, 5, 5]  # mixed, so groups of 1 to 5 prompts

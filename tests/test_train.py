@@ -61,6 +61,23 @@ def test_resume_is_exact(data, tmp_path):
     assert len(one) == 10 and first + rest == one  # bit-identical losses, dropout included
 
 
+def test_a_run_from_before_length_grouping_resumes_with_random_batches(data, tmp_path):
+    """Checkpoints written before group_by_length existed hold no such option: they trained on random
+    batches, and resume on them, exactly."""
+    common = TINY + ["--adapter=lora", "--r=2", f"--data_dir={data['e2e']}", "--eval_interval=3",
+                     "--group_by_length=False"]
+    one = train.train(train.parse_args(common + [f"--out_dir={tmp_path / 'one'}", "--max_iters=6"]))
+    first = train.train(train.parse_args(common + [f"--out_dir={tmp_path / 'two'}", "--max_iters=3"]))
+    path = tmp_path / "two" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["group_by_length"]
+    torch.save(ckpt, path)
+    rest = train.train(train.parse_args(["--init_from=resume", f"--out_dir={tmp_path / 'two'}", "--max_iters=6"]))
+    assert first + rest == one
+    grouped = train.train(train.parse_args(common[:-1] + [f"--out_dir={tmp_path / 'three'}", "--max_iters=6"]))
+    assert grouped != one  # the option changes the batches
+
+
 @pytest.mark.parametrize("eval_interval", [1, 100])
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, eval_interval):
     # the eval at step 0 saves a checkpoint; an absurd learning rate then makes the weights and the loss

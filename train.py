@@ -456,9 +456,11 @@ def train(cfg):
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, n_tokens = 0.0, 0
+            loss_sum, n_tokens, n_loss_tokens = 0.0, 0, 0
             for micro in range(cfg.grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in batches.get("train", step * cfg.grad_accum + micro))
+                x, y = batches.get("train", step * cfg.grad_accum + micro)
+                n_loss_tokens += int((y != -100).sum())  # the useful work: padding and MRs are not learned from
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with ctx:
                     _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
                 if not torch.isfinite(loss):
@@ -477,7 +479,8 @@ def train(cfg):
             rate = n_tokens / (time.time() - t0)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             bar.update()
-            runtime.json_line(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate)})
+            runtime.json_line(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate),
+                                         "loss_tokens_per_s": round(n_loss_tokens / (time.time() - t0))})
     bar.close()
     peak = runtime.peak_memory_mb(device)
     runtime.json_line(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})

@@ -266,6 +266,7 @@ def plot_quality(rows, args):
     """The papers' figure: quality against trainable parameters (log scale), mean ± std over seeds,
     one panel for BLEU (when decoded) and one for the validation loss."""
     plt = pyplot()
+    from matplotlib import ticker
     panels = (["bleu"] if all("bleu" in r for r in rows) else []) + ["val_loss"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, column in zip(axes[0], panels):
@@ -274,6 +275,12 @@ def plot_quality(rows, args):
             ax.errorbar(rs[0]["trainable"], m, yerr=s, fmt="o", capsize=4)
             ax.annotate(preset, (rs[0]["trainable"], m), textcoords="offset points", xytext=(6, 4))
         ax.set_xscale("log")
+        counts = [r["trainable"] for r in rows]
+        ax.set_xticks([t for t in (k * 10 ** e for e in range(9) for k in (1, 2, 5))
+                       if min(counts) / 2 <= t <= max(counts) * 2])  # 1-2-5 steps: enough labels on a short axis
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))  # 10,000 rather than 10^4
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.margins(x=0.2)  # room for the labels of the outermost points
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(NAMES[column] + (" (lower is better)" if column == "val_loss" else ""))
     fig.suptitle(f"{args.init_from}: quality against parameters, {len(args.seeds)} seed(s)")

@@ -12,7 +12,9 @@ windows of GROUP_WINDOW batches, each window is sorted by length and cut into ba
 the whole epoch are shuffled again: neighbours in a batch have nearly the same length (0.4-0.8% padding
 on E2E train at batch 8 to 32), while what a batch holds and the order of the batches stay random. Each
 epoch is ceil(n / batch_size) batches and shows every example exactly once (one batch is smaller when
-the batch size does not divide n). Packing several examples into one row with a block-diagonal mask
+the batch size does not divide n). Only the training split is grouped: validation batches stay
+random, so that a few of them estimate the loss over all lengths, and runs with and without grouping
+are measured on the same batches. Packing several examples into one row with a block-diagonal mask
 would waste nothing at all, but needs a mask in the attention, which the padded batches do not.
 """
 import json
@@ -106,7 +108,7 @@ class Batches:
     def batch_examples(self, split, i):
         """The example numbers in batch i."""
         n, B = len(self.examples[split]), self.batch_size
-        if not self.group_by_length:
+        if not self.group_by_length or split != "train":  # validation: random batches, comparable across runs
             # position (i*B + b) of an endless sequence of epochs, each its own seeded shuffle
             return [self._order(split, k // n)[k % n] for k in range(i * B, (i + 1) * B)]
         epoch, j = divmod(i, -(-n // B))  # ceil(n / B) batches an epoch
@@ -132,7 +134,7 @@ class Batches:
         """The share of a batch's positions that are padding, over an epoch's batches (or the first
         `batches`): computed from the examples' lengths, nothing is read."""
         n, B = len(self.examples[split]), self.batch_size
-        count = -(-n // B) if self.group_by_length else n // B
+        count = -(-n // B) if self.group_by_length and split == "train" else n // B
         lengths = self.examples[split][:, 2].tolist()
         used = padded = 0
         for i in range(count if batches is None else min(batches, count)):

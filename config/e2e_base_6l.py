@@ -1,8 +1,7 @@
 # The stand-in base of the README's method comparison (compare.py --seeds): real GPT-2 weights cannot be
 # had on this project's machines, so a GPT-2 of 6 layers, 192 wide, is pretrained from scratch on the E2E
 # reference sentences alone (data/e2e_refs: train references to train on, dev references to validate;
-# never an MR, never the test set). Sentences of the same restaurant follow each other in that stream,
-# so the model learns to copy a name it has read, which is what an adapter then has to point at the MR.
+# never an MR, never the test set), so an adapter on it still has the whole data-to-text task to learn.
 # About 2 epochs of the 1,017,236 training tokens, ~25 minutes on 2 CPU cores (README, Comparing the methods):
 #   python data/e2e_refs/prepare.py
 #   python train.py config/e2e_base_6l.py

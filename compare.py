@@ -79,6 +79,8 @@ from evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # 
 
 PRESETS = list(sharelora.PRESETS)
 ROW_FILE = "compare_row.json"  # a finished run's measurements, next to its adapter
+COMMAND_FILE = "compare_command.json"  # the train.py options a run was started with, before it finishes
+SUMMARY_FILES = ("results.json", "compare.md", "loss.png", "quality.png")
 
 
 def main(argv=None):
@@ -88,6 +90,7 @@ def main(argv=None):
 
 def compare(args, extra):
     presets = [x.strip() for x in args.presets.split(",")]
+    runtime.check(len(set(presets)) == len(presets), f"--presets names a preset twice: {args.presets}")
     unknown = [x for x in presets if x not in PRESETS]
     if unknown:
         runtime.fail(f"unknown preset(s) {unknown}: choose from {', '.join(PRESETS)}")
@@ -100,26 +103,38 @@ def compare(args, extra):
     refs = os.path.join(args.data_dir, "test_refs.json")
     runtime.check(os.path.exists(refs), f"{refs} does not exist: run python data/e2e/prepare.py first (or pass --data_dir)")
     groups = runtime.read_json(refs, "references file")[:args.eval_mrs]
-    runtime.writable_folder(args.out, "--out")
-    runs = {}  # (preset, seed) -> (command, its folder, its row when an earlier run of this command finished)
+    commands = {}
     for preset in presets:
         for seed in args.seeds:
             out_dir = os.path.join(args.out, preset, f"seed{seed}")
             cmd = train_command(args, preset, seed, out_dir, extra + overrides.get(preset, []))
             train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
-            runs[preset, seed] = cmd, out_dir, earlier_row(out_dir, cmd, args, len(groups))
+            commands[preset, seed] = cmd
+    if os.path.exists(args.out):
+        check_summary(args.out, commands)
+    runtime.writable_folder(args.out, "--out")
+    plans = {key: plan(cmd_dir(cmd), cmd, args, len(groups)) for key, cmd in commands.items()}  # all checked first
     rows = []
-    for (preset, seed), (cmd, out_dir, row) in runs.items():
-        if row is None:
-            print(f"== {preset}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
-            if subprocess.run(cmd).returncode != 0:
-                print(f"compare.py: training {preset} (seed {seed}) failed; its error is above", file=sys.stderr)
-                sys.exit(2)
+    for (preset, seed), cmd in commands.items():
+        out_dir = cmd_dir(cmd)
+        row, todo = plans[preset, seed]
+        if todo == "reuse":
+            print(f"== {preset}, seed {seed}: finished earlier in {out_dir}, reused")
+        else:
+            if todo in ("train", "resume"):
+                print(f"== {preset}, seed {seed}: {'continuing ' if todo == 'resume' else ''}{' '.join(cmd[2:])}", flush=True)
+                os.makedirs(out_dir, exist_ok=True)
+                runtime.write_text(os.path.join(out_dir, COMMAND_FILE), json.dumps(cmd[2:]) + "\n")  # whose run this is
+                run = cmd if todo == "train" else [*cmd[:2], "--init_from=resume", f"--out_dir={out_dir}",
+                                                   f"--max_iters={args.max_iters}"]
+                if subprocess.run(run).returncode != 0:
+                    print(f"compare.py: training {preset} (seed {seed}) failed; its error is above", file=sys.stderr)
+                    sys.exit(2)
+            else:
+                print(f"== {preset}, seed {seed}: trained earlier in {out_dir}, decoding and scoring", flush=True)
             row = measure(preset, seed, out_dir, groups, args)
             runtime.write_text(os.path.join(out_dir, ROW_FILE), json.dumps({**row, "command": cmd[2:]}, indent=1) + "\n")
-        else:
-            print(f"== {preset}, seed {seed}: finished earlier in {out_dir}, reused")
-        rows.append(row)
+        rows.append({k: v for k, v in row.items() if k != "command"})
     runtime.write_text(os.path.join(args.out, "results.json"), json.dumps(rows, indent=1) + "\n")
     table = format_table(rows, args, extra, overrides, len(groups))
     print("\n" + table)
@@ -127,6 +142,10 @@ def compare(args, extra):
     if args.png:
         for path in (plot_loss(rows, args), plot_quality(rows, args)):
             print(f"wrote {path}")
+
+
+def cmd_dir(cmd):
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
 
 
 def train_command(args, preset, seed, out_dir, extra):
@@ -138,18 +157,57 @@ def train_command(args, preset, seed, out_dir, extra):
             f"--eval_interval={max(1, args.max_iters // 4)}", *extra]
 
 
-def earlier_row(out_dir, cmd, args, n_mrs):
-    """The row an earlier compare.py wrote for this very command, or None when the run is still to do.
-    A folder that holds another command's run, or a run that never finished, is refused: never overwritten."""
+def plan(out_dir, cmd, args, n_mrs):
+    """(the row of an earlier run of this very command or None, what to do): "reuse" a finished and
+    scored run; "measure" a run trained but not scored (or scored on other MRs or another beam);
+    "resume" one interrupted in training (train.py's resume is exact); "train" one not started. A folder
+    that holds another command's run is refused: never overwritten."""
     if not os.path.exists(out_dir):
-        return None
+        return None, "train"
     path = os.path.join(out_dir, ROW_FILE)
     row = runtime.read_json(path, "comparison row") if os.path.exists(path) else None
-    same = (isinstance(row, dict) and row.get("command") == cmd[2:] and row.get("mrs") == n_mrs
-            and row.get("beam_size") == args.beam_size)
-    runtime.check(same, f"--out {args.out} holds another or an unfinished run in {out_dir}: use the same options "
-                        "as the comparison that made it, choose another --out, or delete that folder")
-    return row
+    marker = os.path.join(out_dir, COMMAND_FILE)
+    made_by = row.get("command") if isinstance(row, dict) else (
+        runtime.read_json(marker, "comparison command") if os.path.exists(marker) else None)
+    runtime.check(made_by == cmd[2:], f"--out {args.out} holds a run of another comparison in {out_dir} (other "
+                                      "options, or not made by compare.py): choose another --out, or delete that folder")
+    if row is not None:
+        return row, "reuse" if (row.get("mrs"), row.get("beam_size")) == (n_mrs, args.beam_size) else "measure"
+    if trained(out_dir, args.max_iters):
+        return None, "measure"
+    return None, "resume" if os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)) else "train"
+
+
+def trained(out_dir, max_iters):
+    """Whether train.py finished this run: its metrics.jsonl ends it with {"done": max_iters, ...}."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if json.loads(line).get("done") == max_iters:
+                return True
+        except (ValueError, AttributeError):
+            continue  # a line cut short by a crash
+    return False
+
+
+def check_summary(out, commands):
+    """The summary files in --out are rewritten only when they summarise runs of this command: an earlier
+    comparison of more presets or seeds, or files compare.py did not write, are never overwritten."""
+    path = os.path.join(out, "results.json")
+    if os.path.exists(path):
+        earlier = runtime.read_json(path, "comparison results")
+        ok = isinstance(earlier, list) and all(isinstance(r, dict) for r in earlier)
+        extra = sorted({(r.get("preset"), r.get("seed")) for r in earlier} - set(commands)) if ok else ["?"]
+        runtime.check(not extra, f"--out {out} summarises runs this command does not make ({extra[:3]}): give "
+                                 "the presets and seeds of that comparison again, or choose another --out")
+    else:
+        found = [f for f in SUMMARY_FILES if os.path.exists(os.path.join(out, f))]
+        runtime.check(not found, f"--out {out} holds {', '.join(found)} but no results.json of compare.py: "
+                                 "choose another --out (nothing there is overwritten)")
 
 
 def measure(preset, seed, out_dir, groups, args):
@@ -219,7 +277,8 @@ def format_table(rows, args, extra, overrides, n_mrs):
                  + f"; metrics on the first {n_mrs} test MRs, {how}; {runtime.machine(args.device)}.")
     if len(args.seeds) > 1:
         lines.append(f"Mean ± sample standard deviation over the {len(args.seeds)} seeds; * marks a mean further "
-                     "from LoRA's than the two standard deviations added. Val loss is the best one of each run.")
+                     "from LoRA's than the two standard deviations added. Val loss is the best one of each run; "
+                     "train tokens/s the median of the seeds, peak memory the largest.")
     return "\n".join(lines)
 
 

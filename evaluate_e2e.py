@@ -47,8 +47,10 @@ def options(argv):
     args = p.parse_args(argv)
     check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
           "pass both files to score them, or neither to decode a model's")
-    check(args.predictions is None or (args.out_dir is None and args.adapter is None),
-          "--predictions scores a file without a model: leave out --out_dir and --adapter")
+    check(args.predictions is None or (args.out_dir is None and args.adapter is None and args.limit is None),
+          "--predictions scores a file without a model: leave out --out_dir, --adapter and --limit")
+    check(args.results_dir is None or not os.path.isfile(args.results_dir),
+          f"--results_dir {args.results_dir} is a file, not a folder: choose a folder name")
     check(args.predictions is not None or args.out_dir is not None or args.adapter is not None,
           "pass --out_dir (a training run's folder) or --adapter FILE, or --predictions and --references to score files")
     check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")

@@ -98,7 +98,8 @@ def test_a_java_that_fails_is_reported_in_one_line(tmp_path):
                        "(Error: could not create the Java Virtual Machine.)\n"
 
 
-@pytest.mark.parametrize("case", ["fewer predictions", "only one file", "missing file", "not UTF-8", "no references"])
+@pytest.mark.parametrize("case", ["fewer predictions", "only one file", "missing file", "not UTF-8", "no references",
+                                  "with --limit", "results_dir is a file"])
 def test_bad_files_get_one_line(leave_one_out, tmp_path, case):
     _, _, d = leave_one_out
     pred, ref = d / "predictions.txt", d / "references.txt"
@@ -113,9 +114,14 @@ def test_bad_files_get_one_line(leave_one_out, tmp_path, case):
     elif case == "not UTF-8":
         bad.write_bytes(b"caf\xe9\n")
         argv, expect = ["--predictions", bad, "--references", ref], "is not UTF-8"
-    else:
+    elif case == "no references":
         bad.write_text("\n\n")
         argv, expect = ["--predictions", pred, "--references", bad], "holds no reference"
+    elif case == "with --limit":
+        argv, expect = ["--predictions", pred, "--references", ref, "--limit", "3"], "leave out --out_dir, --adapter and --limit"
+    else:
+        bad.write_text("x")
+        argv, expect = ["--predictions", pred, "--references", ref, "--results_dir", bad], "is a file, not a folder"
     r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), *map(str, argv)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr

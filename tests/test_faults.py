@@ -291,7 +291,9 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                                                   f"--out={c.tmp / 'cmp'}"], "r must be"),
     "compare into an earlier comparison": ("compare.py", lambda c: [
         f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", f"--out={c.file('cmp/lora/seed1/x', 'x').parent.parent.parent}"],
-        "holds another or an unfinished run"),
+        "holds a run of another comparison"),
+    "compare --presets twice the same": ("compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}",
+                                                                 "--presets=lora,lora", f"--out={c.tmp / 'cmp2'}"], "names a preset twice"),
     "compare --seeds not numbers": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=1,two"], "--seeds must be whole numbers"),
     "compare --seeds twice the same": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=3,3"], "names a seed twice"),
     "evaluate --beam_size=0": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),

@@ -94,9 +94,9 @@ TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--bl
         "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--device=cpu", "--dtype=float32"]
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, env=None):
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p

@@ -1,7 +1,10 @@
 """
 compare.py end to end on a tiny base: two presets x two seeds, the table of means and standard deviations,
 results.json, the two plots, and a second run of the same command that trains nothing and reuses every
-row. The statistics helpers on numbers worked out by hand.
+row; an interrupted comparison continued. The statistics helpers on numbers worked out by hand.
+
+compare.py runs here without Java (PATH holds Python's folder only): BLEU and NIST are scored, and the
+METEOR jar's 20 s start per process is saved. The Java metrics have their own tests (test_e2e_metrics.py).
 """
 import json
 import sys
@@ -11,9 +14,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from conftest import TINY, run  # noqa: E402
+from conftest import TINY  # noqa: E402
+from conftest import run as run_with_java  # noqa: E402
 
 import compare  # noqa: E402
+
+NO_JAVA = {"PATH": str(Path(sys.executable).parent)}
+
+
+def run(script, *args, check=True):
+    return run_with_java(script, *args, check=check, env=NO_JAVA)
 
 
 def test_spread_and_differs():

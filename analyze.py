@@ -12,7 +12,7 @@ With matplotlib installed, --png plots the per-target means.
 import math
 import os
 
-from data.common import Parser, quiet_ctrl_c
+from data.common import Parser, quiet_ctrl_c, write_binary
 
 # torch, runtime and sharelora are imported where they are used, so that a mistake in the options
 # shows at once, not after the seconds that importing torch takes
@@ -84,7 +84,7 @@ def analyze(args):
         plt.xlabel("singular value index i")
         plt.ylabel("σ_i / σ_1 (mean over the adapted maps)")
         plt.legend()
-        plt.savefig(args.png, dpi=120, bbox_inches="tight", format="png")
+        write_binary(args.png, lambda f: plt.savefig(f, dpi=120, bbox_inches="tight", format="png"))
         print(f"wrote {args.png}")
 
 

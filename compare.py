@@ -15,18 +15,16 @@ learning rate than LoRA).
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 
-from data.common import Parser, quiet_ctrl_c
+import e2e_metrics  # torch-free: its packages load only when it scores
+from data.common import Parser, quiet_ctrl_c, write_binary
 from data.common import run as run_early
 
-METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")  # e2e_metrics.METRICS, without importing it yet
-NAMES = {"val_loss": "val loss", "bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L",
-         "cider": "CIDEr"}
+NAMES = {"val_loss": "val loss", **e2e_metrics.NAMES}
 
 
 def options(argv):
@@ -74,7 +72,6 @@ if __name__ == "__main__":
 import runtime  # noqa: E402  (after the options were checked)
 import sharelora  # noqa: E402
 import train  # noqa: E402
-from e2e_metrics import e2e_scores  # noqa: E402
 from evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # noqa: E402
 
 PRESETS = list(sharelora.PRESETS)
@@ -109,14 +106,13 @@ def compare(args, extra):
             out_dir = os.path.join(args.out, preset, f"seed{seed}")
             cmd = train_command(args, preset, seed, out_dir, extra + overrides.get(preset, []))
             train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
-            commands[preset, seed] = cmd
+            commands[preset, seed] = cmd, out_dir
     if os.path.exists(args.out):
         check_summary(args.out, commands)
     runtime.writable_folder(args.out, "--out")
-    plans = {key: plan(cmd_dir(cmd), cmd, args, len(groups)) for key, cmd in commands.items()}  # all checked first
+    plans = {key: plan(out_dir, cmd, args, len(groups)) for key, (cmd, out_dir) in commands.items()}  # all checked first
     rows = []
-    for (preset, seed), cmd in commands.items():
-        out_dir = cmd_dir(cmd)
+    for (preset, seed), (cmd, out_dir) in commands.items():
         row, todo = plans[preset, seed]
         if todo == "reuse":
             print(f"== {preset}, seed {seed}: finished earlier in {out_dir}, reused")
@@ -142,10 +138,6 @@ def compare(args, extra):
     if args.png:
         for path in (plot_loss(rows, args), plot_quality(rows, args)):
             print(f"wrote {path}")
-
-
-def cmd_dir(cmd):
-    return next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
 
 
 def train_command(args, preset, seed, out_dir, extra):
@@ -226,7 +218,7 @@ def measure(preset, seed, out_dir, groups, args):
         mrs = [g["mr"] for g in groups]
         predictions = decode_mrs(model, info, mrs, beam_size=args.beam_size, max_new_tokens=room_to_generate(model, mrs))
         write_official_layout(out_dir, predictions, groups)  # predictions.txt, references.txt: to read, or score elsewhere
-        row.update(e2e_scores(predictions, [g["refs"] for g in groups]))
+        row.update(e2e_metrics.e2e_scores(predictions, [g["refs"] for g in groups]))
     return row
 
 
@@ -253,7 +245,7 @@ def differs(mine, lora):
 
 def format_table(rows, args, extra, overrides, n_mrs):
     groups = by_preset(rows)
-    columns = ["val_loss"] + [m for m in METRICS if all(m in r for r in rows)]
+    columns = ["val_loss"] + [m for m in e2e_metrics.METRICS if all(m in r for r in rows)]
     digits = {"val_loss": 3, "nist": 3, "cider": 3}
     stats = {p: {c: spread([r[c] for r in rs]) for c in columns} for p, rs in groups.items()}
     head = ("| preset | trainable params | adapter file (bytes) | " + " | ".join(NAMES[c] for c in columns)
@@ -292,10 +284,8 @@ def pyplot():
 
 
 def save(fig, path):
-    """Write a figure as PNG through a temporary file, so a crash never leaves half a picture."""
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    """Write a figure as PNG, atomically: a crash never leaves half a picture."""
+    write_binary(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
     pyplot().close(fig)
     return path
 

@@ -121,6 +121,7 @@ def plot(out):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from data.common import write_binary
     except ImportError:
         print("   (no plot: pip install matplotlib)")
         return None
@@ -132,7 +133,7 @@ def plot(out):
     plt.title("adapters on the stand-in base")
     plt.legend()
     path = os.path.join(out, "loss.png")
-    plt.savefig(path, dpi=100, bbox_inches="tight", format="png")
+    write_binary(path, lambda f: plt.savefig(f, dpi=100, bbox_inches="tight", format="png"))
     return path
 
 

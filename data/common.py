@@ -129,6 +129,11 @@ def write_text(path, text):
     _atomic(path, "w", lambda f: f.write(text))
 
 
+def write_binary(path, write):
+    """A binary file that write(f) fills (a plot's savefig, say), written atomically."""
+    _atomic(path, "wb", write)
+
+
 def _atomic(path, mode, write):
     """Write through a temporary file and a rename: a file is either the old one or the new one."""
     tmp = f"{path}.tmp"

@@ -133,8 +133,7 @@ class Batches:
     def padding_share(self, split="train", batches=None):
         """The share of a batch's positions that are padding, over an epoch's batches (or the first
         `batches`): computed from the examples' lengths, nothing is read."""
-        n, B = len(self.examples[split]), self.batch_size
-        count = -(-n // B) if self.group_by_length and split == "train" else n // B
+        count = self._steps(split)
         lengths = self.examples[split][:, 2].tolist()
         used = padded = 0
         for i in range(count if batches is None else min(batches, count)):
@@ -153,7 +152,9 @@ class Batches:
 
     def epoch_steps(self):
         """Batches per epoch of the training split (None for a stream: it has no epochs)."""
-        if self.kind == "stream":
-            return None
-        n = len(self.examples["train"])
-        return -(-n // self.batch_size) if self.group_by_length else n // self.batch_size
+        return None if self.kind == "stream" else self._steps("train")
+
+    def _steps(self, split):
+        """Batches an epoch of an example split: every example once (ceil) when grouped, whole batches otherwise."""
+        n = len(self.examples[split])
+        return -(-n // self.batch_size) if self.group_by_length and split == "train" else n // self.batch_size

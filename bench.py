@@ -4,6 +4,7 @@ everyone knows, transformers' GPT-2 + PEFT LoRA.
 
     python bench.py                          # every section, GPT-2 124M, batch 4 x 256, float32 on CPU
     python bench.py --only train,bound       # some sections: train, presets, infer, generate, bound
+    python bench.py --only job               # the E2E job: job_train, job_decode, job_scale (bench_job.py)
     python bench.py --device cuda            # bfloat16 base weights, float32 adapters, autocast (the default there)
     python bench.py --model tiny --repeats 2 --warmup 1 --gen_tokens 8     # seconds: a smoke test
 
@@ -16,6 +17,8 @@ next to the measured ratio with whether it is met):
   infer     inference forward (eval, no grad): base model vs unmerged adapters (every preset) vs merged
   generate  greedy generation at batch 1: ours with and without the KV cache vs transformers' generate
   bound     the step against the time of its matrix products alone (same shapes, same dtype)
+  job_*     the real job, only when asked (--only job): E2E training steps through train.py's loop, beam-10
+            decoding of test MRs, and one step's cost from gpt2 to gpt2-xl; see bench_job.py
 
 Method. Contenders of one comparison are built side by side, at the same model size, batch, sequence
 length, dtype and device, with random weights (speed does not depend on the values) and dropout off
@@ -66,12 +69,12 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 import sharelora  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, SIZES, GPTConfig  # noqa: E402
 
-MODELS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),  # 124M
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=1024),  # for the smoke test
-}
+# GPT-2's four sizes (random weights) and a tiny one for the smoke tests, all with GPT-2's vocabulary
+MODELS = {name: dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024)
+          for name, (n_layer, n_head, n_embd) in SIZES.items()}
+MODELS["tiny"] = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=50257, block_size=1024)
 PRESET_ORDER = ["lora", "sharea", "shareb", "shareab", "tied", "vera"]
 R, ALPHA = 8, 16.0
 
@@ -85,6 +88,10 @@ GOALS = {  # {ratio: (comparison, threshold)}, from the issue; preset_speed is o
     "a_speed": (">=", 1.35), "a_mem": ("<=", 0.40), "c_speed": (">=", 1.6),
     "bound": ("<=", 1.25), "unmerged": ("<=", 1.10), "merged": ("<=", 1.02),
     "generate": (">=", 1.0), "preset_speed": (">=", 0.95),
+    # the job (issue 12): reference tokens/s against PEFT's plain and length-grouped loops, memory against
+    # the grouped one; beam-10 decoding; one step at every GPT-2 size
+    "job_plain": (">=", 1.8), "job_grouped": (">=", 1.3), "job_mem": ("<=", 0.40), "decode": (">=", 1.5),
+    "scale_speed": (">=", 1.2), "scale_mem": ("<=", 0.40),
 }
 
 
@@ -339,11 +346,18 @@ def hf_attention(env):
 
 
 def memory_probe_main(env, spec):
-    c = train_contender(env, spec)
-    c.step()  # warm-up: optimizer state, oneDNN / MKL buffers, autograd's first-use allocations
-    c.step()
+    """spec: a train_contender spec, or a job_train one (bench_job), which also gives warmup_steps and
+    measure_steps: the peak over that many consecutive steps (its batches differ) rather than one step."""
+    if spec.get("job"):
+        import bench_job
+        c = bench_job.contender(env, spec)
+    else:
+        c = train_contender(env, spec)
+    for _ in range(spec.get("warmup_steps", 2)):  # optimizer state, oneDNN / MKL buffers, autograd's first use
+        c.step()
+    n = spec.get("measure_steps")
     try:
-        b = step_memory(env, c.step)
+        b = step_memory(env, c.step) if n is None else step_memory(env, lambda: [c.step() for _ in range(n)], measures=1)
     except OSError as e:  # no clear_refs (not Linux, or not permitted): no sound CPU figure
         print(f"no peak counter: {e}", file=sys.stderr)
         return
@@ -606,6 +620,7 @@ def section_bound(env):
 # ---- command line ------------------------------------------------------------------------------
 
 SECTIONS = ("train", "presets", "infer", "generate", "bound")
+JOB_SECTIONS = ("job_train", "job_decode", "job_scale")  # minutes to an hour on a CPU: only when asked
 
 
 def parse_args(argv=None):
@@ -618,17 +633,35 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10, help="timed rounds, contenders taking turns")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections: " + ",".join(SECTIONS))
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help="comma list of sections: " + ",".join(SECTIONS + JOB_SECTIONS) + "; job = the three job_ sections")
     p.add_argument("--gen_tokens", type=int, default=256, help="new tokens per generation")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per contender")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--job_data_dir", default=os.path.join(ROOT, "data", "e2e"),
+                   help="job_train, job_decode: the prepared E2E data (python data/e2e/prepare.py)")
+    p.add_argument("--job_rounds", type=int, default=5, help="job_train: timed rounds per loop")
+    p.add_argument("--job_steps", type=int, default=2, help="job_train: optimizer steps per round")
+    p.add_argument("--job_mrs", type=int, default=100, help="job_decode: the first N test MRs")
+    p.add_argument("--job_decode_repeats", type=int, default=2, help="job_decode: timed decodings per side")
+    p.add_argument("--job_run", default="", help="job_decode: a training run folder (its base + adapter) "
+                                                 "instead of random weights")
+    p.add_argument("--job_sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl", help="job_scale: model sizes")
+    p.add_argument("--job_scale_repeats", type=int, default=3, help="job_scale: timed steps per side and size")
     p.add_argument("--memory", default="auto", choices=["auto", "off"], help="off: skip the memory probes")
     p.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = set(args.only.split(",")) - set(SECTIONS)
+    args.only = ",".join(",".join(JOB_SECTIONS) if name == "job" else name for name in args.only.split(","))
+    bad = set(args.only.split(",")) - set(SECTIONS + JOB_SECTIONS)
     if bad:
-        p.error(f"unknown section(s) {sorted(bad)}: choose from {', '.join(SECTIONS)}")
+        p.error(f"unknown section(s) {sorted(bad)}: choose from {', '.join(SECTIONS + JOB_SECTIONS)} or job")
+    bad = set(args.job_sizes.split(",")) - set(MODELS)
+    if bad:
+        p.error(f"unknown --job_sizes {sorted(bad)}: choose from {', '.join(MODELS)}")
+    for name in ("job_rounds", "job_steps", "job_mrs", "job_decode_repeats", "job_scale_repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     return args
 
 
@@ -643,11 +676,19 @@ def main(argv=None):
     if env.block_size > env.cfg["block_size"]:
         raise SystemExit(f"--block_size {env.block_size} is more than the model's context {env.cfg['block_size']}")
     only = args.only.split(",")
-    for name in SECTIONS:
+    for name in SECTIONS + JOB_SECTIONS:
         if name not in only:
             continue
         t0 = time.perf_counter()
-        if name == "train":
+        if name.startswith("job_"):
+            import bench_job
+            text = {"job_train": lambda: bench_job.section_job_train(env, args.job_rounds, args.job_steps,
+                                                                     args.job_data_dir),
+                    "job_decode": lambda: bench_job.section_job_decode(env, args.job_mrs, args.job_decode_repeats,
+                                                                       args.job_run or None, args.job_data_dir),
+                    "job_scale": lambda: bench_job.section_job_scale(env, args.job_sizes.split(","),
+                                                                     args.job_scale_repeats)}[name]()
+        elif name == "train":
             text = section_train(env)
         elif name == "presets":
             text = section_presets(env)
@@ -661,4 +702,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import runtime
+    runtime.run(main)  # a missing E2E preparation or --job_run folder: one line, exit code 2

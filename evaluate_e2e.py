@@ -181,22 +181,24 @@ class Hypotheses:
 @torch.no_grad()
 def beam_search_batch(model, prompts, beam_size=10, max_new_tokens=64, length_penalty=0.9,
                       no_repeat_ngram_size=4, eos_token=EOT):
-    """The best continuation of each prompt (lists of ids, all the same length): its new tokens, without
-    the eos. The live beams of all the prompts go through the model together, one token per beam per
-    step through the KV cache; a prompt whose search is over leaves the batch (its cache rows with it).
-    Each prompt's result is what it would get alone (Hypotheses decides; a test checks)."""
+    """The best continuation of each prompt (lists of ids): its new tokens, without the eos. The live
+    beams of all the prompts go through the model together, one token per beam per step through the KV
+    cache; a prompt whose search is over leaves the batch (its cache rows with it). Prompts of different
+    lengths are left-padded (KVCache's pad: no real token attends to padding, positions count from each
+    prompt's start). Each prompt's result is what it would get alone, up to float rounding (Hypotheses
+    decides; a test checks)."""
     if max_new_tokens < 1:
         return [[] for _ in prompts]
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("beam_search_batch takes prompts of one length (group them as decode_mrs does)")
     device = next(model.parameters()).device
     searches = [Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token, device) for _ in prompts]
-    cache = KVCache(model.config.n_layer, len(prompts[0]) + max_new_tokens)
-    x = torch.tensor(prompts, dtype=torch.long, device=device)  # (prompts, T): one row per prompt at first
+    longest = max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    cache = KVCache(model.config.n_layer, longest + max_new_tokens, pad=pad if pad.any() else None)
+    x = torch.tensor([[eos_token] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
     active = list(range(len(prompts)))  # the searches still running, in the order of their cache rows
     for step in range(max_new_tokens):
-        logits, _ = model(x, cache=cache)
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (rows, vocab)
+        # the vocabulary projection of the last position only: the prompt's others are never used
+        logp = F.log_softmax(model.lm_head(model.hidden(x, cache)[:, -1]).float(), dim=-1)  # (rows, vocab)
         rows, tokens, still, first = [], [], [], 0
         for s in active:
             n = len(searches[s].seqs)
@@ -237,6 +239,15 @@ def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penal
         if search.done:
             break
     return search.best()
+
+
+def by_similar_length(prompts, batch_size):
+    """Lists of at most batch_size prompt numbers, shortest first: beam search batches prompts of
+    similar lengths, left-padded (the 100 first test MRs make 4 batches of 32 instead of 22 of one
+    length each, which at 1 to 12 prompts read every weight for a few rows)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch_size):
+        yield order[s:s + batch_size]
 
 
 def by_length(prompts, batch_size):
@@ -310,9 +321,9 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
     with autocast(info["device"], info["dtype"]), tqdm(total=len(prompts), desc=f"decoding ({how})", unit="MR") as bar:
         if beam_size == 1:
             outs = greedy_batch(model, prompts, max_new_tokens, EOT, batch_size, progress=bar)
-        else:  # the beams of up to batch_size prompts of one length at a time
+        else:  # the beams of up to batch_size prompts of similar lengths at a time
             outs = [None] * len(prompts)
-            for chunk in by_length(prompts, batch_size):
+            for chunk in by_similar_length(prompts, batch_size):
                 found = beam_search_batch(model, [prompts[i] for i in chunk], beam_size, max_new_tokens,
                                           length_penalty, no_repeat_ngram_size, EOT)
                 for i, tokens in zip(chunk, found):

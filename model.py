@@ -62,11 +62,30 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far, so that generating a token costs
     one position's work instead of re-running the whole prefix. Preallocated for max_len positions;
     `pos` is the number of positions filled. Allocation waits for the first keys, so the cache takes
-    their dtype (float32, or bfloat16 under autocast) and device."""
+    their dtype (float32, or bfloat16 under autocast) and device.
 
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
+    Prompts of different lengths in one batch: `pad` (B,) holds how many padding tokens precede each
+    row's prompt (left padding: every row's next token then goes to the same position). A row's
+    positions count from its first real token, and its real tokens never attend to its padding; a
+    padding position attends only to itself (so that it stays finite, and no one reads it)."""
+
+    def __init__(self, n_layer, max_len, pad=None):
+        self.n_layer, self.max_len, self.pos, self.pad = n_layer, max_len, 0, pad
         self.k = self.v = None  # (n_layer, B, n_head, max_len, head_size) once allocated
+        self.spare = None  # beam search: the buffers reorder() writes into next
+        self.mask = None  # with pad: this forward pass's attention mask, (B, 1, T, pos + T)
+
+    def positions(self, T, device):
+        """The position ids of the next T tokens: (T,), or (B, T) with padding."""
+        pos = torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
+        if self.pad is None:
+            self.mask = None
+            return pos
+        keys = torch.arange(self.pos + T, device=device)
+        real = keys[None, :] >= self.pad[:, None]  # (B, keys): not padding
+        seen = keys[None, :] <= pos[:, None]  # (T, keys): causal
+        self.mask = ((real[:, None, :] & seen[None]) | (keys[None, :] == pos[:, None])[None])[:, None]  # heads
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
 
     def update(self, layer, k, v):
         """Store this forward pass's k, v (B, nh, T, hs) for `layer`; return all positions so far."""
@@ -80,8 +99,22 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
 
     def reorder(self, index):
-        """Keep the rows `index` of the batch (beam search: each surviving beam takes its parent's cache)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        """Keep the rows `index` of the batch (beam search: each surviving beam takes its parent's cache).
+        The rows are gathered into a second pair of buffers, which then swap roles: one contiguous copy
+        per layer and no new memory each step (a fresh tensor per step, as k[:, index] makes, cost 5x the
+        time: 215 ms against 41 ms per step for 120 beams of GPT-2 124M on 2 CPU cores)."""
+        rows = len(index)
+        if self.spare is None or self.spare[0].size(1) < rows:
+            self.spare = tuple(self.k.new_empty((self.n_layer, rows) + self.k.shape[2:]) for _ in range(2))
+        k, v = (buf[:, :rows] for buf in self.spare)
+        for layer in range(self.n_layer):
+            torch.index_select(self.k[layer], 0, index, out=k[layer])
+            torch.index_select(self.v[layer], 0, index, out=v[layer])
+        self.spare = (self.k._base if self.k._base is not None else self.k,
+                      self.v._base if self.v._base is not None else self.v)
+        self.k, self.v = k, v
+        if self.pad is not None:
+            self.pad = self.pad[index]
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,7 +142,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-            if past > 0 and T > 1:  # new queries see all the past and the causal part of the present
+            if cache.mask is not None:  # left-padded rows (see KVCache)
+                mask, causal = cache.mask, False
+            elif past > 0 and T > 1:  # new queries see all the past and the causal part of the present
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 causal = False
             elif past > 0:  # one new query attends to everything cached
@@ -236,7 +271,7 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"a sequence of {past + T} tokens is longer than the model's context of "
                              f"{self.config.block_size}: shorten the input")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)

@@ -13,7 +13,7 @@ import threading
 import torch
 
 import sharelora
-from data.common import Parser, UserError, check, fail, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
+from data.common import Parser, UserError, check, fail, report, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
 from model import GPT
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
@@ -34,7 +34,8 @@ def run(main, *args):
     except (UserError, ValueError, OSError, MemoryError, RuntimeError) as e:
         if os.environ.get("SHARELORA_TRACEBACK") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
             raise  # any other RuntimeError is a bug: its traceback is what a report needs
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        # input mistakes are the same in every torchrun process; memory and a refused file may be one's own
+        report(_one_line(e), same_everywhere=isinstance(e, (UserError, ValueError, FileNotFoundError)))
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; files are only ever replaced whole, so what is on disk is complete",

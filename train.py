@@ -186,6 +186,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402  (after the options were checked)
 from tqdm import tqdm  # noqa: E402
 
+import distributed  # noqa: E402
 import runtime  # noqa: E402
 import sharelora  # noqa: E402
 from data.loader import Batches  # noqa: E402
@@ -271,9 +272,6 @@ def checkpoint(model, cfg, optimizer, scaler, step, best_val):
     scaler state, step, RNG states, config. Plus adapter.safetensors, the file to share and sample from;
     or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base).
     All of it as one set (runtime.write_checkpoint): a crash leaves the old set or the new one."""
-    trained = [p for p in model.parameters() if p.requires_grad]
-    if not all(torch.isfinite(p).all() for p in trained):
-        raise NonFinite(f"the trained weights hold inf or nan at step {step}")
     ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -302,19 +300,25 @@ class NonFinite(Exception):
     """The run diverged: nothing non-finite is ever saved over a good checkpoint."""
 
 
+def finite_weights(model, step):
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise NonFinite(f"the trained weights hold inf or nan at step {step}")
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, batches, cfg, device, ctx):
-    """Mean validation loss over eval_iters fixed batches (the same ones every time)."""
+def evaluate(model, batches, cfg, device, ctx, group=distributed.Single()):
+    """Mean validation loss over eval_iters fixed batches (the same ones every time). Under torchrun
+    each process evaluates every world-th batch, and the sum goes round."""
     model.eval()
-    losses = []
-    for i in range(cfg.eval_iters):
+    total = 0.0
+    for i in range(group.rank, cfg.eval_iters, group.world):
         x, y = (t.to(device) for t in batches.get("val", i))
         with ctx:
-            losses.append(model(x, y, return_logits=False)[1].item())
+            total += model(x, y, return_logits=False)[1].item()
     model.train()
-    return sum(losses) / len(losses)
+    return group.sum([total])[0] / cfg.eval_iters
 
 
 @torch.no_grad()
@@ -329,10 +333,54 @@ def sample_text(model, cfg, device, ctx):
     return decode(out[0, idx.size(1):].tolist())
 
 
+def train_step(forward, optimizer, scaler, batches, step, cfg, device, ctx, group=distributed.Single()):
+    """Optimizer step `step`: its grad_accum micro-batches (read here: data loading is part of a step),
+    forward, backward, clipping, the update. -> (mean loss, learning rate, positions, reference tokens:
+    the positions the loss counts, i.e. without padding and MRs; all processes together). Raises
+    NonFinite on a non-finite loss. Under torchrun each process takes its rows of every micro-batch
+    (see distributed.py). bench.py times this very function against a transformers + PEFT loop."""
+    lr = get_lr(step, cfg)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    shares, n_tokens, n_loss_tokens = [], 0, 0
+    for micro in range(cfg.grad_accum):
+        x, y = batches.get("train", step * cfg.grad_accum + micro)
+        counted = int((y != -100).sum())  # the micro-batch's supervised tokens, every process's rows
+        n_loss_tokens, n_tokens = n_loss_tokens + counted, n_tokens + x.numel()
+        x, y = group.shard(x, y)
+        mine = int((y != -100).sum())
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with group.no_sync(last=micro == cfg.grad_accum - 1):
+            with ctx:
+                _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
+            # this process's share of the micro-batch's mean over its tokens; DDP averages the world shares
+            weight = mine * group.world / counted
+            scaler.scale(loss * weight / cfg.grad_accum).backward()
+        shares.append(loss.item() * (mine / counted))
+    loss_sum = sum(group.sum(shares)) / cfg.grad_accum
+    if not math.isfinite(loss_sum):  # after the backward passes, so that every process stops at the same step
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"the training loss became {loss_sum} at step {step}")
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, lr, n_tokens, n_loss_tokens
+
+
 def train(cfg):
     """Run training as configured; returns the list of training losses (one per optimizer step)."""
     resuming = cfg.init_from == "resume"
-    ckpt = runtime.read_checkpoint(cfg.out_dir) if resuming else None
+    group = distributed.setup()  # one process, or one of torchrun's
+    group.start()
+    ckpt = None
+    if resuming:  # process 0 first: it completes a checkpoint a crash left unfinished
+        for turn in ((True, False) if group.world > 1 else (True,)):
+            if group.main == turn:
+                ckpt = runtime.read_checkpoint(cfg.out_dir)
+            group.barrier()
     if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
         defaults = TrainConfig()
         given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
@@ -363,8 +411,11 @@ def train(cfg):
         fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
              "or choose another out_dir (delete that one to start over)")
     validate(cfg)
-    runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
-    device = runtime.pick_device(cfg.device)
+    group.check_batch(cfg.batch_size)
+    if group.main:
+        runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
+    group.barrier()  # process 0 has made out_dir: the others may not find a training run there as it starts
+    device = group.device(runtime.pick_device(cfg.device))
     dtype = runtime.pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -398,23 +449,29 @@ def train(cfg):
         except (RuntimeError, TypeError, ValueError, KeyError) as e:
             fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
                  "restore the file, or train again")
-    forward = torch.compile(model) if cfg.compile else model
+    forward = group.wrap(model)  # DistributedDataParallel under torchrun
+    forward = torch.compile(forward) if cfg.compile else forward
+    say = print if group.main else lambda *a, **k: None  # process 0 speaks for all
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
-          f"{n_trainable:,} trainable parameters")
+    say(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
+        f"{n_trainable:,} trainable parameters" + (f"; {group.world} processes, each {cfg.batch_size // group.world} "
+                                                   f"rows of every batch of {cfg.batch_size}" if group.world > 1 else ""))
     if cfg.adapter != "none":
-        print(sharelora.parameter_table(model))
+        say(sharelora.parameter_table(model))
     if batches.kind == "examples":  # what a padded batch wastes: every padded position is a full forward and backward
-        print(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
+        say(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
               f"({'length-grouped' if cfg.group_by_length else 'random'} batches of {cfg.batch_size})")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if resuming:
+    if resuming and group.main:
         runtime.trim_log(log_path, step)
+    log = runtime.json_line if group.main else lambda *a: None
 
     def save(at):
         nonlocal saved
         try:
-            checkpoint(model, cfg, optimizer, scaler, at, best_val)
+            finite_weights(model, at)  # nothing non-finite is saved; checked in every process, so that all stop together
+            if group.main:  # every process holds the same weights: one writes them
+                checkpoint(model, cfg, optimizer, scaler, at, best_val)
         except NonFinite as e:
             diverged(str(e))
         saved = at
@@ -426,65 +483,53 @@ def train(cfg):
              "or use dtype=float32 or bfloat16")
 
     losses = []
-    stop = StopSignals()
-    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
+    stop = StopSignals(speak=group.main, torchrun=group.world > 1)
+    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
     with stop, bar:  # the bar ends its line whatever happens, so that an error message starts its own
         while True:
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 if not (resuming and step == ckpt["step"]):  # already evaluated and saved at this step
-                    val = evaluate(model, batches, cfg, device, ctx)
+                    val = evaluate(model, batches, cfg, device, ctx, group)
                     if not math.isfinite(val):
                         diverged(f"the validation loss became {val} at step {step}")
                     best_val = min(best_val, val)
                     record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
-                    if cfg.eval_prompt:
+                    if cfg.eval_prompt and group.main:
                         record["sample"] = sample_text(model, cfg, device, ctx)
-                    # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
-                    tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
-                    runtime.json_line(log_path, record)
+                    if group.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
+                        tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
+                    log(log_path, record)
                     save(step)
             if step >= cfg.max_iters:
                 break
-            if stop.requested:  # between two steps: the checkpoint is exactly an uninterrupted run's state
+            signal_number = group.largest(stop.requested)  # every process stops at the same step
+            if signal_number:  # between two steps: the checkpoint is exactly an uninterrupted run's state
                 if saved != step:
                     save(step)
                 bar.close()
-                print(f"\n{stop.name}: saved step {step} to {cfg.out_dir}; continue with "
-                      f"--init_from=resume --out_dir={cfg.out_dir}")
-                sys.exit(128 + stop.requested)
+                say(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {cfg.out_dir}; "
+                    f"continue with --init_from=resume --out_dir={cfg.out_dir}")
+                group.finish()
+                sys.exit(128 + signal_number)
             t0 = time.time()
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, n_tokens, n_loss_tokens = 0.0, 0, 0
-            for micro in range(cfg.grad_accum):
-                x, y = batches.get("train", step * cfg.grad_accum + micro)
-                n_loss_tokens += int((y != -100).sum())  # the useful work: padding and MRs are not learned from
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with ctx:
-                    _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
-                if not torch.isfinite(loss):
-                    diverged(f"the training loss became {loss.item()} at step {step}")
-                scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                n_tokens += x.numel()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss_sum, lr, n_tokens, n_loss_tokens = train_step(forward, optimizer, scaler, batches, step, cfg,
+                                                                   device, ctx, group)
+            except NonFinite as e:
+                diverged(str(e))
             step += 1
             losses.append(loss_sum)
             rate = n_tokens / (time.time() - t0)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             bar.update()
-            runtime.json_line(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate),
+            log(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate),
                                          "loss_tokens_per_s": round(n_loss_tokens / (time.time() - t0))})
     bar.close()
     peak = runtime.peak_memory_mb(device)
-    runtime.json_line(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
-    print(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB; saved to {cfg.out_dir}")
+    log(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
+    say(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB"
+        + (" (process 0)" if group.world > 1 else "") + f"; saved to {cfg.out_dir}")
+    group.finish()
     return losses
 
 
@@ -494,21 +539,26 @@ class StopSignals:
     state and weights are exactly those of an uninterrupted run (dropout included) and resume continues
     it bit for bit. A second signal stops at once, keeping the last checkpoint. The handlers are
     installed even when the shell started us with SIGINT ignored (a background job `&`, nohup), and
-    the previous ones come back on exit."""
+    the previous ones come back on exit.
+
+    Under torchrun a Ctrl-C reaches each process twice: from the terminal, and forwarded by torchrun
+    itself a moment later (which then waits 30 s before it kills what still runs). A second signal
+    within REPEAT_S of the first is that same Ctrl-C, not a request to quit at once."""
     NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+    REPEAT_S = 2.0
 
-    def __init__(self):
-        self.requested, self.previous = 0, {}
-
-    @property
-    def name(self):
-        return self.NAMES.get(self.requested, "stopped")
+    def __init__(self, speak=True, torchrun=False):
+        self.requested, self.previous, self.at = 0, {}, 0.0
+        self.speak, self.torchrun = speak, torchrun
 
     def _handle(self, signum, frame):
         if self.requested:
+            if self.torchrun and time.monotonic() - self.at < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.requested = signum
-        tqdm.write(f"{self.NAMES[signum]}: stopping after this step to save a checkpoint (again to quit at once)")
+        self.requested, self.at = signum, time.monotonic()
+        if self.speak:
+            tqdm.write(f"{self.NAMES[signum]}: stopping after this step to save a checkpoint (again to quit at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only

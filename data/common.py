@@ -33,6 +33,17 @@ def check(ok, message):
         fail(message)
 
 
+def report(message, same_everywhere=True):
+    """Print `error: message` to stderr. Under torchrun every process runs the same checks on the same
+    options, so only process 0 reports a mistake (RANK 0); an error of one process alone (a file, memory)
+    is reported by that process, naming it."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"error: {message}", file=sys.stderr)
+    elif not same_everywhere:
+        print(f"error: process {rank}: {message}", file=sys.stderr)
+
+
 def run(main, *args):
     """Call main(*args); turn a UserError, or the machine refusing a file (OSError: permissions, a full
     disk, a file where a folder should be), into `error: ...` on stderr and exit code 2, no traceback.
@@ -40,11 +51,11 @@ def run(main, *args):
     try:
         return main(*args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(2)
     except OSError as e:
-        print(f"error: cannot write {e.filename or 'the output'} ({e.strerror or e}): choose an --out folder "
-              "you can write to, on a disk with space", file=sys.stderr)
+        report(f"cannot write {e.filename or 'the output'} ({e.strerror or e}): choose an --out folder "
+               "you can write to, on a disk with space", same_everywhere=False)
         sys.exit(2)
 
 

@@ -130,16 +130,18 @@ class Batches:
             self.groups[split, epoch] = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
         return self.groups[split, epoch]
 
+    def positions(self, split, i):
+        """-> (used, padded): the real positions of batch i and the positions it is padded to (its rows
+        times its longest row), from the examples' lengths alone, nothing read."""
+        lengths = self.examples[split][:, 2]
+        rows = [min(int(lengths[k]), self.block_size + 1) - 1 for k in self.batch_examples(split, i)]
+        return sum(rows), len(rows) * max(rows)
+
     def padding_share(self, split="train", batches=None):
         """The share of a batch's positions that are padding, over an epoch's batches (or the first
-        `batches`): computed from the examples' lengths, nothing is read."""
+        `batches`)."""
         count = self._steps(split)
-        lengths = self.examples[split][:, 2].tolist()
-        used = padded = 0
-        for i in range(count if batches is None else min(batches, count)):
-            rows = [min(lengths[k], self.block_size + 1) - 1 for k in self.batch_examples(split, i)]
-            used += sum(rows)
-            padded += len(rows) * max(rows)
+        used, padded = map(sum, zip(*(self.positions(split, i) for i in range(count if batches is None else min(batches, count)))))
         return 1 - used / padded
 
     def _order(self, split, epoch):

@@ -83,3 +83,63 @@ def test_cpu_memory_probe_gives_a_figure():
     env = tiny_env(memory=True)
     b = bench.training_memory(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all", "preset": "lora"})
     assert b is not None and 0 <= b < 2**30
+
+
+# ---- the job sections (bench_job.py) on the E2E subset the tests prepare ----------------------------
+
+def test_job_sections_print_their_tables(data, capsys):
+    bench.main(TINY + ["--memory", "off", "--only", "job", "--job_data_dir", str(data["e2e"]), "--job_rounds", "1",
+                       "--job_steps", "1", "--job_mrs", "3", "--job_decode_repeats", "1", "--job_sizes", "tiny",
+                       "--job_scale_repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.count("machine: ") == 3
+    for row in ["| ours, length-grouped ", "| ours, random batches ", "| PEFT, random batches ",
+                "| PEFT, LengthGroupedSampler ", "| beam 10  | ours ", "| greedy   | transformers ", "| tiny  | 3M "]:
+        assert row in out, row
+    assert ">= 1.80x" in out and ">= 1.30x" in out and ">= 1.50x" in out and ">= 1.20x" in out
+    # random weights never emit eos: both sides decode the full 64 tokens, the same ones
+    assert "| greedy   | ours         |" in out and "3/3" in out
+
+
+def test_job_loops_learn_from_the_same_tokens(data):
+    """The PEFT loop's collated batch of some examples and train.py's batch of the same examples give
+    the same loss on the same weights, and count the same reference tokens."""
+    from transformers import GPT2LMHeadModel
+    import bench_job
+    from data.loader import Batches
+    env = tiny_env()
+    ours = bench.ours_model(env).eval()
+    folder = data["e2e"].parent / "job_same_tokens"
+    ours.save_pretrained(folder)
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    b = Batches(data["e2e"], 16, 1024, group_by_length=False)
+    x, y = b.get("train", 3)
+    tokens = b.tokens["train"].tolist()
+    features = []
+    for k in b.batch_examples("train", 3):
+        s, context, total = b.examples["train"][k].tolist()
+        features.append({"input_ids": tokens[s:s + total], "labels": [-100] * context + tokens[s + context:s + total]})
+    batch = bench_job.pad_collate(features)
+    assert int((batch["labels"][:, 1:] != -100).sum()) == int((y != -100).sum()) > 0
+    assert int(batch["attention_mask"].sum()) - len(features) == b.positions("train", 3)[0]
+    with torch.no_grad():
+        a = ours(x, y, return_logits=False)[1]
+        theirs = hf(**batch, use_cache=False).loss
+    assert torch.allclose(a, theirs, rtol=1e-5, atol=1e-5), (a, theirs)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_job_memory_probe_gives_a_figure(data):
+    import bench_job
+    env = tiny_env(memory=True)
+    spec = bench_job.job_specs(str(data["e2e"]))["ours, length-grouped"]
+    b = bench_job.job_memory(env, spec, steps=2)
+    assert b is not None and 0 < b < 2**30
+
+
+def test_job_needs_prepared_data(tmp_path):
+    import bench_job
+    with pytest.raises(bench_job.runtime.UserError, match="prepare.py"):
+        bench_job.section_job_train(tiny_env(), 1, 1, data_dir=str(tmp_path))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "job", "--job_sizes", "gpt3"])

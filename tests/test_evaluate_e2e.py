@@ -153,18 +153,33 @@ def test_prompt_ngrams_are_not_banned(model, prompts):
 def test_beam_search_batch_matches_one_by_one(model, beam_size):
     """Seven prompts' beams through the model together give what each prompt gets alone without the KV
     cache; their searches end at different steps (an eos, the stopping rule or max_new_tokens), so
-    prompts leave the batch while the others go on."""
+    prompts leave the batch while the others go on. Once with prompts of one length, once of lengths 2
+    to 8 (left-padded in the batch)."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 64, (5,), generator=g).tolist() for _ in range(7)]
+    mixed = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (5, 2, 8, 5, 3, 7, 4)]
     lengths = set()
     for lp, n in ((0.9, 4), (0.0, 0), (1.0, 2)):
         kw = dict(beam_size=beam_size, max_new_tokens=20, length_penalty=lp, no_repeat_ngram_size=n, eos_token=EOS)
-        batched = ev.beam_search_batch(model, prompts, **kw)
-        assert batched == [ev.beam_search(model, p, use_cache=False, **kw) for p in prompts]
-        lengths |= {len(o) for o in batched}
+        for group in (prompts, mixed):
+            batched = ev.beam_search_batch(model, group, **kw)
+            assert batched == [ev.beam_search(model, p, use_cache=False, **kw) for p in group]
+            lengths |= {len(o) for o in batched}
     assert len(lengths) > 2 and 20 in lengths
-    with pytest.raises(ValueError, match="one length"):
-        ev.beam_search_batch(model, [[1, 2], [1, 2, 3]])
+
+
+def test_left_padding_changes_no_logit(model):
+    """A prompt's logits, through the cache, alone and left-padded beside a longer prompt: the same."""
+    from model import KVCache
+    a, b = [5, 9, 14], [3, 1, 4, 1, 5, 9, 2]
+    alone = model(torch.tensor([a]), cache=KVCache(model.config.n_layer, 12))[0][0, -1]
+    cache = KVCache(model.config.n_layer, 12, pad=torch.tensor([4, 0]))
+    padded = model(torch.tensor([[EOS] * 4 + a, b]), cache=cache)[0]
+    assert torch.allclose(padded[0, -1], alone, atol=1e-5)
+    assert torch.allclose(padded[1, -1], model(torch.tensor([b]))[0][0, -1], atol=1e-5)
+    step = model(torch.tensor([[7], [7]]), cache=cache)[0][:, -1]  # one more token each
+    assert torch.allclose(step[0], model(torch.tensor([a + [7]]))[0][0, -1], atol=1e-5)
+    assert torch.allclose(step[1], model(torch.tensor([b + [7]]))[0][0, -1], atol=1e-5)
 
 
 def test_greedy_batch_matches_one_by_one(model):

@@ -313,8 +313,8 @@ def room_to_generate(model, mrs, sep=" ||", max_new_tokens=64, split="test"):
 
 def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, length_penalty=0.9,
                no_repeat_ngram_size=4, batch_size=32):
-    """One sentence per MR: greedy (beam_size 1) or beam search, both batched by prompt length, with a
-    tqdm bar."""
+    """One sentence per MR: greedy (beam_size 1, batches of one prompt length) or beam search (batches of
+    similar lengths, left-padded), with a tqdm bar."""
     enc = get_tokenizer()
     prompts = [enc.encode_ordinary(mr + sep) for mr in mrs]  # exactly the training contexts
     how = "greedy" if beam_size == 1 else f"beam {beam_size}"

@@ -542,7 +542,7 @@ class StopSignals:
     the previous ones come back on exit.
 
     Under torchrun a Ctrl-C reaches each process twice: from the terminal, and forwarded by torchrun
-    itself a moment later (which then waits 30 s before it kills what still runs). A second signal
+    itself a moment later (which then waits 30 s, TORCH_ELASTIC_SHUTDOWN_TIMEOUT, before it kills what still runs). A second signal
     within REPEAT_S of the first is that same Ctrl-C, not a request to quit at once."""
     NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
     REPEAT_S = 2.0

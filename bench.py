@@ -260,23 +260,28 @@ def train_contender(env, spec):
 
 # ---- timing and memory ---------------------------------------------------------------------------
 
-def race(env, fns, warmup=None, repeats=None):
-    """fns {name: callable}: warm-up, then take turns for `repeats` rounds -> {name: median seconds}."""
-    warmup = env.warmup if warmup is None else warmup
-    repeats = env.repeats if repeats is None else repeats
+def take_turns(env, fns, warmup, repeats):
+    """fns {name: callable}: warm-up, then take turns for `repeats` rounds
+    -> {name: [(seconds, what the call returned) per round]}."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    times = {k: [] for k in fns}
+    rounds = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             gc.collect()
             env.sync()
             t0 = time.perf_counter()
-            f()
+            result = f()
             env.sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            rounds[k].append((time.perf_counter() - t0, result))
+    return rounds
+
+
+def race(env, fns, warmup=None, repeats=None):
+    """take_turns (warm-up and repeats default to env's) -> {name: median seconds}."""
+    rounds = take_turns(env, fns, env.warmup if warmup is None else warmup, env.repeats if repeats is None else repeats)
+    return {k: statistics.median(t for t, _ in v) for k, v in rounds.items()}
 
 
 def _proc_status():

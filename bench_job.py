@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -92,14 +91,19 @@ def pad_collate(features):
             "labels": torch.tensor([pad(f["labels"], -100) for f in features])}
 
 
+def hf_example(tokens, start, context, total):
+    """One prepared E2E example (a row of data/loader.py's index) as transformers' docs tokenize one:
+    input_ids, and labels -100 on the MR (transformers shifts labels by one inside)."""
+    return {"input_ids": tokens[start:start + total], "labels": [-100] * context + tokens[start + context:start + total]}
+
+
 def peft_loop(env, spec):
     """A transformers + PEFT LoRA training loop over the same examples, the way their docs show it."""
     from torch.utils.data import DataLoader, RandomSampler
     from transformers.trainer_pt_utils import LengthGroupedSampler
     ours = Batches(spec["data_dir"], JOB_BATCH, env.cfg["block_size"], group_by_length=False)
     tokens = ours.tokens["train"].tolist()
-    dataset = [{"input_ids": tokens[s:s + total], "labels": [-100] * context + tokens[s + context:s + total]}
-               for s, context, total in ours.examples["train"].tolist()]
+    dataset = [hf_example(tokens, *row) for row in ours.examples["train"].tolist()]
     g = torch.Generator().manual_seed(spec["seed"])
     sampler = (LengthGroupedSampler(JOB_BATCH, lengths=[len(d["input_ids"]) for d in dataset], generator=g)
                if spec["grouped"] else RandomSampler(dataset, generator=g))
@@ -148,16 +152,9 @@ def take_turns(env, contenders, rounds, steps):
     -> {name: [(seconds, reference tokens, positions, real positions) per round]}."""
     for c in contenders.values():
         c.step()
-    out = {k: [] for k in contenders}
-    for _ in range(rounds):
-        for k, c in contenders.items():
-            gc.collect()
-            env.sync()
-            t0 = time.perf_counter()
-            work = [c.step() for _ in range(steps)]
-            env.sync()
-            out[k].append((time.perf_counter() - t0, *map(sum, zip(*work))))
-    return out
+    run = lambda c: lambda: [sum(x) for x in zip(*(c.step() for _ in range(steps)))]
+    turns = bench.take_turns(env, {k: run(c) for k, c in contenders.items()}, warmup=0, repeats=rounds)
+    return {k: [(t, *work) for t, work in v] for k, v in turns.items()}
 
 
 def job_memory(env, spec, steps):

@@ -377,10 +377,11 @@ def train(cfg):
     group.start()
     ckpt = None
     if resuming:  # process 0 first: it completes a checkpoint a crash left unfinished
-        for turn in ((True, False) if group.world > 1 else (True,)):
-            if group.main == turn:
-                ckpt = runtime.read_checkpoint(cfg.out_dir)
-            group.barrier()
+        if group.main:
+            ckpt = runtime.read_checkpoint(cfg.out_dir)
+        group.barrier()
+        if not group.main:
+            ckpt = runtime.read_checkpoint(cfg.out_dir)
     if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
         defaults = TrainConfig()
         given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}

@@ -133,9 +133,8 @@ class Batches:
     def positions(self, split, i):
         """-> (used, padded): the real positions of batch i and the positions it is padded to (its rows
         times its longest row), from the examples' lengths alone, nothing read."""
-        lengths = self.examples[split][:, 2]
-        rows = [min(int(lengths[k]), self.block_size + 1) - 1 for k in self.batch_examples(split, i)]
-        return sum(rows), len(rows) * max(rows)
+        rows = self.examples[split][self.batch_examples(split, i), 2].clamp(max=self.block_size + 1) - 1
+        return int(rows.sum()), len(rows) * int(rows.max())
 
     def padding_share(self, split="train", batches=None):
         """The share of a batch's positions that are padding, over an epoch's batches (or the first

@@ -22,10 +22,11 @@ dist.init_process_group("gloo")
 with open(sys.argv[1]) as f:
     runs = json.load(f)
 for argv in runs:
-    losses = train.train(train.parse_args(argv))
+    cfg = train.parse_args(argv)
+    out_dir = cfg.out_dir
+    losses = train.train(cfg)
     if dist.get_rank() == 0:
-        cfg = train.parse_args(argv)
-        with open(os.path.join(cfg.out_dir, "losses.json"), "w") as f:
+        with open(os.path.join(out_dir, "losses.json"), "w") as f:
             json.dump(losses, f)
     dist.barrier()
 dist.barrier()

@@ -115,10 +115,7 @@ def test_job_loops_learn_from_the_same_tokens(data):
     b = Batches(data["e2e"], 16, 1024, group_by_length=False)
     x, y = b.get("train", 3)
     tokens = b.tokens["train"].tolist()
-    features = []
-    for k in b.batch_examples("train", 3):
-        s, context, total = b.examples["train"][k].tolist()
-        features.append({"input_ids": tokens[s:s + total], "labels": [-100] * context + tokens[s + context:s + total]})
+    features = [bench_job.hf_example(tokens, *b.examples["train"][k].tolist()) for k in b.batch_examples("train", 3)]
     batch = bench_job.pad_collate(features)
     assert int((batch["labels"][:, 1:] != -100).sum()) == int((y != -100).sum()) > 0
     assert int(batch["attention_mask"].sum()) - len(features) == b.positions("train", 3)[0]

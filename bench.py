@@ -5,6 +5,7 @@ everyone knows, transformers' GPT-2 + PEFT LoRA.
     python bench.py                          # every section, GPT-2 124M, batch 4 x 256, float32 on CPU
     python bench.py --only train,bound       # some sections: train, presets, infer, generate, bound
     python bench.py --only job               # the E2E job: job_train, job_decode, job_scale (bench_job.py)
+    python bench.py --only quant             # a quantized base (none / int8 / nf4): memory, speed, quality (bench_quant.py)
     python bench.py --device cuda            # bfloat16 base weights, float32 adapters, autocast (the default there)
     python bench.py --model tiny --repeats 2 --warmup 1 --gen_tokens 8     # seconds: a smoke test
 
@@ -19,6 +20,7 @@ next to the measured ratio with whether it is met):
   bound     the step against the time of its matrix products alone (same shapes, same dtype)
   job_*     the real job, only when asked (--only job): E2E training steps through train.py's loop, beam-10
             decoding of test MRs, and one step's cost from gpt2 to gpt2-xl; see bench_job.py
+  quant     only when asked: the frozen base in float, int8 and nf4 (quantize.py); see bench_quant.py
 
 Method. Contenders of one comparison are built side by side, at the same model size, batch, sequence
 length, dtype and device, with random weights (speed does not depend on the values) and dropout off
@@ -50,6 +52,7 @@ where the token is not predicted, i.e. at our -100 positions shifted by one. tes
 that the two give the same loss on the same weights.
 """
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -70,6 +73,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 import sharelora  # noqa: E402
 from model import GPT, SIZES, GPTConfig  # noqa: E402
+from quantize import quantize as quantize_base  # noqa: E402
 
 # GPT-2's four sizes (random weights) and a tiny one for the smoke tests, all with GPT-2's vocabulary
 MODELS = {name: dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024)
@@ -184,10 +188,11 @@ def fmt_mb(b):
 
 # ---- building the contenders ---------------------------------------------------------------------
 
-def ours_model(env, adapter=None):
+def ours_model(env, adapter=None, quantize="none"):
     torch.manual_seed(0)
     c = env.cfg
     model = GPT(GPTConfig(**c, dropout=0.0)).to(env.device, env.dtype)  # frozen base in env.dtype
+    quantize_base(model, quantize, compute_dtype=env.dtype)  # none, nf4, int8: the quant section
     if adapter is not None:
         sharelora.add_adapters(model, adapter)  # adapters are float32 whatever the base dtype
     return model
@@ -237,7 +242,7 @@ def train_contender(env, spec):
     if spec["side"] == "ours":
         ac = sharelora.AdapterConfig(preset=spec.get("preset", "lora"), r=R, alpha=ALPHA, dropout=0.0,
                                      targets=tuple(spec["targets"]))
-        model = ours_model(env, ac)
+        model = ours_model(env, ac, spec.get("quantize", "none"))
         fwd = lambda: model(ids, targets, return_logits=False)[1]  # the loss only where it counts
     else:
         model = hf_model(env, spec["targets"])
@@ -248,12 +253,14 @@ def train_contender(env, spec):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with env.autocast():
-            loss = fwd()
-        loss.backward()
+        loss().backward()
         opt.step()
 
-    return SimpleNamespace(model=model, step=step, opt=opt, spec=spec,
+    def loss():
+        with env.autocast():
+            return fwd()
+
+    return SimpleNamespace(model=model, step=step, loss=loss, opt=opt, spec=spec,
                            trainable=sum(p.numel() for p in params),
                            loss_tokens=int((targets != -100).sum()))
 
@@ -282,6 +289,18 @@ def race(env, fns, warmup=None, repeats=None):
     """take_turns (warm-up and repeats default to env's) -> {name: median seconds}."""
     rounds = take_turns(env, fns, env.warmup if warmup is None else warmup, env.repeats if repeats is None else repeats)
     return {k: statistics.median(t for t, _ in v) for k, v in rounds.items()}
+
+
+def release_memory():
+    """Free what the last contenders held, back to the operating system: gc, then glibc's malloc_trim.
+    Without the trim, freed tensors stay in the heap (glibc raises its mmap threshold as large blocks are
+    freed), and job_scale, holding gpt2-large's leftovers, was killed for memory building gpt2-xl's two
+    6 GB models on a 23 GB machine."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _proc_status():
@@ -626,6 +645,7 @@ def section_bound(env):
 
 SECTIONS = ("train", "presets", "infer", "generate", "bound")
 JOB_SECTIONS = ("job_train", "job_decode", "job_scale")  # minutes to an hour on a CPU: only when asked
+ASKED_SECTIONS = JOB_SECTIONS + ("quant",)  # quant: bench_quant.py, also minutes (gpt2-xl, four training runs)
 
 
 def parse_args(argv=None):
@@ -639,7 +659,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed rounds, contenders taking turns")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help="comma list of sections: " + ",".join(SECTIONS + JOB_SECTIONS) + "; job = the three job_ sections")
+                   help="comma list of sections: " + ",".join(SECTIONS + ASKED_SECTIONS) + "; job = the three job_ sections")
     p.add_argument("--gen_tokens", type=int, default=256, help="new tokens per generation")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per contender")
@@ -654,17 +674,25 @@ def parse_args(argv=None):
                                                  "instead of random weights")
     p.add_argument("--job_sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl", help="job_scale: model sizes")
     p.add_argument("--job_scale_repeats", type=int, default=3, help="job_scale: timed steps per side and size")
+    p.add_argument("--quant_sizes", default="gpt2,gpt2-xl", help="quant: model sizes")
+    p.add_argument("--quant_repeats", type=int, default=3, help="quant: timed steps per base and size")
+    p.add_argument("--quant_base", default=os.path.join(ROOT, "out-e2e-base-6l"),
+                   help="quant: the stand-in base the quality runs train on (config/e2e_base_6l.py)")
+    p.add_argument("--quant_steps", type=int, default=300, help="quant: training steps of each quality run")
+    p.add_argument("--quant_out", default=os.path.join(ROOT, "out-bench-quant"), help="quant: the quality runs' folders")
     p.add_argument("--memory", default="auto", choices=["auto", "off"], help="off: skip the memory probes")
     p.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.only = ",".join(",".join(JOB_SECTIONS) if name == "job" else name for name in args.only.split(","))
-    bad = set(args.only.split(",")) - set(SECTIONS + JOB_SECTIONS)
+    bad = set(args.only.split(",")) - set(SECTIONS + ASKED_SECTIONS)
     if bad:
-        p.error(f"unknown section(s) {sorted(bad)}: choose from {', '.join(SECTIONS + JOB_SECTIONS)} or job")
-    bad = set(args.job_sizes.split(",")) - set(MODELS)
-    if bad:
-        p.error(f"unknown --job_sizes {sorted(bad)}: choose from {', '.join(MODELS)}")
-    for name in ("job_rounds", "job_steps", "job_mrs", "job_decode_repeats", "job_scale_repeats"):
+        p.error(f"unknown section(s) {sorted(bad)}: choose from {', '.join(SECTIONS + ASKED_SECTIONS)} or job")
+    for option in ("job_sizes", "quant_sizes"):
+        bad = set(getattr(args, option).split(",")) - set(MODELS)
+        if bad:
+            p.error(f"unknown --{option} {sorted(bad)}: choose from {', '.join(MODELS)}")
+    for name in ("job_rounds", "job_steps", "job_mrs", "job_decode_repeats", "job_scale_repeats", "quant_repeats",
+                 "quant_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     return args
@@ -681,11 +709,16 @@ def main(argv=None):
     if env.block_size > env.cfg["block_size"]:
         raise SystemExit(f"--block_size {env.block_size} is more than the model's context {env.cfg['block_size']}")
     only = args.only.split(",")
-    for name in SECTIONS + JOB_SECTIONS:
+    for name in SECTIONS + ASKED_SECTIONS:
         if name not in only:
             continue
         t0 = time.perf_counter()
-        if name.startswith("job_"):
+        if name == "quant":
+            import bench_quant
+            text = (bench_quant.section_quant_speed(env, args.quant_sizes.split(","), args.quant_repeats) + "\n\n"
+                    + bench_quant.section_quant_quality(env, args.quant_base, args.job_data_dir, args.quant_out,
+                                                        args.quant_steps))
+        elif name.startswith("job_"):
             import bench_job
             text = {"job_train": lambda: bench_job.section_job_train(env, args.job_rounds, args.job_steps,
                                                                      args.job_data_dir),

@@ -340,24 +340,47 @@ def decode_bound(env, model, hf, prompts, max_new, repeats, batch_size):
 
 # ---- scaling --------------------------------------------------------------------------------------------
 
+def saved_activations(model, loss_fn):
+    """Bytes of the tensors autograd keeps for backward in one forward pass, not counting parameters:
+    the activations an exact backward needs, whatever the allocator does around them."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t.detach()  # not t: an op's saved output would hold its own graph node, a cycle never freed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(kept.values())
+
+
 def section_job_scale(env, sizes, repeats):
-    rows, ratios = [], []
+    rows, ratios, bounds = [], [], []
     for size in sizes:
         e = replace(env, model=size, batch_size=1, block_size=256)
         specs = {"ours": {"side": "ours", "targets": ["q", "v"], "supervision": "all", "preset": "sharea"},
                  "PEFT": {"side": "peft", "targets": ["c_attn"], "supervision": "all"}}
         cs = {k: bench.train_contender(e, s) for k, s in specs.items()}
         params = sum(p.numel() for p in cs["ours"].model.parameters() if not p.requires_grad)
-        t = bench.race(e, {k: c.step for k, c in cs.items()}, warmup=1, repeats=repeats)
+        # the bound, as in bench.py's bound section: our step's matrix products replayed alone
+        cs["ours"].step()
+        matmuls, _ = bench.gemm_replay(e, bench.record_gemms(e, cs["ours"].step))
+        kept = saved_activations(cs["ours"].model, cs["ours"].loss)
+        t = bench.race(e, {**{k: c.step for k, c in cs.items()}, "our matmuls": matmuls}, warmup=1, repeats=repeats)
+        del matmuls
         trainable = {k: c.trainable for k, c in cs.items()}
         if e.device.type == "cuda":
             mem = {k: bench.training_memory(e, specs[k], cs[k]) for k in cs}
             del cs
         else:
             del cs  # the probes run in fresh processes: free this one's copies first (gpt2-xl is 6 GB each)
-            gc.collect()
+            bench.release_memory()
             mem = {k: bench.training_memory(e, s) for k, s in specs.items()}
-        gc.collect()
+        bench.release_memory()
         for k in specs:
             rows.append([size, f"{params / 1e6:,.0f}M", k, f"{trainable[k]:,}", f"{t[k] * 1e3:,.0f}",
                          f"{256 / t[k]:,.0f}", bench.fmt_mb(mem[k])])
@@ -365,10 +388,22 @@ def section_job_scale(env, sizes, repeats):
         m = mem["ours"] / mem["PEFT"] if mem["ours"] and mem["PEFT"] else None
         ratios.append([size, f"{speed:.2f}x", *bench.goal("scale_speed", speed),
                        f"{m:.2f}x" if m else "n/a", *(bench.goal("scale_mem", m) if m else ("-", "-"))])
+        ceiling = t["PEFT"] / t["our matmuls"]
+        floor = kept / mem["PEFT"] if mem["PEFT"] else None
+        bounds.append([size, f"{t['our matmuls'] * 1e3:,.0f}", f"{ceiling:.2f}x", *bench.goal("scale_speed", ceiling),
+                       bench.fmt_mb(kept), f"{floor:.2f}x" if floor else "n/a",
+                       *(bench.goal("scale_mem", floor) if floor else ("-", "-"))])
     return "\n".join([
         f"### One training step at batch 1 x 256 as the model grows: ours ShareA (q, v, r = {bench.R}) vs PEFT "
         f"LoRA (c_attn, r = {bench.R}), every position supervised, median of {repeats}",
         bench.machine_line(env, shape="batch 1 x 256"), "",
         bench.table(["model", "frozen params", "side", "trainable", "step ms", "tokens/s", "train mem MiB"], rows), "",
         bench.table(["model", "speed, ours / PEFT", "goal", "met", "memory, ours / PEFT", "goal", "met"], ratios), "",
-        f"Training memory: {bench.memory_method(env)}."])
+        f"Training memory: {bench.memory_method(env)}.", "",
+        "The bound at each size. Speed: PEFT's step over our step's matrix products replayed alone (same "
+        "shapes, strides and dtype, timed in the same rounds), the fastest a step with zero overhead could "
+        "be. Memory: the tensors our backward keeps (autograd's saved tensors, parameters not counted) over "
+        "PEFT's training memory, the least a step that keeps them could use; fewer would mean recomputing "
+        "matrix products in backward.", "",
+        bench.table(["model", "our matmuls ms", "speed ceiling", "goal", "within", "kept for backward MiB",
+                     "memory floor", "goal", "within"], bounds)])

@@ -48,6 +48,8 @@ def options(argv):
     p.add_argument("--override", action="append", default=[], metavar="PRESET:KEY=VALUE")
     p.add_argument("--png", action="store_true", help="also write OUT/loss.png and OUT/quality.png (needs matplotlib)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"),
+                   help="the frozen base of every run in 4 or 8 bits (QShareA vs QLoRA: quantize.py)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -146,7 +148,8 @@ def train_command(args, preset, seed, out_dir, extra):
             f"--r={args.r}", f"--alpha={args.alpha}", f"--targets={args.targets}", f"--max_iters={args.max_iters}",
             f"--batch_size={args.batch_size}", f"--learning_rate={args.learning_rate}", f"--seed={seed}",
             f"--out_dir={out_dir}", f"--device={args.device}", f"--warmup_iters={max(1, args.max_iters // 20)}",
-            f"--eval_interval={max(1, args.max_iters // 4)}", *extra]
+            f"--eval_interval={max(1, args.max_iters // 4)}",
+            *([f"--quantize={args.quantize}"] if args.quantize != "none" else []), *extra]
 
 
 def plan(out_dir, cmd, args, n_mrs):

@@ -43,6 +43,8 @@ def options(argv):
                    help="prompts decoded together (beam search: each with beam_size rows in the batch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
+                   help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
     p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
     args = p.parse_args(argv)
     check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
@@ -354,7 +356,8 @@ def main(argv=None):
                                                    f"e2e_{args.split}")
     writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
 
-    model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype)
+    model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                             quantize=args.quantize)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
     max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)

@@ -9,6 +9,8 @@ model.safetensors): transformers' GPT2LMHeadModel.from_pretrained(dest) gives th
 peft: adapter_config.json + adapter_model.safetensors for PEFT's LoRA on transformers' GPT-2
 (PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dest)). Every preset converts
 exactly; shared tensors are written once per layer, since PEFT has no sharing.
+An adapter trained on a quantized base (train.py --quantize) is loaded onto the same quantized base;
+hf then writes dequant(W) + ΔW in float32 (sharelora.export_merged).
 """
 import os
 
@@ -52,6 +54,13 @@ def export(args):
         sharelora.export_peft(model, args.dest, base_model_name_or_path=base, fused=HF_FUSED,
                               fan_in_fan_out=True, task_type="CAUSAL_LM")  # transformers' GPT-2: Conv1D weights
     print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
+    if info["quantize"] != "none" and args.to == "hf":
+        print(f"the base was {info['quantize']}: the merged weights are dequant(W) + ΔW in float32, what the adapter "
+              "was trained against; the exported model is no longer quantized")
+    elif info["quantize"] != "none":
+        print(f"the adapter was trained on a {info['quantize']} base: load the base quantized the same way to run it as "
+              "trained (transformers: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+              "bnb_4bit_use_double_quant=True) for nf4)")
 
 
 if __name__ == "__main__":

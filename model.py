@@ -224,6 +224,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[s:s + chunk_rows] = g.to(weight.dtype) @ weight
                 if need_w:
                     grad_w += (g.to(hc.dtype).t() @ hc).float()
+            # drop this chunk before the next one is made: the names would otherwise keep it alive
+            # while `hc @ weight.t()` allocates the next, two chunks at the peak instead of one
+            logits = e = g = None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / N
@@ -296,8 +299,12 @@ class GPT(nn.Module):
             return logits, loss
         keep = targets != -100
         weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
-        chunk_rows = max(1, 2**23 // self.config.vocab_size)  # 166 rows: 32 MB of float32 logits at a time
-        loss = LinearCrossEntropy.apply(x[keep], weight, targets[keep], label_smoothing, chunk_rows)
+        h = x[keep]
+        # at most 32 MB of float32 logits at a time (166 rows of GPT-2's vocabulary), in chunks of equal
+        # size: 255 rows go as 128 + 127 (26 MB at the peak), not 166 + 89, for the same two weight passes
+        most = max(1, 2**23 // self.config.vocab_size)
+        chunk_rows = -(-h.size(0) // -(-h.size(0) // most)) if h.size(0) else 1
+        loss = LinearCrossEntropy.apply(h, weight, targets[keep], label_smoothing, chunk_rows)
         return None, loss
 
     @torch.no_grad()

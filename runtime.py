@@ -15,6 +15,7 @@ import torch
 import sharelora
 from data.common import Parser, UserError, check, fail, report, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
 from model import GPT
+from quantize import KINDS as QUANTIZE_KINDS, quantize as quantize_base
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
 
@@ -268,10 +269,13 @@ def load_base(init_from, **overrides):
         fail(f"{e}, or run `make demo`, which trains a stand-in base here (then init_from=out-demo/base)")
 
 
-def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype="auto", merge=True):
+def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype="auto", merge=True, quantize="auto"):
     """A base model plus (optionally) an adapter, ready for inference. The adapter comes from `adapter`
     (a file) or out_dir/adapter.safetensors; the base from `init_from`, else the base the adapter
-    names, else out_dir itself when train.py wrote a whole model there. Returns (model, info)."""
+    names, else out_dir itself when train.py wrote a whole model there. quantize: none, nf4, int8, or
+    auto: as the adapter was trained (its file records it), so that it runs against the base it
+    learned on; a quantized base keeps the adapter unmerged (sharelora.merge explains why).
+    Returns (model, info); info["quantize"] says what the base is."""
     if out_dir is not None:
         if not os.path.isdir(out_dir):
             fail(f"out_dir {out_dir} is not a folder: give the folder of a training run")
@@ -291,15 +295,27 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     else:
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")
-    model = load_base(info["base"])
-    if adapter is not None:
-        sharelora.load_adapter(model, adapter)
-        if merge:
-            sharelora.merge(model)  # inference at the base model's cost
+    trained_on = meta.get("base_quantized") or "none" if adapter is not None else "none"
+    info.update(quantize=trained_on if quantize == "auto" else check_quantize(quantize), trained_on=trained_on)
     device = pick_device(device)
     info.update(device=device, dtype=pick_dtype(dtype, device))
+    model = load_base(info["base"])
+    if info["quantize"] != "none":
+        if adapter is None:
+            fail(f"quantize={info['quantize']} is for a base under an adapter, and {out_dir} holds a whole model")
+        quantize_base(model, info["quantize"], compute_dtype=info["dtype"])
+    if adapter is not None:
+        sharelora.load_adapter(model, adapter)
+        if merge and info["quantize"] == "none":
+            sharelora.merge(model)  # inference at the base model's cost
     place(model, device, info["dtype"]).eval()
     return model, info
+
+
+def check_quantize(kind):
+    if kind not in QUANTIZE_KINDS + ("auto",):
+        fail(f"quantize must be auto, {', '.join(QUANTIZE_KINDS)}, not {kind!r}")
+    return kind
 
 
 def peak_memory_mb(device):

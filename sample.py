@@ -37,6 +37,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no_merge", action="store_true", help="keep the adapter unmerged")
+    p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
+                   help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.adapter is None and args.init_from is None:
         p.error("give --out_dir, --adapter or --init_from")
@@ -60,7 +62,7 @@ def generate(args):
     import runtime
     from tokenizer import EOT, decode, encode
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
-                                     merge=not args.no_merge)
+                                     merge=not args.no_merge, quantize=args.quantize)
     start = args.start
     if start.startswith("FILE:"):
         try:
@@ -77,12 +79,19 @@ def generate(args):
     with runtime.autocast(info["device"], info["dtype"]):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
-    print(f"# {info['base']} + {info['adapter'] or 'no adapter'}", file=sys.stderr)
+    print(f"# {info['base']}{base_note(info)} + {info['adapter'] or 'no adapter'}", file=sys.stderr)
     for row in out:
         text = decode([t for t in row[idx.size(1):].tolist() if t != EOT] if e2e else row[idx.size(1):].tolist())
         print(text.strip() if e2e else start + text)
         if args.num_samples > 1:
             print("---------------")
+
+
+def base_note(info):
+    """How the base runs, when it is quantized or differs from what the adapter was trained on."""
+    if info["quantize"] == info["trained_on"]:
+        return f" ({info['quantize']})" if info["quantize"] != "none" else ""
+    return f" (quantize={info['quantize']}; the adapter was trained with quantize={info['trained_on']})"
 
 
 def _trained_on(out_dir):

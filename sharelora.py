@@ -165,6 +165,37 @@ def dims(layer):
     return tuple(layer.weight.shape)
 
 
+def quantization(layer):
+    """None for a float weight. For a quantized one (bitsandbytes' packed 4-bit or int8 weights: not
+    floating point), a short name: its quant_type ("nf4", "fp4") or its storage dtype ("int8")."""
+    w = _stored(layer).weight
+    if w.is_floating_point():
+        return None
+    return getattr(w, "quant_type", None) or str(w.dtype).removeprefix("torch.")
+
+
+def quantized_maps(model):
+    """Names of the model's linear maps whose weight is quantized."""
+    return [n for n, m in model.named_modules() if not isinstance(m, AdaptedLinear) and is_linear(m) and quantization(m)]
+
+
+@torch.no_grad()
+def applied_weight(layer):
+    """(d_out, d_in) float32: the W a linear layer actually multiplies by, read off by running it on the
+    identity matrix (row i of the output is W e_i) with its bias set aside for that call. For a
+    quantized layer that is dequant(W), what an adapter on it was trained against, whichever library
+    packed it; no library import is needed."""
+    layer = _stored(layer)
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        layer.bias = None
+    try:
+        return layer(torch.eye(dims(layer)[1], device=layer.weight.device)).float().t().contiguous()
+    finally:
+        if bias is not None:
+            layer.bias = bias
+
+
 def _delta_view(m, w):
     """The part of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as a
     view laid out like ΔW (d_out, d_in): merge and base_state_dict write into it in place."""
@@ -586,6 +617,9 @@ def parameter_table(model):
                      + f" {r['total']:>10,}")
     total = sum(r["total"] for r in rows)
     everything = sum(p.numel() for p in model.parameters())
+    for name in quantized_maps(model):  # a packed weight holds two 4-bit values per element: count W's
+        layer = model.get_submodule(name)
+        everything += math.prod(dims(layer)) - layer.weight.numel()
     lines.append(f"trainable: {total:,} of {everything:,} parameters ({100 * total / everything:.3f}%)")
     return "\n".join(lines)
 
@@ -597,7 +631,13 @@ def merge(model):
     """Add each layer's ΔW into its W (in float32, then cast back): inference then costs what the base
     model costs. With a shared A each layer still gets its own ΔW_l = s·diag(v_l)·B_l·diag(u_l)·A.
     Explicit by design: never a side effect of train()/eval() (loralib's merge-on-eval surprised users)."""
-    for m in _require_adapters(model):
+    layers = _require_adapters(model)
+    q = next((m for m in layers if quantization(m)), None)  # on the adapted maps' bases
+    if q is not None:  # ΔW added to 4-bit W would have to be quantized again: no longer what was trained
+        raise ValueError(f"{q.name} has a quantized base ({quantization(q)}): adding ΔW would mean quantizing "
+                         "W + ΔW again, which is not the model the adapter was trained with; keep the adapter "
+                         "unmerged (it runs as trained), or use export_merged, which writes dequant(W) + ΔW in float32")
+    for m in layers:
         if not m.merged:
             w = _delta_view(m, _stored(m).weight)  # its rows of W, laid out (d_out, d_in) even if stored transposed
             w.copy_((w.float() + m.delta_weight()).to(w.dtype))
@@ -690,6 +730,8 @@ def save_adapter(model, path, base=None):
         "base": json.dumps(base if base is not None else getattr(model, "name_or_path", None)),
         "shapes": json.dumps({m.name: list(_map_dims(m)) for m in layers}),  # (d_out, d_in) of each map
         "regenerated": json.dumps(regenerated),
+        # trained on a quantized base (QLoRA, QShareA): the adapter learned against dequant(W)
+        "base_quantized": json.dumps("+".join(sorted({quantization(m) for m in layers} - {None})) or None),
     }
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder: give save_adapter a file name, e.g. {os.path.join(path, 'adapter.safetensors')}")
@@ -731,7 +773,7 @@ def read_adapter(path):
         pair = lambda v, kind: isinstance(v, list) and len(v) == 2 and all(isinstance(x, kind) for x in v)
         if not (isinstance(meta["shapes"], dict) and all(pair(v, int) for v in meta["shapes"].values())
                 and isinstance(meta["regenerated"], dict) and all(pair(v, (int, float)) for v in meta["regenerated"].values())
-                and (meta.get("base") is None or isinstance(meta["base"], str))):
+                and all(meta.get(k) is None or isinstance(meta[k], str) for k in ("base", "base_quantized"))):
             raise TypeError("shapes, regenerated or base do not have their form")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
@@ -820,8 +862,15 @@ def base_state_dict(model, add_delta=False):
     The model is left as it is."""
     _require_adapters(model)
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    state = model.state_dict()
+    for name in quantized_maps(model):  # a quantized W leaves as dequant(W), in float32
+        layer = model.get_submodule(name)
+        for k in layer.state_dict():  # the library's packing state: absmax, quant_map, SCB, ...
+            if k not in ("weight", "bias"):
+                state.pop(f"{name}.{k}", None)
+        state[f"{name}.weight"] = applied_weight(layer)
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         owner, _, leaf = key.rpartition(".")
         if not leaf.startswith("lora_"):
             out[f"{_module_path(owner, wrappers)}.{leaf}" if owner else leaf] = t
@@ -845,7 +894,13 @@ def merged_state_dict(model):
 def export_merged(model, path):
     """Save the merged model with the model's own save_pretrained when it has one (model.py's GPT writes
     the Hugging Face GPT-2 layout; a transformers model its own), else merged_state_dict as one
-    safetensors file at `path`, for the plain model's load_state_dict."""
+    safetensors file at `path`, for the plain model's load_state_dict. On a quantized base each W is
+    written as dequant(W) + ΔW in float32 (applied_weight): what the adapter was trained against, in a
+    model that is no longer quantized."""
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None and quantized_maps(model):
+        raise ValueError("the model was loaded quantized by transformers, whose save_pretrained writes quantized "
+                         "weights and cannot take dequant(W) + ΔW: save sharelora.merged_state_dict(model) yourself "
+                         "(each W laid out d_out x d_in, as the quantized layers hold it)")
     state = merged_state_dict(model)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(path, state_dict=state)

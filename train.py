@@ -48,6 +48,7 @@ class TrainConfig:
     targets: str = "q,v"
     adapter_seed: int = 0
     init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
+    quantize: str = "none"  # none | nf4 | int8: the frozen base in 4 or 8 bits (QLoRA, QShareA; quantize.py)
     # optimisation: AdamW over the trainable tensors; weight decay on matrices only
     batch_size: int = 8
     group_by_length: bool = True  # example sets: batches of similar lengths, <1% padding on E2E (data/loader.py)
@@ -163,6 +164,13 @@ def check_options(cfg):
         ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
         ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
         ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
+        ("quantize", cfg.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+        ("quantize", cfg.quantize == "none" or cfg.adapter != "none",
+         "none when adapter=none: a quantized base is frozen, so only an adapter can train on it"),
+        # a base from scratch is saved as dequant(W) beside its adapter, and NF4 with double quantization
+        # does not give the same 4-bit weights twice (5e-6 apart): resume would not be exact
+        ("quantize", cfg.quantize == "none" or cfg.init_from != "scratch",
+         "none with init_from=scratch: quantize a base that was loaded (a hub name or a path)"),
         ("out_dir", cfg.out_dir.strip() != "", "a folder name"), ("init_from", cfg.init_from.strip() != "",
                                                                   "gpt2 ... gpt2-xl, a path, scratch or resume"),
     ]
@@ -191,6 +199,7 @@ import runtime  # noqa: E402
 import sharelora  # noqa: E402
 from data.loader import Batches  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from quantize import quantize, stored_bytes  # noqa: E402
 from tokenizer import decode, encode  # noqa: E402
 
 
@@ -222,9 +231,10 @@ def adapter_config(cfg):
                                    targets=cfg.targets, seed=cfg.adapter_seed, spec=cfg.spec or None)
 
 
-def build_model(cfg, ckpt):
-    """The base (hub, path, or a fresh GPT), with the adapter when there is one. On resume the model is
-    rebuilt from the checkpoint's own config, then its tensors are loaded."""
+def build_model(cfg, ckpt, dtype=torch.float32):
+    """The base (hub, path, or a fresh GPT), quantized if asked (computing in `dtype`), with the adapter
+    when there is one. On resume the model is rebuilt from the checkpoint's own config, then its tensors
+    are loaded."""
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               block_size=cfg.block_size, dropout=cfg.dropout))
@@ -232,6 +242,7 @@ def build_model(cfg, ckpt):
         model = runtime.load_base(cfg.init_from, dropout=cfg.dropout)
     if ckpt is not None and "model" in ckpt:  # a base trained here (scratch, or adapter=none)
         model.load_state_dict(ckpt["model"])
+    quantize(model, cfg.quantize, compute_dtype=dtype)  # after loading, before the adapters wrap its layers
     if cfg.adapter != "none":
         sharelora.add_adapters(model, adapter_config(cfg))
         if cfg.init_adapter and ckpt is None:
@@ -423,7 +434,7 @@ def train(cfg):
 
     batches = Batches(cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset),
                       cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
-    model = build_model(cfg, ckpt)
+    model = build_model(cfg, ckpt, dtype)
     if batches.max_token() >= model.config.vocab_size:
         fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
              f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
@@ -454,7 +465,9 @@ def train(cfg):
     forward = torch.compile(forward) if cfg.compile else forward
     say = print if group.main else lambda *a, **k: None  # process 0 speaks for all
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}; "
+    base = (f", block weights in {cfg.quantize} ({stored_bytes(model) / 2**20:,.0f} MiB of weights in all)"
+            if cfg.quantize != "none" else "")
+    say(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}{base}; "
         f"{n_trainable:,} trainable parameters" + (f"; {group.world} processes, each {cfg.batch_size // group.world} "
                                                    f"rows of every batch of {cfg.batch_size}" if group.world > 1 else ""))
     if cfg.adapter != "none":

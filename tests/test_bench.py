@@ -97,6 +97,7 @@ def test_job_sections_print_their_tables(data, capsys):
                 "| PEFT, LengthGroupedSampler ", "| beam 10  | ours ", "| greedy   | transformers ", "| tiny  | 3M "]:
         assert row in out, row
     assert ">= 1.80x" in out and ">= 1.30x" in out and ">= 1.50x" in out and ">= 1.20x" in out
+    assert "| model | our matmuls ms | speed ceiling |" in out  # job_scale's bound at each size
     # random weights never emit eos: both sides decode the full 64 tokens, the same ones
     assert "| greedy   | ours         |" in out and "3/3" in out
 
@@ -140,3 +141,25 @@ def test_job_needs_prepared_data(tmp_path):
         bench_job.section_job_train(tiny_env(), 1, 1, data_dir=str(tmp_path))
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "job", "--job_sizes", "gpt3"])
+
+
+# ---- the quant section (bench_quant.py) -------------------------------------------------------------
+
+def test_quant_section_prints_its_tables(data, trained, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import bench_quant
+    monkeypatch.setattr(bench_quant, "QUALITY_RUNS", [("sharea", "none"), ("sharea", "nf4")])  # two of the four runs
+    bench.main(TINY + ["--memory", "off", "--only", "quant", "--quant_sizes", "tiny", "--quant_repeats", "1",
+                       "--quant_base", str(trained / "base"), "--quant_steps", "2", "--quant_out", str(tmp_path / "q"),
+                       "--job_data_dir", str(data["e2e"])])
+    out = capsys.readouterr().out
+    for row in ["| tiny  | none     |", "| tiny  | int8     |", "| tiny  | nf4      |",
+                "| sharea  | none |", "| sharea  | nf4  |"]:
+        assert row in out, row
+    assert sorted(os.listdir(tmp_path / "q")) == ["sharea-nf4", "sharea-none"]
+
+
+def test_quant_quality_says_how_to_make_a_missing_base(tmp_path):
+    import bench_quant
+    text = bench_quant.section_quant_quality(tiny_env(), str(tmp_path / "nothing"), "data/e2e", str(tmp_path), 2)
+    assert "skipped: no stand-in base" in text and "config/e2e_base_6l.py" in text

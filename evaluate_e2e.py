@@ -101,7 +101,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
 from e2e_metrics import e2e_scores, format_scores  # noqa: E402
-from runtime import autocast, fail, load_model, read_json, run, writable_folder  # noqa: E402
+from runtime import autocast, base_note, fail, load_model, read_json, run, writable_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -358,6 +358,8 @@ def main(argv=None):
 
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
                              quantize=args.quantize)
+    if info.get("quantize", "none") != info.get("trained_on", "none"):
+        print(f"note: the base runs with{base_note(info)}", file=sys.stderr)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
     max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)

@@ -36,8 +36,9 @@ def export(args):
     import sharelora
     from model import HF_FUSED
 
+    # hf writes dequant(W) + ΔW, so it needs the base as trained; peft writes the adapter's tensors alone
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, device="cpu", dtype="float32",
-                                     merge=False)
+                                     merge=False, quantize="auto" if args.to == "hf" else "none")
     if info["adapter"] is None:
         runtime.fail("no adapter found: give --out_dir of an adapter run or --adapter FILE")
     held = [f for f in (runtime.CKPT_FILE, runtime.ADAPTER_FILE) if os.path.exists(os.path.join(args.dest, f))]
@@ -54,13 +55,13 @@ def export(args):
         sharelora.export_peft(model, args.dest, base_model_name_or_path=base, fused=HF_FUSED,
                               fan_in_fan_out=True, task_type="CAUSAL_LM")  # transformers' GPT-2: Conv1D weights
     print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
-    if info["quantize"] != "none" and args.to == "hf":
-        print(f"the base was {info['quantize']}: the merged weights are dequant(W) + ΔW in float32, what the adapter "
+    if info["trained_on"] != "none" and args.to == "hf":
+        print(f"the base was {info['trained_on']}: the merged weights are dequant(W) + ΔW in float32, what the adapter "
               "was trained against; the exported model is no longer quantized")
-    elif info["quantize"] != "none":
-        print(f"the adapter was trained on a {info['quantize']} base: load the base quantized the same way to run it as "
-              "trained (transformers: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
-              "bnb_4bit_use_double_quant=True) for nf4)")
+    elif info["trained_on"] != "none":
+        print(f"the adapter was trained with quantize={info['trained_on']}: transformers quantizes GPT-2's fused c_attn "
+              "as one matrix, so no BitsAndBytesConfig reproduces that base exactly (close: load_in_4bit with "
+              "bnb_4bit_quant_type='nf4' for nf4, load_in_8bit for int8); --to=hf keeps the weights it was trained on")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,13 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     return model, info
 
 
+def base_note(info):
+    """load_model's base, in words, when it is quantized or differs from what the adapter was trained on."""
+    if info["quantize"] == info["trained_on"]:
+        return f" ({info['quantize']})" if info["quantize"] != "none" else ""
+    return f" (quantize={info['quantize']}; the adapter was trained with quantize={info['trained_on']})"
+
+
 def check_quantize(kind):
     if kind not in QUANTIZE_KINDS + ("auto",):
         fail(f"quantize must be auto, {', '.join(QUANTIZE_KINDS)}, not {kind!r}")

@@ -79,19 +79,12 @@ def generate(args):
     with runtime.autocast(info["device"], info["dtype"]):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
-    print(f"# {info['base']}{base_note(info)} + {info['adapter'] or 'no adapter'}", file=sys.stderr)
+    print(f"# {info['base']}{runtime.base_note(info)} + {info['adapter'] or 'no adapter'}", file=sys.stderr)
     for row in out:
         text = decode([t for t in row[idx.size(1):].tolist() if t != EOT] if e2e else row[idx.size(1):].tolist())
         print(text.strip() if e2e else start + text)
         if args.num_samples > 1:
             print("---------------")
-
-
-def base_note(info):
-    """How the base runs, when it is quantized or differs from what the adapter was trained on."""
-    if info["quantize"] == info["trained_on"]:
-        return f" ({info['quantize']})" if info["quantize"] != "none" else ""
-    return f" (quantize={info['quantize']}; the adapter was trained with quantize={info['trained_on']})"
 
 
 def _trained_on(out_dir):

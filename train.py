@@ -111,7 +111,9 @@ def parse_args(argv):
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
                     key = _known(key, types, where=arg)
                     values[key] = _check(key, value, types[key], arg)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.given = frozenset(values)  # what the user set, even to its default: resume refuses changing it
+    return cfg
 
 
 def _known(key, types, where="the command line"):
@@ -395,8 +397,10 @@ def train(cfg):
             ckpt = runtime.read_checkpoint(cfg.out_dir)
     if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
         defaults = TrainConfig()
-        given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
-        fixed = sorted(given - set(RESUME_OPTIONS) - {"init_from", "out_dir"})
+        given = getattr(cfg, "given", {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)})
+        # an option set now to another value than the run has (--quantize=none on an nf4 run too)
+        fixed = sorted(k for k in given - set(RESUME_OPTIONS) - {"init_from", "out_dir"}
+                       if getattr(cfg, k) != ckpt["config"].get(k, getattr(defaults, k)))
         if fixed:
             fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
                  f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")

@@ -259,6 +259,8 @@ def test_train_resume_sample_on_an_nf4_base(data, trained, tmp_path):
     assert "block weights in nf4" in p.stdout
     assert sl.read_adapter(out / "adapter.safetensors")[1]["base_quantized"] == "nf4"
     run("train.py", "--init_from=resume", f"--out_dir={out}", "--max_iters=6")  # rebuilt on the same 4-bit base
+    p = run("train.py", "--init_from=resume", f"--out_dir={out}", "--max_iters=8", "--quantize=none", check=False)
+    assert p.returncode == 2 and "quantize cannot change when a run resumes" in p.stderr, p.stderr  # none included
     resumed = runtime.read_checkpoint(str(out))
     straight = tmp_path / "straight"  # six steps without a pause: the same adapter, bit for bit
     run("train.py", *common, f"--out_dir={straight}", "--max_iters=6")

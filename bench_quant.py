@@ -16,11 +16,11 @@ bench_quant.py: bench.py's section `quant` (`python bench.py --only quant`): wha
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 
 import bench
 import bench_job
+import compare
 import quantize
 
 KINDS = ("none", "int8", "nf4")
@@ -53,14 +53,12 @@ def section_quant_speed(env, sizes, repeats):
 
 
 def train_run(base, out_dir, preset, kind, data_dir, steps, device):
-    """One train.py run, as compare.py makes them; -> (val loss at step 0, best val loss)."""
+    """One train.py run with compare.py's own command (its defaults: q, v, r = 8, batches of 8, seed 1);
+    -> (val loss at step 0, best val loss)."""
     if not os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        cmd = [sys.executable, os.path.join(bench.ROOT, "train.py"), f"--init_from={base}", "--dataset=e2e",
-               f"--data_dir={data_dir}", f"--adapter={preset}", "--r=8", "--alpha=16", "--targets=q,v",
-               f"--max_iters={steps}", "--batch_size=8", "--learning_rate=2e-3", "--seed=1",
-               f"--warmup_iters={max(1, steps // 20)}", f"--eval_interval={max(1, steps // 4)}",
-               f"--quantize={kind}", f"--out_dir={out_dir}", f"--device={device}"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        args, _ = compare.options([f"--init_from={base}", f"--data_dir={data_dir}", f"--max_iters={steps}",
+                                   f"--device={device}", f"--quantize={kind}"])
+        subprocess.run(compare.train_command(args, preset, 1, out_dir, []), check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         log = [json.loads(line) for line in f]
     first = next(r["val_loss"] for r in log if "val_loss" in r and r["step"] == 0)

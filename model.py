@@ -302,8 +302,8 @@ class GPT(nn.Module):
         h = x[keep]
         # at most 32 MB of float32 logits at a time (166 rows of GPT-2's vocabulary), in chunks of equal
         # size: 255 rows go as 128 + 127 (26 MB at the peak), not 166 + 89, for the same two weight passes
-        most = max(1, 2**23 // self.config.vocab_size)
-        chunk_rows = -(-h.size(0) // -(-h.size(0) // most)) if h.size(0) else 1
+        chunks = max(1, math.ceil(h.size(0) / max(1, 2**23 // self.config.vocab_size)))
+        chunk_rows = max(1, math.ceil(h.size(0) / chunks))
         loss = LinearCrossEntropy.apply(h, weight, targets[keep], label_smoothing, chunk_rows)
         return None, loss
 

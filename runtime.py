@@ -15,7 +15,7 @@ import torch
 import sharelora
 from data.common import Parser, UserError, check, fail, report, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
 from model import GPT
-from quantize import KINDS as QUANTIZE_KINDS, quantize as quantize_base
+from quantize import check_kind, quantize as quantize_base
 
 ADAPTER_FILE, CKPT_FILE = "adapter.safetensors", "ckpt.pt"
 
@@ -296,7 +296,7 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")
     trained_on = meta.get("base_quantized") or "none" if adapter is not None else "none"
-    info.update(quantize=trained_on if quantize == "auto" else check_quantize(quantize), trained_on=trained_on)
+    info.update(quantize=trained_on if quantize == "auto" else check_kind(quantize), trained_on=trained_on)
     device = pick_device(device)
     info.update(device=device, dtype=pick_dtype(dtype, device))
     model = load_base(info["base"])
@@ -317,12 +317,6 @@ def base_note(info):
     if info["quantize"] == info["trained_on"]:
         return f" ({info['quantize']})" if info["quantize"] != "none" else ""
     return f" (quantize={info['quantize']}; the adapter was trained with quantize={info['trained_on']})"
-
-
-def check_quantize(kind):
-    if kind not in QUANTIZE_KINDS + ("auto",):
-        fail(f"quantize must be auto, {', '.join(QUANTIZE_KINDS)}, not {kind!r}")
-    return kind
 
 
 def peak_memory_mb(device):

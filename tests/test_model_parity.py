@@ -1,7 +1,8 @@
 """
 model.py against transformers' GPT2LMHeadModel (the reference implementation of GPT-2): loading every
 checkpoint layout, logits, greedy generation, the KV cache, writing the layout back, the loss (including
-the chunked LinearCrossEntropy path and its gradients) and the sampling options.
+the chunked LinearCrossEntropy path and its gradients), the LayerNorm that keeps its output for backward
+(against nn.LayerNorm) and the sampling options.
 
 Every reference is a GPT2LMHeadModel built from a GPT2Config with random weights (no download).
 """
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_model, randomize_
+import model as model_py
+import sharelora
 from model import GPT, GPTConfig, sample_next
 
 pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
@@ -316,6 +319,101 @@ def test_chunked_loss_gives_same_loss_and_gradients(big_vocab, which, label_smoo
     for n in g1:
         assert g1[n].abs().max() > 0, n
         torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+# ---- 3b. the LayerNorm that keeps its output for backward ---------------------------------------------
+
+def _layer_norms(bias, seed=0):
+    """An nn.LayerNorm with gains of both signs (|g| in [0.05, 2]) and biases in [-1, 1], and our
+    LayerNorm with the same weights."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.nn.LayerNorm(48, bias=bias)
+    with torch.no_grad():
+        sign = torch.randint(0, 2, (48,), generator=g) * 2 - 1
+        ref.weight.copy_(sign * (0.05 + 1.95 * torch.rand(48, generator=g)))
+        if bias:
+            ref.bias.copy_(torch.rand(48, generator=g) * 2 - 1)
+    ours = model_py.LayerNorm(48, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _ln_grads(ln, x, dy):
+    x = x.clone().requires_grad_()
+    y = ln(x)
+    (y * dy).sum().backward()
+    grads = [x.grad] + [p.grad for p in ln.parameters()]
+    ln.zero_grad(set_to_none=True)
+    return y, grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_saving_layer_norm_matches_nn_layer_norm(bias):
+    ref, ours = _layer_norms(bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 40, 48, generator=g) * 3 + 1
+    dy = torch.randn(3, 40, 48, generator=g)
+    y_ref, g_ref = _ln_grads(ref, x, dy)
+    y, grads = _ln_grads(ours, x, dy)
+    assert type(y.grad_fn).__name__.startswith("OutputSavingLayerNorm")  # the path under test ran
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    assert len(grads) == len(g_ref) == (3 if bias else 2)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_layer_norm_keeps_its_input_where_the_output_cannot_give_it_back():
+    """A gain near zero (checked again after an in-place change), autocast, no-grad and other dtypes:
+    the plain nn.LayerNorm, with its exact gradient."""
+    ref, ours = _layer_norms(True)
+    x, dy = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+    path = lambda: type(ours(x.requires_grad_()).grad_fn).__name__
+    assert path().startswith("OutputSavingLayerNorm")
+    with torch.no_grad():
+        ours.weight[7] = 1e-4
+        ref.weight[7] = 1e-4
+    assert path().startswith("NativeLayerNorm")
+    _, g_ref = _ln_grads(ref, x.detach(), dy)
+    _, grads = _ln_grads(ours, x.detach(), dy)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.no_grad():
+        ours.weight[7] = 0.5
+        ours.bias[3] = 1000.0  # |weight| <= 2 < 0.01 * |bias|: x̂ would come back with ~1e-4 of rounding error
+    assert path().startswith("NativeLayerNorm")
+    ours.bias.data[3] = 0.0
+    assert path().startswith("OutputSavingLayerNorm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert path().startswith("NativeLayerNorm")
+    assert ours.double()(x.double().requires_grad_()).grad_fn.name().startswith("NativeLayerNorm")
+
+
+@pytest.mark.parametrize("saving", [True, False])
+def test_adapted_block_keeps_the_layer_norm_output_once_and_not_its_input(saving, monkeypatch):
+    """With adapters on q and v (which keep LayerNorm's output for their gradient), ln_1's input, the
+    residual stream, is kept by nobody: one (T, C) tensor less per block. saving=False is nn.LayerNorm's
+    behaviour, where the input is kept as well: the check can tell the two apart."""
+    if not saving:
+        monkeypatch.setattr(model_py.LayerNorm, "_invertible", lambda self: False)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    m.requires_grad_(False)
+    sharelora.add_adapters(m, sharelora.AdapterConfig(preset="sharea", r=4, targets=("q", "v")))
+    seen = {}
+    m.transformer.h[1].ln_1.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = m(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)), return_logits=False)
+    ptr = lambda t: t.untyped_storage().data_ptr()
+    assert ptr(seen["y"]) in kept  # the adapters' input
+    assert (ptr(seen["x"]) in kept) == (not saving)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
 # ---- 4. sampling ------------------------------------------------------------------------------------

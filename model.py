@@ -157,13 +157,13 @@ class OutputSavingLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         y, rstd, weight, bias = ctx.saved_tensors
-        xhat = (y - bias if bias is not None else y) / weight
+        xhat = (y - bias).div_(weight) if bias is not None else y / weight
         # aten's fused backward, given x̂ itself as the input (mean 0, 1/std 1), returns
         # weight·dy - mean(weight·dy) - x̂·mean(weight·dy·x̂); times 1/std that is the gradient for x
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, xhat, (y.size(-1),), torch.zeros_like(rstd),
                                                                torch.ones_like(rstd), weight, bias, mask)
-        return (dx * rstd if dx is not None else None), dw, db, None
+        return (dx.mul_(rstd) if dx is not None else None), dw, db, None
 
 
 class CausalSelfAttention(nn.Module):

@@ -123,7 +123,7 @@ class LayerNorm(nn.LayerNorm):
     Why: in a block, LayerNorm's output is what the adapters on q, k, v (or c_fc) keep for their own
     gradients, while nn.LayerNorm keeps its input, the residual stream, which nothing else keeps. Saving
     the output instead lets one tensor serve both and the input is freed: one (T, C) tensor less per
-    block, 1/11 of an adapted block's activations (gpt2-medium at 256 positions: 266 -> 242 MiB). The
+    block, 1/11 of an adapted block's activations (gpt2-medium at 256 positions: 266 -> 243 MiB). The
     backward recovers the normalised input from the output, x̂ = (y - bias) / weight (Apex's
     "memory_efficient" LayerNorm). That division is only as exact as the weight is far from zero, so the
     output is kept only where every |weight| >= 0.01 · max(1, |bias|), which bounds the error of x̂ by
@@ -136,7 +136,7 @@ class LayerNorm(nn.LayerNorm):
         if (torch.is_grad_enabled() and x.device.type == "cpu" and self.weight is not None
                 and x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling() and self._invertible()):
-            return OutputSavingLayerNorm.apply(x, self.weight, self.bias, self.eps)
+            return OutputSavingLayerNorm.apply(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return super().forward(x)
 
     def _invertible(self):
@@ -149,9 +149,10 @@ class OutputSavingLayerNorm(torch.autograd.Function):
     """y = LayerNorm(x), saving y and 1/std for backward (see LayerNorm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, _, rstd = torch.native_layer_norm(x, (x.size(-1),), weight, bias, eps)
+    def forward(ctx, x, shape, weight, bias, eps):
+        y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(y, rstd, weight, bias)
+        ctx.shape = shape
         return y
 
     @staticmethod
@@ -160,10 +161,10 @@ class OutputSavingLayerNorm(torch.autograd.Function):
         xhat = (y - bias).div_(weight) if bias is not None else y / weight
         # aten's fused backward, given x̂ itself as the input (mean 0, 1/std 1), returns
         # weight·dy - mean(weight·dy) - x̂·mean(weight·dy·x̂); times 1/std that is the gradient for x
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, xhat, (y.size(-1),), torch.zeros_like(rstd),
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, xhat, ctx.shape, torch.zeros_like(rstd),
                                                                torch.ones_like(rstd), weight, bias, mask)
-        return (dx.mul_(rstd) if dx is not None else None), dw, db, None
+        return (dx.mul_(rstd) if dx is not None else None), None, dw, db, None
 
 
 class CausalSelfAttention(nn.Module):

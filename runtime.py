@@ -295,7 +295,7 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     else:
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")
-    trained_on = meta.get("base_quantized") or "none" if adapter is not None else "none"
+    trained_on = (meta.get("base_quantized") or "none") if adapter is not None else "none"
     info.update(quantize=trained_on if quantize == "auto" else check_kind(quantize), trained_on=trained_on)
     device = pick_device(device)
     info.update(device=device, dtype=pick_dtype(dtype, device))

@@ -362,6 +362,23 @@ def test_output_saving_layer_norm_matches_nn_layer_norm(bias):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
+def test_output_saving_layer_norm_over_several_dimensions():
+    """A normalized_shape of more than one dimension, as nn.LayerNorm takes it."""
+    ref, ours = torch.nn.LayerNorm((4, 8)), model_py.LayerNorm((4, 8))
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2)
+        ref.bias.uniform_(-1, 1)
+    ours.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(3, 5, 4, 8, generator=g), torch.randn(3, 5, 4, 8, generator=g)
+    y_ref, g_ref = _ln_grads(ref, x, dy)
+    y, grads = _ln_grads(ours, x, dy)
+    assert type(y.grad_fn).__name__.startswith("OutputSavingLayerNorm")
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 def test_layer_norm_keeps_its_input_where_the_output_cannot_give_it_back():
     """A gain near zero (checked again after an in-place change), autocast, no-grad and other dtypes:
     the plain nn.LayerNorm, with its exact gradient."""

@@ -530,18 +530,29 @@ def section_generate(env, new_tokens, prompt_len, repeats):
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
-def record_gemms(env, step):
+def record_gemms(env, step, attention="bmm"):
     """Run one step and return the matrix products it executes, in order: (op, [(shape, stride) or
     scalar...], dtype). Recorded below autograd and autocast (a TorchDispatchMode sees each aten call
-    as it runs, forward and backward, with the dtype autocast chose). Fused attention kernels are
-    replaced by the batched matmuls of standard attention: S = Q K^T and Y = P V forward; dV = P^T dY,
-    dP = dY V^T, dQ = dS K, dK = dS^T Q backward (not halved for the causal mask)."""
+    as it runs, forward and backward, with the dtype autocast chose). attention="bmm": fused attention
+    kernels are replaced by the batched matmuls of standard attention: S = Q K^T and Y = P V forward;
+    dV = P^T dY, dP = dY V^T, dQ = dS K, dK = dS^T Q backward (not halved for the causal mask).
+    attention="kernel": the fused attention kernels themselves are kept, and so are GELU's forward and
+    backward kernels, each as ("kernel", op, args, kwargs) with a copy of its real arguments (one copy
+    per distinct call shape), so that a replay runs the kernels of torch that any GPT-2 step in torch
+    calls besides its matrix products."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    calls = []
+    calls, copies = [], {}
 
     def meta(a):
         return ("T", tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else ("S", a)
+
+    def copy(name, args):
+        key = (name, tuple(meta(a) for a in args))
+        if key not in copies:
+            copies[key] = [a.detach().clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor)
+                           else a for a in args]
+        return copies[key]
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -549,6 +560,9 @@ def record_gemms(env, step):
             name = func.overloadpacket.__name__
             if name in GEMM_OPS:
                 calls.append((name, [meta(a) for a in args], dict(kwargs)))
+            elif attention == "kernel" and (name in ("gelu", "gelu_backward") or
+                                            name.startswith("_scaled_dot_product") and "attention" in name):
+                calls.append(("kernel", func, copy(name, args), dict(kwargs)))
             elif name.startswith("_scaled_dot_product") and "attention" in name:
                 backward = name.endswith("_backward")
                 q, k = (args[1], args[2]) if backward else (args[0], args[1])
@@ -569,7 +583,8 @@ def record_gemms(env, step):
 
 def gemm_replay(env, calls):
     """-> (run(): execute exactly those products on preallocated tensors with the recorded shapes,
-    strides and dtypes, writing into preallocated outputs; GFLOP of one run)."""
+    strides and dtypes, writing into preallocated outputs, and any recorded fused kernels on copies of
+    their arguments; GFLOP of one run's matrix products)."""
     inputs, outs, jobs, flops = {}, {}, [], 0
 
     def tensor(m):
@@ -581,7 +596,12 @@ def gemm_replay(env, calls):
             inputs[key] = buf.as_strided(shape, stride)
         return inputs[key]
 
-    for name, args, kwargs in calls:
+    for call in calls:
+        if call[0] == "kernel":
+            _, op, args, kwargs = call
+            jobs.append((op, args, kwargs, None))
+            continue
+        name, args, kwargs = call
         a = [tensor(m) if m[0] == "T" else m[1] for m in args]
         fn = getattr(torch, name)
         res = fn(*a, **kwargs)
@@ -594,7 +614,10 @@ def gemm_replay(env, calls):
 
     def run():
         for fn, a, kwargs, out in jobs:
-            fn(*a, **kwargs, out=out)
+            if out is None:
+                fn(*a, **kwargs)
+            else:
+                fn(*a, **kwargs, out=out)
 
     return run, flops / 1e9
 

@@ -19,7 +19,8 @@ job_train, job_decode and job_scale (`python bench.py --only job` runs all three
               for beam search up to 32 prompts of similar lengths, left-padded with an attention mask;
               for greedy, prompts of one length.
   job_scale   one training step at batch 1 x 256 for the gpt2 ... gpt2-xl configurations: ShareA on
-              q, v (r 8) against PEFT's LoRA on c_attn (r 8).
+              q, v (r 8) against PEFT's LoRA on c_attn (r 8), and the bound at each size: our step's
+              matrix products replayed alone, then with torch's attention and GELU kernels replayed too.
 
 Contenders take turns (ours, PEFT, ours, PEFT, ...) and each reports the median of its rounds, as in
 bench.py. Training memory is the peak over a contender's timed steps minus the memory before them,
@@ -366,12 +367,14 @@ def section_job_scale(env, sizes, repeats):
                  "PEFT": {"side": "peft", "targets": ["c_attn"], "supervision": "all"}}
         cs = {k: bench.train_contender(e, s) for k, s in specs.items()}
         params = sum(p.numel() for p in cs["ours"].model.parameters() if not p.requires_grad)
-        # the bound, as in bench.py's bound section: our step's matrix products replayed alone
+        # the bound, as in bench.py's bound section: our step's matrix products replayed alone; and the
+        # same with torch's fused attention and GELU kernels replayed too, which a GPT-2 step in torch calls
         cs["ours"].step()
-        matmuls, _ = bench.gemm_replay(e, bench.record_gemms(e, cs["ours"].step))
+        replays = {"our matmuls": bench.gemm_replay(e, bench.record_gemms(e, cs["ours"].step))[0],
+                   "+ kernels": bench.gemm_replay(e, bench.record_gemms(e, cs["ours"].step, "kernel"))[0]}
         kept = saved_activations(cs["ours"].model, cs["ours"].loss)
-        t = bench.race(e, {**{k: c.step for k, c in cs.items()}, "our matmuls": matmuls}, warmup=1, repeats=repeats)
-        del matmuls
+        t = bench.race(e, {**{k: c.step for k, c in cs.items()}, **replays}, warmup=1, repeats=repeats)
+        del replays
         trainable = {k: c.trainable for k, c in cs.items()}
         if e.device.type == "cuda":
             mem = {k: bench.training_memory(e, specs[k], cs[k]) for k in cs}
@@ -389,8 +392,10 @@ def section_job_scale(env, sizes, repeats):
         ratios.append([size, f"{speed:.2f}x", *bench.goal("scale_speed", speed),
                        f"{m:.2f}x" if m else "n/a", *(bench.goal("scale_mem", m) if m else ("-", "-"))])
         ceiling = t["PEFT"] / t["our matmuls"]
+        with_kernels = t["PEFT"] / t["+ kernels"]
         floor = kept / mem["PEFT"] if mem["PEFT"] else None
         bounds.append([size, f"{t['our matmuls'] * 1e3:,.0f}", f"{ceiling:.2f}x", *bench.goal("scale_speed", ceiling),
+                       f"{t['+ kernels'] * 1e3:,.0f}", f"{with_kernels:.2f}x", *bench.goal("scale_speed", with_kernels),
                        bench.fmt_mb(kept), f"{floor:.2f}x" if floor else "n/a",
                        *(bench.goal("scale_mem", floor) if floor else ("-", "-"))])
     return "\n".join([
@@ -402,8 +407,11 @@ def section_job_scale(env, sizes, repeats):
         f"Training memory: {bench.memory_method(env)}.", "",
         "The bound at each size. Speed: PEFT's step over our step's matrix products replayed alone (same "
         "shapes, strides and dtype, timed in the same rounds), the fastest a step with zero overhead could "
-        "be. Memory: the tensors our backward keeps (autograd's saved tensors, parameters not counted) over "
-        "PEFT's training memory, the least a step that keeps them could use; fewer would mean recomputing "
-        "matrix products in backward.", "",
-        bench.table(["model", "our matmuls ms", "speed ceiling", "goal", "within", "kept for backward MiB",
-                     "memory floor", "goal", "within"], bounds)])
+        "be, with attention counted as standard attention's batched matmuls; then the same products plus "
+        "torch's fused attention and GELU kernels (forward and backward, replayed on copies of their real "
+        "arguments), the fastest a step that calls torch's attention and GELU could be. Memory: the tensors our "
+        "backward keeps (autograd's saved tensors, parameters not counted) over PEFT's training memory, the "
+        "least a step that keeps them could use; fewer would mean recomputing matrix products in backward.", "",
+        bench.table(["model", "our matmuls ms", "speed ceiling", "goal", "within", "+ attention, GELU ms",
+                     "ceiling with them", "goal", "within", "kept for backward MiB", "memory floor", "goal",
+                     "within"], bounds)])

@@ -35,8 +35,9 @@ def options(argv):
     p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--beam_size", type=int, default=10, help="1: greedy decoding, batched")
-    p.add_argument("--length_penalty", type=float, default=0.9)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="0: allow repeats")
+    p.add_argument("--length_penalty", type=float, default=0.9, help="beam search only (greedy ignores it)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4,
+                   help="0: allow repeats; beam search only (greedy ignores it)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
     p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
     p.add_argument("--batch_size", type=int, default=32,
@@ -101,7 +102,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
 from e2e_metrics import e2e_scores, format_scores  # noqa: E402
-from runtime import autocast, base_note, fail, load_model, read_json, run, writable_folder  # noqa: E402
+from runtime import autocast, base_note, fail, load_model, no_empty_folder_left, read_json, run, writable_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -354,8 +355,12 @@ def main(argv=None):
         sep = meta.get("separator", sep) if isinstance(meta, dict) else sep
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
                                                    f"e2e_{args.split}")
-    writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
+    with no_empty_folder_left(results_dir):  # a failure before the files are written leaves no trace
+        decode_and_score(args, groups, sep, results_dir)
 
+
+def decode_and_score(args, groups, sep, results_dir):
+    writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
                              quantize=args.quantize)
     if info.get("quantize", "none") != info.get("trained_on", "none"):
@@ -370,6 +375,8 @@ def main(argv=None):
     pred_path, ref_path = write_official_layout(results_dir, predictions, groups)
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
                                               "max_new_tokens", "limit")}
+    if args.beam_size == 1:  # greedy decoding applies neither: recorded as null, not as the defaults it ignored
+        settings.update(length_penalty=None, no_repeat_ngram_size=None)
     write_text(os.path.join(results_dir, "scores.json"),
                json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"

@@ -373,6 +373,22 @@ def trim_log(path, step):
     write_text(path, "".join(kept))
 
 
+@contextlib.contextmanager
+def no_empty_folder_left(path):
+    """Around a command that creates the folder `path`: if the command ends (fails, mostly) with
+    nothing written in a folder it created, the folder goes again, so that a failed start leaves no
+    trace. os.rmdir removes only an empty folder: nothing written is ever removed."""
+    created = not os.path.exists(path)
+    try:
+        yield
+    finally:
+        if created:
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (the command wrote there), or never made, or not ours to remove
+                pass
+
+
 def writable_folder(path, option):
     """Create the folder `path` if needed and check that files can be written in it, so that a mistake
     shows before minutes of work rather than at the first save."""

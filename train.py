@@ -384,7 +384,13 @@ def train_step(forward, optimizer, scaler, batches, step, cfg, device, ctx, grou
 
 
 def train(cfg):
-    """Run training as configured; returns the list of training losses (one per optimizer step)."""
+    """Run training as configured; returns the list of training losses (one per optimizer step). A start
+    that fails before anything is written leaves no empty out_dir behind."""
+    with runtime.no_empty_folder_left(cfg.out_dir):
+        return _train(cfg)
+
+
+def _train(cfg):
     resuming = cfg.init_from == "resume"
     group = distributed.setup()  # one process, or one of torchrun's
     group.start()

@@ -78,6 +78,31 @@ def test_equal_trainable_parameters_in_setting_b():
     assert ours.trainable == peft.trainable > 0
 
 
+def test_replay_counts_attention_as_matmuls_or_as_torch_kernels():
+    """attention="bmm" stands six batched matmuls in for each layer's fused attention (2 forward, 4
+    backward); attention="kernel" keeps the fused forward and backward kernels themselves, and GELU's,
+    on copies of their real arguments; every other product is recorded alike, and both replays run."""
+    env = tiny_env()
+    c = bench.train_contender(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all"})
+    c.step()
+    as_bmm = bench.record_gemms(env, c.step)
+    as_kernel = bench.record_gemms(env, c.step, attention="kernel")
+    kernels = [call for call in as_kernel if call[0] == "kernel"]
+    n_layer = bench.MODELS["tiny"]["n_layer"]
+    names = sorted(call[1].overloadpacket.__name__ for call in kernels)
+    assert len(kernels) == 4 * n_layer and sum(n.endswith("_backward") for n in names) == 2 * n_layer, names
+    assert names.count("gelu") == names.count("gelu_backward") == n_layer, names
+    others = [call for call in as_kernel if call[0] != "kernel"]
+    assert len(as_bmm) - len(others) == 6 * n_layer
+    assert others == [call for call in as_bmm if call[0] != "bmm"]  # our GPT's only bmm: attention's stand-ins
+    q = kernels[0][2][0]
+    assert q.grad_fn is None and not q.requires_grad  # a copy, not the step's own tensor
+    for calls in (as_bmm, as_kernel):
+        run, gflop = bench.gemm_replay(env, calls)
+        run()
+        assert gflop > 0
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_cpu_memory_probe_gives_a_figure():
     env = tiny_env(memory=True)
@@ -98,6 +123,7 @@ def test_job_sections_print_their_tables(data, capsys):
         assert row in out, row
     assert ">= 1.80x" in out and ">= 1.30x" in out and ">= 1.50x" in out and ">= 1.20x" in out
     assert "| model | our matmuls ms | speed ceiling |" in out  # job_scale's bound at each size
+    assert "| + attention, GELU ms | ceiling with them |" in out
     # random weights never emit eos: both sides decode the full 64 tokens, the same ones
     assert "| greedy   | ours         |" in out and "3/3" in out
 

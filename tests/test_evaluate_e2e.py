@@ -276,6 +276,9 @@ def test_cli(data_dir, tmp_path, monkeypatch, capsys, beam_size):
     results = out_dir / "e2e_test"
     scores = json.loads((results / "scores.json").read_text())
     assert scores["mrs"] == 2 and scores["beam_size"] == beam_size and 0 <= scores["bleu"] <= 100
+    # what the decoding applied: greedy uses neither beam-search setting, so neither is recorded as used
+    applied = (None, None) if beam_size == 1 else (0.9, 4)
+    assert (scores["length_penalty"], scores["no_repeat_ngram_size"]) == applied
     assert len((results / "predictions.txt").read_text().splitlines()) == 2
     assert read_like_measure_scores(results / "references.txt", multi_ref=True) == REFS[:2]
     printed = capsys.readouterr().out

@@ -345,6 +345,7 @@ def test_bad_input_is_one_sentence_and_exit_2(name, trained, data, tmp_path, mon
     monkeypatch.delenv("SHARELORA_TRACEBACK", raising=False)
     argv = make_argv(Case(trained, data, tmp_path))
     before = snapshot(trained, tmp_path)
+    folders = {p for p in tmp_path.rglob("*") if p.is_dir()}
     code, err = call(script, argv, monkeypatch, capsys)
     assert code == 2, err
     assert "Traceback" not in err
@@ -354,6 +355,8 @@ def test_bad_input_is_one_sentence_and_exit_2(name, trained, data, tmp_path, mon
     after = snapshot(trained, tmp_path)
     assert {p: h for p, h in after.items() if p in before} == before  # nothing that existed was changed
     assert not [p for p in after if p.endswith(".tmp") or "/.staging" in p or "/.committed" in p]
+    left = [p for p in tmp_path.rglob("*") if p.is_dir() and p not in folders and not any(p.iterdir())]
+    assert not left, f"a failed start left empty folders behind: {left}"
 
 
 # ---- checkpoints: consistent after a kill at any moment, a full disk, a move ----------------------

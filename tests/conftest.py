@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite runs one worker per core (pytest.ini: -n auto, pytest-xdist). One torch thread each, and in
+# each script a test starts: two threads per process on a 2-core machine spin-wait for cores the other
+# worker holds. Set before torch is imported, which reads it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -31,9 +31,14 @@ class Batches:
     def __init__(self, data_dir, batch_size, block_size, seed=0, group_by_length=True):
         meta_path = os.path.join(data_dir, "meta.json")
         name = os.path.basename(os.path.normpath(data_dir))
-        self.redo = f"run python data/{name}/prepare.py again"
+        here = os.path.dirname(os.path.abspath(__file__))
+        shipped = sorted(d for d in os.listdir(here) if os.path.isfile(os.path.join(here, d, "prepare.py")))
+        # a folder named after a data set of ours (data/e2e): its script; any other: the scripts, told where
+        how = (f"python data/{name}/prepare.py" if name in shipped else
+               " or ".join(f"python data/{d}/prepare.py --out {data_dir}" for d in shipped))
+        self.redo = f"run {how} again"
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no prepared data in {data_dir}: run python data/{name}/prepare.py first")
+            raise FileNotFoundError(f"no prepared data in {data_dir}: run {how} first")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 self.meta = json.load(f)

@@ -66,3 +66,14 @@ def test_grouped_batches_are_still_random(data):
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     spread = [max(ks) - min(ks) for ks in (b.batch_examples("train", i) for i in range(60))]
     assert sum(spread) / len(spread) > len(b.examples["train"]) / 20
+
+
+def test_missing_data_names_the_script_that_makes_it(tmp_path):
+    """A folder named after a shipped data set gets its script; any other folder the scripts with --out."""
+    with pytest.raises(FileNotFoundError, match=r"run python data/e2e/prepare.py first"):
+        Batches(tmp_path / "e2e", 8, 64)
+    elsewhere = tmp_path / "mine"
+    with pytest.raises(FileNotFoundError) as e:
+        Batches(elsewhere, 8, 64)
+    for name in ("e2e", "shakespeare"):
+        assert f"python data/{name}/prepare.py --out {elsewhere}" in str(e.value)

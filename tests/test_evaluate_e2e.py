@@ -9,7 +9,6 @@ and token 9, used as eos, ends about half of the generations early, so both ways
 finish are exercised.
 """
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -7,7 +7,6 @@ the chunked LinearCrossEntropy path and its gradients), the LayerNorm that keeps
 Every reference is a GPT2LMHeadModel built from a GPT2Config with random weights (no download).
 """
 import os
-import pickle
 import shutil
 
 import pytest

@@ -1,7 +1,6 @@
 """train.py, sample.py and the data pipeline, end to end on CPU with tiny models.
 
 Data: the copies shipped in data/*/source (a subset of E2E), prepared once per session (conftest)."""
-import csv
 import json
 import os
 import subprocess

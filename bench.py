@@ -558,12 +558,12 @@ def record_gemms(env, step, attention="bmm"):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
+            fused_attention = name.startswith("_scaled_dot_product") and "attention" in name
             if name in GEMM_OPS:
                 calls.append((name, [meta(a) for a in args], dict(kwargs)))
-            elif attention == "kernel" and (name in ("gelu", "gelu_backward") or
-                                            name.startswith("_scaled_dot_product") and "attention" in name):
+            elif attention == "kernel" and (fused_attention or name in ("gelu", "gelu_backward")):
                 calls.append(("kernel", func, copy(name, args), dict(kwargs)))
-            elif name.startswith("_scaled_dot_product") and "attention" in name:
+            elif fused_attention:
                 backward = name.endswith("_backward")
                 q, k = (args[1], args[2]) if backward else (args[0], args[1])
                 B, H, Tq, hs = q.shape
@@ -597,9 +597,9 @@ def gemm_replay(env, calls):
         return inputs[key]
 
     for call in calls:
-        if call[0] == "kernel":
+        if call[0] == "kernel":  # its own output, as in the step
             _, op, args, kwargs = call
-            jobs.append((op, args, kwargs, None))
+            jobs.append((op, args, kwargs))
             continue
         name, args, kwargs = call
         a = [tensor(m) if m[0] == "T" else m[1] for m in args]
@@ -608,16 +608,13 @@ def gemm_replay(env, calls):
         key = (name, tuple(res.shape), res.dtype)
         if key not in outs:
             outs[key] = res
-        jobs.append((fn, a, kwargs, outs[key]))
+        jobs.append((fn, a, {**kwargs, "out": outs[key]}))
         m1, m2 = (a[1], a[2]) if name in ("addmm", "baddbmm") else (a[0], a[1])
         flops += 2 * m1.numel() * m2.shape[-1]
 
     def run():
-        for fn, a, kwargs, out in jobs:
-            if out is None:
-                fn(*a, **kwargs)
-            else:
-                fn(*a, **kwargs, out=out)
+        for fn, a, kwargs in jobs:
+            fn(*a, **kwargs)
 
     return run, flops / 1e9
 

@@ -4,7 +4,6 @@ the `vera` preset against PEFT's VeRA (same tensors in, same logits and gradient
 out of this project: export_peft (loaded by PeftModel.from_pretrained) and export_merged (loaded by
 GPT2LMHeadModel.from_pretrained). All models are tiny and built from configs; nothing is downloaded.
 """
-
 import pytest
 import torch
 

@@ -3,9 +3,9 @@ The five official E2E NLG Challenge metrics, computed as the challenge's scorer 
 (github.com/tuetschek/e2e-metrics, measure_scores.py with its defaults), on predictions and references
 given as lists of strings (one prediction per MR; each MR's references, 1 to 45 of them):
 
-    BLEU     sacrebleu, set up as mteval-v13a: 13a tokens, lowercased, clipped n-grams up to 4, the
-             closest reference length for the brevity penalty.
-    NIST     mteval-v13a's NIST, written out below (no maintained package computes it the same way).
+    BLEU     mteval-v13a's (the Perl script the scorer runs), written out below: its tokenization,
+             lowercased, clipped n-grams up to 4, the closest reference length for the brevity penalty.
+    NIST     mteval-v13a's NIST (5-grams), written out below, its length penalty included.
     METEOR   METEOR 1.5 (-l en -norm), the jar that pycocoevalcap ships.            needs Java
     ROUGE-L  pycocoevalcap's ROUGE-L: LCS precision and recall, each the maximum over the references,
              combined with beta = 1.2, after the Stanford PTB tokenizer.            needs Java
@@ -15,9 +15,10 @@ BLEU, METEOR and ROUGE-L are given on the papers' 0-100 scale, NIST and CIDEr as
 reads like the LoRA paper's (BLEU 70.4, NIST 8.85, METEOR 46.8, ROUGE-L 71.8, CIDEr 2.53 for GPT-2
 Medium + LoRA). The official scorer prints BLEU, METEOR and ROUGE-L on 0-1: 0.7040 is our 70.40.
 
-tests/test_e2e_metrics.py pins all five on a case scored by the official tool (every test MR with at
-least two references, its first reference as the prediction and the others as references): BLEU 0.6046,
-NIST 8.9029, METEOR 0.4563, ROUGE_L 0.6381, CIDEr 1.8572.
+tests/test_e2e_metrics.py checks all five against the official tool's figures on 27 prediction files
+(tests/fixtures/e2e_official; docs/metrics.md has the agreement table) and on the leave-one-out case
+(every test MR with at least two references, its first reference as the prediction and the others as
+references): BLEU 0.6046, NIST 8.9029, METEOR 0.4563, ROUGE_L 0.6381, CIDEr 1.8572.
 
 Without a Java runtime the last three are left out, with one line that says how to get them
 (Debian/Ubuntu: `apt-get install default-jre-headless`); BLEU and NIST need nothing but Python.
@@ -25,14 +26,13 @@ Without a Java runtime the last three are left out, with one line that says how 
 import functools
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections import Counter
 
-NIST_MAX_N = 5  # NIST sums the information of matched 1- to 5-grams
-NIST_INFO_N = 9  # mteval-v13a counts reference n-grams up to 9 for the information weights
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 NAMES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
 JAVA_HINT = ("METEOR, ROUGE-L and CIDEr need a Java runtime (the official METEOR and PTB-tokenizer jars): "
@@ -59,73 +59,128 @@ def parse_references(text):
 
 
 # ---- BLEU and NIST (mteval-v13a) ------------------------------------------------------------
+# The official scorer runs the Perl mteval-v13a-sig.pl on SGML files it writes (measure_scores.py,
+# create_mteval_file): reference set j holds every MR's j-th reference, so there are as many sets as the
+# MR with the most references has (45 on the test set), and an MR with fewer references gets empty
+# segments in the rest. mteval then skips the empty ones: they add no n-grams, no words and no length,
+# and its -sig variant counts only non-empty references when it averages the reference length for NIST.
+# So below each MR simply has its own list of references.
+
+BLEU_MAX_N = 4
+NIST_MAX_N = 5  # NIST sums the information of matched 1- to 5-grams
+ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+MTEVAL_RULES = [(re.compile(p), r) for p, r in (
+    (r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "),  # punctuation and symbols (not ' - . ,)
+    (r"([^0-9])([\.,])", r"\1 \2 "),  # a period or comma, unless after a digit
+    (r"([\.,])([^0-9])", r" \1 \2"),  # ... or unless before a digit
+    (r"([0-9])(-)", r"\1 \2 "))]  # a dash after a digit
+
 
 def mteval_tokens(text):
-    """mteval-v13a's default tokenization, lowercased: sacrebleu's 13a tokenizer is a port of it."""
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-    return Tokenizer13a()(text.lower()).split()
-
-
-def bleu(predictions, references):
-    """Corpus BLEU, 0-100. sacrebleu reads references as streams (stream j = every MR's j-th reference);
-    an MR with fewer references gets None there, which sacrebleu leaves out of that MR (an empty string
-    would count as a reference of length 0 in the brevity penalty)."""
-    from sacrebleu.metrics import BLEU
-    most = max(len(refs) for refs in references)
-    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(most)]
-    return BLEU(lowercase=True).corpus_score(predictions, streams).score
+    """mteval-v13a's default tokenization (its `tokenization`, without -c): SGML entities decoded,
+    lowercased (ASCII letters only, as Perl's tr/A-Z/a-z/: "É" stays "É"), punctuation split off, but
+    not a period or comma next to a digit, nor a dash unless after a digit."""
+    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        text = text.replace(entity, char)
+    text = f" {text} ".translate(ASCII_LOWER)
+    for pattern, replacement in MTEVAL_RULES:
+        text = pattern.sub(replacement, text)
+    return text.split()
 
 
 def ngram_counts(words, max_n):
     return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
 
 
-def nist(predictions, references):
-    """mteval-v13a's NIST score (5-grams), corpus level.
+def closest_length(refs, hyp_len):
+    """The reference length closest to the prediction's, the shorter one on a tie (mteval's default)."""
+    return min((len(r) for r in refs), key=lambda n: (abs(n - hyp_len), n))
 
-    Each n-gram has an information weight from all the reference sentences together:
-    info(w1..wn) = log2(count(w1..wn-1) / count(w1..wn)), and for a word, log2(all words / count(w)).
-    NIST = sum over n = 1..5 of (the summed info of the prediction's n-grams that a reference also has,
-    each counted at most as often as in the reference that has it most) / (the prediction's n-grams),
-    times a length penalty exp(-beta * ln(ratio)^2) for ratio = prediction words / average reference
-    words below 1, with beta such that a ratio of 2/3 costs half (mteval: score_x 0.5 at ratio_x 1.5).
 
-    The average reference length is mteval's: all reference words / the number of reference sets. The
-    official scorer writes as many reference sets as the MR with the most references has (45 on the
-    test set; the other MRs' extra slots are empty), so on E2E the penalty is 1 in practice."""
+def information_weights(ref_words):
+    """info(w1..wn) = log2(count(w1..wn-1) / count(w1..wn)) over all references, for a word
+    log2(all reference words / count(w)): rare continuations carry more information.
+
+    Perl's quirk kept: mteval tests the context "w1..wn-1" for truth, and Perl's string "0" is false, so
+    a bigram that starts with the token "0" is weighed like a word (E2E's references have no such token)."""
+    counts = Counter()
+    for words in ref_words:
+        counts.update(ngram_counts(words, NIST_MAX_N))
+    total = sum(map(len, ref_words))
+    return {g: math.log2((counts[g[:-1]] if len(g) > 1 and g[:-1] != ("0",) else total) / c) for g, c in counts.items()}
+
+
+def mteval(predictions, references):
+    """{"bleu": 0-100, "nist"}: mteval-v13a-sig's corpus BLEU and NIST, as the official scorer runs it.
+
+    Per MR the prediction's n-grams are matched against its references, each n-gram counted at most as
+    often as in the reference that has it most.
+    BLEU: the geometric mean of the matched shares of 1- to 4-grams, times exp(min(0, 1 - r/c)), c the
+      predictions' words, r the sum of each MR's reference length closest to its prediction's. A share
+      with no match counts 1 / (2^k total) for the k-th such n (mteval's smoothing); an n with no n-grams
+      in any prediction counts 1.
+    NIST: the sum over n = 1..5 of the matched n-grams' information (information_weights) / all the
+      predictions' n-grams, times the length penalty at the ratio of the predictions' words to the MRs'
+      count times the average reference length (all reference words / all references). The penalty
+      bites: on the 630 test MRs, first halves of references score 1.49 against 8.9 for whole ones."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} sets of references")
     ref_words = [[mteval_tokens(r) for r in refs] for refs in references]
-    counts = Counter()
-    for refs in ref_words:
-        for words in refs:
-            counts.update(ngram_counts(words, NIST_INFO_N))
-    total_words = sum(len(w) for refs in ref_words for w in refs)
-
-    def info(ngram):
-        context = counts[ngram[:-1]] if len(ngram) > 1 else total_words
-        return math.log2(context / counts[ngram])
-
-    matched_info, hyp_ngrams = [0.0] * (NIST_MAX_N + 1), [0] * (NIST_MAX_N + 1)
-    hyp_words = 0
+    ref_words = [[w for w in refs if w] for refs in ref_words]  # mteval skips a reference with no words
+    info = information_weights([w for refs in ref_words for w in refs])
+    top = max(BLEU_MAX_N, NIST_MAX_N)
+    matched, total, matched_info = [0] * (top + 1), [0] * (top + 1), [0.0] * (top + 1)
+    hyp_len = closest = 0
     for pred, refs in zip(predictions, ref_words):
         words = mteval_tokens(pred)
-        hyp_words += len(words)
-        for n in range(1, NIST_MAX_N + 1):
-            hyp_ngrams[n] += max(0, len(words) - n + 1)
+        hyp_len += len(words)
+        closest += closest_length(refs, len(words)) if refs else 0
         most = Counter()  # each n-gram's largest count in one reference
         for r in refs:
-            most |= ngram_counts(r, NIST_MAX_N)
-        for ngram, c in ngram_counts(words, NIST_MAX_N).items():
-            if ngram in most:
-                matched_info[len(ngram)] += info(ngram) * min(c, most[ngram])
-    score = sum(matched_info[n] / max(hyp_ngrams[n], 1) for n in range(1, NIST_MAX_N + 1))
-    reference_sets = max(len(refs) for refs in references)
-    ratio = hyp_words / (total_words / reference_sets)
-    return score * nist_length_penalty(ratio)
+            most |= ngram_counts(r, top)
+        for n in range(1, top + 1):
+            total[n] += max(0, len(words) - n + 1)
+        for gram, c in ngram_counts(words, top).items():
+            if gram in most:
+                matched[len(gram)] += min(c, most[gram])
+                matched_info[len(gram)] += info[gram] * min(c, most[gram])
+    n_refs = sum(map(len, ref_words))
+    ref_len = sum(len(w) for refs in ref_words for w in refs)
+    mean_ref_len = ref_len / n_refs if n_refs else 0.0
+    nist_score = sum(matched_info[n] / max(total[n], 1) for n in range(1, NIST_MAX_N + 1))
+    nist_score *= nist_length_penalty(hyp_len / (len(predictions) * mean_ref_len)) if mean_ref_len else 0.0
+    return {"bleu": 100 * bleu_from_counts(matched, total, hyp_len, closest), "nist": nist_score}
+
+
+def bleu_from_counts(matched, total, hyp_len, ref_len):
+    if hyp_len == 0:
+        return 0.0
+    log_sum, smooth = 0.0, 1
+    for n in range(1, BLEU_MAX_N + 1):
+        if total[n] == 0:
+            continue  # log(1)
+        if matched[n] == 0:
+            smooth *= 2
+            log_sum += math.log(1 / (smooth * total[n]))
+        else:
+            log_sum += math.log(matched[n] / total[n])
+    return math.exp(min(0.0, 1 - ref_len / hyp_len) + log_sum / BLEU_MAX_N)
+
+
+def bleu(predictions, references):
+    """Corpus BLEU, 0-100, as mteval-v13a (see mteval)."""
+    return mteval(predictions, references)["bleu"]
+
+
+def nist(predictions, references):
+    """Corpus NIST (5-grams), as mteval-v13a, length penalty included (see mteval)."""
+    return mteval(predictions, references)["nist"]
 
 
 def nist_length_penalty(ratio):
+    """mteval's exp(-beta ln(ratio)^2) for a ratio below 1, beta such that a ratio of 2/3 costs half
+    (its ratio_x 1.5, score_x 0.5); 1 at and above 1, 0 at 0."""
     if ratio >= 1:
         return 1.0
     if ratio <= 0:
@@ -177,16 +232,26 @@ def meteor():
 
 def coco_metrics(predictions, references):
     """{"meteor", "rouge_l", "cider"} as pycocoevalcap computes them, METEOR and ROUGE-L on 0-100."""
+    tokens = ptb_tokenize(predictions + [r for refs in references for r in refs])  # one tokenizer run for all
+    return coco_scores(tokens[:len(predictions)], split_like(tokens[len(predictions):], references))
+
+
+def split_like(flat, groups):
+    """flat, a list as long as all the groups together, cut into lists of the groups' lengths."""
+    out, k = [], 0
+    for g in groups:
+        out.append(flat[k:k + len(g)])
+        k += len(g)
+    return out
+
+
+def coco_scores(prediction_tokens, reference_tokens):
+    """coco_metrics on texts that ptb_tokenize has already tokenized (one string per text)."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    flat = predictions + [r for refs in references for r in refs]  # one tokenizer run for everything
-    tokens = ptb_tokenize(flat)
-    res = {i: [tokens[i]] for i in range(len(predictions))}
-    gts, k = {}, len(predictions)
-    for i, refs in enumerate(references):
-        gts[i] = tokens[k:k + len(refs)]
-        k += len(refs)
+    res = {i: [p] for i, p in enumerate(prediction_tokens)}
+    gts = dict(enumerate(reference_tokens))
     return {"meteor": 100 * meteor().compute_score(gts, res)[0], "rouge_l": 100 * float(Rouge().compute_score(gts, res)[0]),
             "cider": float(Cider().compute_score(gts, res)[0])}
 
@@ -200,7 +265,7 @@ def e2e_scores(predictions, references, warn=True):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} MRs' references")
     if not predictions or any(not refs for refs in references):
         raise ValueError("every MR needs at least one reference, and there must be at least one MR")
-    scores = {"bleu": bleu(predictions, references), "nist": nist(predictions, references)}
+    scores = mteval(predictions, references)
     missing = java_missing()
     if not missing:
         try:

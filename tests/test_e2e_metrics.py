@@ -1,8 +1,9 @@
 """
 e2e_metrics.py against the official E2E scorer (tuetschek/e2e-metrics, measure_scores.py, default Perl
-BLEU/NIST, pycocoevalcap 1.2 jars): five scores pinned on a case the official tool scored, small cases
-worked out by hand, the official file layout, and `evaluate_e2e.py --predictions --references` with and
-without Java.
+BLEU/NIST, pycocoevalcap 1.2 jars): all five metrics on 27 prediction files the official tool scored
+(tests/fixtures/e2e_official: copies, truncations, empty lines, punctuation, non-ASCII, a stand-in
+model's outputs...), five scores pinned on the leave-one-out case, small cases worked out by hand, the
+official file layout, and `evaluate_e2e.py --predictions --references` with and without Java.
 
 The Java metrics (METEOR, ROUGE-L, CIDEr) are skipped where no Java runtime is installed, except under
 CI (the CI variable set): .ci/run installs Java, so there a missing one fails instead of hiding.
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import e2e_metrics as em  # noqa: E402
 from data.e2e.prepare import CSVS, group_refs, read_rows, read_sources  # noqa: E402
+from evaluate_e2e import one_line  # noqa: E402
 
 needs_java = pytest.mark.skipif(em.java_missing() is not None and not os.environ.get("CI"),
                                 reason=em.java_missing() or "")
@@ -45,6 +47,65 @@ def leave_one_out(tmp_path_factory):
     (d / "predictions.txt").write_text("".join(p + "\n" for p in preds), encoding="utf-8")
     (d / "references.txt").write_text("\n".join("".join(r + "\n" for r in rs) for rs in refs), encoding="utf-8")
     return preds, refs, d
+
+
+# ---- the official scorer's figures on 27 generated cases ------------------------------------------
+# tests/fixtures/e2e_official/make_cases.py wrote each case (one prediction per line for the test set's
+# first N MRs) and scored it once with the official tool; official.json holds its printed figures (4
+# decimals, BLEU, METEOR and ROUGE_L on 0-1) and the command. How close ours must come, on that scale:
+CASES_DIR = ROOT / "tests" / "fixtures" / "e2e_official"
+CASES = json.loads((CASES_DIR / "official.json").read_text(encoding="utf-8"))["cases"]
+AGREE = {"bleu": 0.001, "nist": 0.05, "meteor": 0.005, "rouge_l": 0.001, "cider": 0.005}
+OFFICIAL_NAME = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """{case: (predictions, references)}, the references those of the test set's first N MRs."""
+    groups = group_refs(read_rows(read_sources()["test"], CSVS["test"]))
+    out = {}
+    for name, official in CASES.items():
+        preds = em.parse_predictions((CASES_DIR / "cases" / f"{name}.txt").read_text(encoding="utf-8"))
+        out[name] = preds, [[one_line(r) for r in g["refs"]] for g in groups[:official["mrs"]]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def coco_scores(cases):
+    """METEOR, ROUGE-L and CIDEr of every case, in one process (the METEOR jar loads once) and after one
+    run of the PTB tokenizer over all the cases' texts (Java starts once more, not 27 times): ~40 s."""
+    texts = [[*preds, *(r for refs in references for r in refs)] for preds, references in cases.values()]
+    tokens = em.split_like(em.ptb_tokenize([t for case in texts for t in case]), texts)
+    scores = {}
+    for (name, (preds, references)), toks in zip(cases.items(), tokens):
+        scores[name] = em.coco_scores(toks[:len(preds)], em.split_like(toks[len(preds):], references))
+    return scores
+
+
+def agrees(metric, ours, official):
+    return abs(ours / SCALE[metric] - official[OFFICIAL_NAME[metric]]) <= AGREE[metric]
+
+
+def test_the_cases_are_varied():
+    """At least 20 cases, a few on all 630 MRs, and NIST's length penalty exercised: the official NIST
+    is under 2 for the first halves of references, over 10 for whole ones."""
+    assert len(CASES) >= 20 and sum(c["mrs"] == 630 for c in CASES.values()) >= 3
+    assert CASES["first_half_of_a_reference"]["NIST"] < 2 < 10 < CASES["copy_first_reference"]["NIST"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bleu_and_nist_agree_on_every_case(cases, name):
+    scores = em.mteval(*cases[name])
+    for metric in ("bleu", "nist"):
+        assert agrees(metric, scores[metric], CASES[name]), (name, metric, scores[metric], CASES[name])
+
+
+@needs_java
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_meteor_rouge_l_and_cider_agree_on_every_case(coco_scores, name):
+    for metric in ("meteor", "rouge_l", "cider"):
+        ours = coco_scores[name][metric]
+        assert agrees(metric, ours, CASES[name]), (name, metric, ours, CASES[name])
 
 
 def test_leave_one_out_case_has_616_mrs(leave_one_out):
@@ -176,12 +237,35 @@ def test_known_nist():
     assert em.nist(["x y"], refs) == 0  # nothing matches
 
 
+def test_nist_length_penalty_uses_the_average_reference():
+    """References "a b c d" for one MR, "a b" and "c d" for another: 8 words in 3 references, so the
+    expected length is 2 MRs x 8/3 words, and two predictions "a b" (4 words) have a ratio of 0.75.
+    Each word carries log2(8/2) = 2 bits, "a b" log2(2/2) = 0: NIST = 2 x the penalty at 0.75 = 1.4109,
+    what mteval-v13a-sig.pl prints for these files. (Averaging over the official file's 2 reference
+    sets, 8/2 words, would give the ratio 1 and no penalty.)"""
+    refs = [["a b c d"], ["a b", "c d"]]
+    assert em.nist(["a b", "a b"], refs) == pytest.approx(2 * em.nist_length_penalty(0.75))
+    assert round(em.nist(["a b", "a b"], refs), 4) == 1.4109
+    assert em.nist(["a b c d", "a b"], refs) == pytest.approx(2 + 1 / 4 + 1 / 2)  # 6 words: no penalty
+
+
+def test_nist_weighs_a_bigram_after_a_zero_like_a_word():
+    """mteval's quirk, kept: the context "0" is false in Perl, so info("0 a") = log2(4 words / 1) = 2,
+    not log2(count("0") / count("0 a")) = 1: "0 a" against "0 a" and "0 b" scores (1 + 2) / 2 + 2 = 3.5,
+    what mteval-v13a-sig.pl prints for these files (the same with "1" scores 2.5)."""
+    assert em.nist(["0 a"], [["0 a", "0 b"]]) == pytest.approx(3.5)
+    assert em.nist(["1 a"], [["1 a", "1 b"]]) == pytest.approx(2.5)
+
+
 def test_mteval_tokens():
     """mteval-v13a's default tokenization: lowercased, punctuation split off, but not a period or comma
     between digits, and a dash only after a digit."""
     assert em.mteval_tokens("The Eagle, near Café Rouge, costs £20-25. Family-friendly!") == \
         "the eagle , near café rouge , costs £20 - 25 . family-friendly !".split()
     assert em.mteval_tokens("rated 4.5 out of 5") == "rated 4.5 out of 5".split()
+    # ASCII letters only are lowercased (Perl's tr/A-Z/a-z/), SGML entities decoded, "5." and ".5" split
+    assert em.mteval_tokens('CAFÉ &amp; <Eagle> costs .5 or 5. or 20,5 "x" it\'s 3-4 a-b') == \
+        'cafÉ & < eagle > costs . 5 or 5 . or 20,5 " x " it\'s 3 - 4 a-b'.split()
 
 
 @needs_java

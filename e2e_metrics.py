@@ -123,7 +123,8 @@ def mteval(predictions, references):
     NIST: the sum over n = 1..5 of the matched n-grams' information (information_weights) / all the
       predictions' n-grams, times the length penalty at the ratio of the predictions' words to the MRs'
       count times the average reference length (all reference words / all references). The penalty
-      bites: on the 630 test MRs, first halves of references score 1.49 against 8.9 for whole ones."""
+      bites on short outputs: on the 630 test MRs, the first half of each MR's first reference scores
+      1.6983 (as the official scorer), the whole reference 14.2365 (tests/fixtures/e2e_official)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} sets of references")
     ref_words = [[mteval_tokens(r) for r in refs] for refs in references]

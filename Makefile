@@ -10,7 +10,7 @@ help:  ## list the targets
 	@grep -E "^[a-z]+:.*## " Makefile | sed -E "s/:.*## /\t/"
 
 demo: .venv/installed  ## data, a stand-in GPT-2, ShareA and LoRA on E2E, BLEU, a plot: offline, on a CPU
-	$(PY) demo.py
+	$(PY) tools/demo.py
 
 test: .venv/installed  ## the test suite (python -m pytest -q)
 	$(PY) -m pytest -q

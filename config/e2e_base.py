@@ -3,7 +3,7 @@
 # that the adapters still have the whole data-to-text task to learn. A few minutes on 2 CPU cores:
 #   python data/e2e_refs/prepare.py
 #   python train.py config/e2e_base.py
-#   python compare.py --init_from=out-e2e-base --max_iters=300 --eval_mrs=100
+#   python tools/compare.py --init_from=out-e2e-base --max_iters=300 --eval_mrs=100
 init_from = "scratch"
 dataset = "e2e_refs"
 out_dir = "out-e2e-base"

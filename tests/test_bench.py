@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+from tools import bench, bench_lib  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -22,7 +22,7 @@ TINY = ["--model", "tiny", "--device", "cpu", "--batch_size", "2", "--block_size
 
 
 def tiny_env(memory=False):
-    return bench.Env("tiny", torch.device("cpu"), torch.float32, batch_size=2, block_size=16, warmup=0,
+    return bench_lib.Env("tiny", torch.device("cpu"), torch.float32, batch_size=2, block_size=16, warmup=0,
                      repeats=1, memory=memory)
 
 
@@ -35,7 +35,7 @@ def test_every_section_prints_its_table(capsys):
                 "| base (no adapters)", "| lora, merged", "| transformers generate (KV cache)",
                 "| ours, KV cache", "| ours, no cache"]:
         assert row in out, row
-    for preset in bench.PRESET_ORDER:
+    for preset in bench_lib.PRESET_ORDER:
         assert f"| {preset} " in out and f"| {preset}, unmerged" in out
     assert "294,912" not in out  # tiny model: not the 124M counts
     assert out.count("| (a) same modules") == 2 + 2 + 1  # train: ours + PEFT; bound: ours + PEFT; ceiling
@@ -57,10 +57,10 @@ def test_both_sides_supervise_the_same_tokens(tmp_path, supervision):
     with targets and return_logits=False, transformers with labels, give the same loss."""
     from transformers import GPT2LMHeadModel
     env = tiny_env()
-    ours = bench.ours_model(env).eval()
+    ours = bench_lib.ours_model(env).eval()
     ours.save_pretrained(tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    ids, targets, labels = bench.make_batch(env, supervision)
+    ids, targets, labels = bench_lib.make_batch(env, supervision)
     n = int((targets != -100).sum())
     assert n == env.batch_size * ((env.block_size - 1) if supervision == "all" else env.block_size // 2)
     assert int((labels != -100).sum()) - (0 if supervision == "half" else env.batch_size) == n
@@ -72,9 +72,9 @@ def test_both_sides_supervise_the_same_tokens(tmp_path, supervision):
 
 def test_equal_trainable_parameters_in_setting_b():
     env = tiny_env()
-    key, _, ours_t, peft_t, sup = bench.SETTINGS[1]
-    ours = bench.train_contender(env, {"side": "ours", "targets": list(ours_t), "supervision": sup})
-    peft = bench.train_contender(env, {"side": "peft", "targets": list(peft_t), "supervision": sup})
+    key, _, ours_t, peft_t, sup = bench_lib.SETTINGS[1]
+    ours = bench_lib.train_contender(env, {"side": "ours", "targets": list(ours_t), "supervision": sup})
+    peft = bench_lib.train_contender(env, {"side": "peft", "targets": list(peft_t), "supervision": sup})
     assert ours.trainable == peft.trainable > 0
 
 
@@ -83,12 +83,12 @@ def test_replay_counts_attention_as_matmuls_or_as_torch_kernels():
     backward); attention="kernel" keeps the fused forward and backward kernels themselves, and GELU's,
     on copies of their real arguments; every other product is recorded alike, and both replays run."""
     env = tiny_env()
-    c = bench.train_contender(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all"})
+    c = bench_lib.train_contender(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all"})
     c.step()
-    as_bmm = bench.record_gemms(env, c.step)
-    as_kernel = bench.record_gemms(env, c.step, attention="kernel")
+    as_bmm = bench_lib.record_gemms(env, c.step)
+    as_kernel = bench_lib.record_gemms(env, c.step, attention="kernel")
     kernels = [call for call in as_kernel if call[0] == "kernel"]
-    n_layer = bench.MODELS["tiny"]["n_layer"]
+    n_layer = bench_lib.MODELS["tiny"]["n_layer"]
     names = sorted(call[1].overloadpacket.__name__ for call in kernels)
     assert len(kernels) == 4 * n_layer and sum(n.endswith("_backward") for n in names) == 2 * n_layer, names
     assert names.count("gelu") == names.count("gelu_backward") == n_layer, names
@@ -98,7 +98,7 @@ def test_replay_counts_attention_as_matmuls_or_as_torch_kernels():
     q = kernels[0][2][0]
     assert q.grad_fn is None and not q.requires_grad  # a copy, not the step's own tensor
     for calls in (as_bmm, as_kernel):
-        run, gflop = bench.gemm_replay(env, calls)
+        run, gflop = bench_lib.gemm_replay(env, calls)
         run()
         assert gflop > 0
 
@@ -106,7 +106,7 @@ def test_replay_counts_attention_as_matmuls_or_as_torch_kernels():
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_cpu_memory_probe_gives_a_figure():
     env = tiny_env(memory=True)
-    b = bench.training_memory(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all", "preset": "lora"})
+    b = bench_lib.training_memory(env, {"side": "ours", "targets": ["q", "v"], "supervision": "all", "preset": "lora"})
     assert b is not None and 0 <= b < 2**30
 
 
@@ -132,10 +132,10 @@ def test_job_loops_learn_from_the_same_tokens(data):
     """The PEFT loop's collated batch of some examples and train.py's batch of the same examples give
     the same loss on the same weights, and count the same reference tokens."""
     from transformers import GPT2LMHeadModel
-    import bench_job
+    from tools import bench_job
     from data.loader import Batches
     env = tiny_env()
-    ours = bench.ours_model(env).eval()
+    ours = bench_lib.ours_model(env).eval()
     folder = data["e2e"].parent / "job_same_tokens"
     ours.save_pretrained(folder)
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -154,7 +154,7 @@ def test_job_loops_learn_from_the_same_tokens(data):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_job_memory_probe_gives_a_figure(data):
-    import bench_job
+    from tools import bench_job
     env = tiny_env(memory=True)
     spec = bench_job.job_specs(str(data["e2e"]))["ours, length-grouped"]
     b = bench_job.job_memory(env, spec, steps=2)
@@ -162,7 +162,7 @@ def test_job_memory_probe_gives_a_figure(data):
 
 
 def test_job_needs_prepared_data(tmp_path):
-    import bench_job
+    from tools import bench_job
     with pytest.raises(bench_job.runtime.UserError, match="prepare.py"):
         bench_job.section_job_train(tiny_env(), 1, 1, data_dir=str(tmp_path))
     with pytest.raises(SystemExit):
@@ -173,7 +173,7 @@ def test_job_needs_prepared_data(tmp_path):
 
 def test_quant_section_prints_its_tables(data, trained, tmp_path, capsys, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import bench_quant
+    from tools import bench_quant
     monkeypatch.setattr(bench_quant, "QUALITY_RUNS", [("sharea", "none"), ("sharea", "nf4")])  # two of the four runs
     bench.main(TINY + ["--memory", "off", "--only", "quant", "--quant_sizes", "tiny", "--quant_repeats", "1",
                        "--quant_base", str(trained / "base"), "--quant_steps", "2", "--quant_out", str(tmp_path / "q"),
@@ -186,6 +186,6 @@ def test_quant_section_prints_its_tables(data, trained, tmp_path, capsys, monkey
 
 
 def test_quant_quality_says_how_to_make_a_missing_base(tmp_path):
-    import bench_quant
+    from tools import bench_quant
     text = bench_quant.section_quant_quality(tiny_env(), str(tmp_path / "nothing"), "data/e2e", str(tmp_path), 2)
     assert "skipped: no stand-in base" in text and "config/e2e_base_6l.py" in text

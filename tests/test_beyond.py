@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-import analyze
+from tools import analyze
 import sharelora
 from model import GPT, GPTConfig
 

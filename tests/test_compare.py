@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 from conftest import TINY  # noqa: E402
 from conftest import run as run_with_java  # noqa: E402
 
-import compare  # noqa: E402
+from tools import compare  # noqa: E402
 
 NO_JAVA = {"PATH": str(Path(sys.executable).parent)}
 
@@ -49,7 +49,7 @@ def test_compare_seeds_table_plots_and_rerun(base, data, tmp_path):
     argv = [f"--init_from={base}", f"--data_dir={data['e2e']}", "--presets=lora,sharea", "--seeds=1,2",
             "--max_iters=2", "--batch_size=2", "--eval_mrs=3", "--r=2", f"--out={out}", "--device=cpu", "--png",
             "--", "--eval_iters=1", "--dtype=float32"]
-    first = run("compare.py", *argv)
+    first = run("tools/compare.py", *argv)
     rows = json.loads((out / "results.json").read_text())
     assert [(r["preset"], r["seed"]) for r in rows] == [("lora", 1), ("lora", 2), ("sharea", 1), ("sharea", 2)]
     for r in rows:
@@ -67,13 +67,13 @@ def test_compare_seeds_table_plots_and_rerun(base, data, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = out / "lora" / "seed1" / "adapter.safetensors"
     before = adapter.stat().st_mtime_ns
-    second = run("compare.py", *argv)  # the same command again: nothing to train, the same table
+    second = run("tools/compare.py", *argv)  # the same command again: nothing to train, the same table
     assert second.stdout.count("reused") == 4 and "== lora, seed 1: " + "finished earlier" in second.stdout
     assert adapter.stat().st_mtime_ns == before and (out / "compare.md").read_text() == table
-    other = run("compare.py", *argv[:-3], "--", "--eval_iters=2", "--dtype=float32", check=False)  # another command
+    other = run("tools/compare.py", *argv[:-3], "--", "--eval_iters=2", "--dtype=float32", check=False)  # another command
     assert other.returncode == 2 and "holds a run of another comparison" in other.stderr
     assert adapter.stat().st_mtime_ns == before
-    fewer = run("compare.py", *[a if a != "--presets=lora,sharea" else "--presets=lora" for a in argv], check=False)
+    fewer = run("tools/compare.py", *[a if a != "--presets=lora,sharea" else "--presets=lora" for a in argv], check=False)
     assert fewer.returncode == 2 and "summarises runs this command does not make" in fewer.stderr
     assert (out / "compare.md").read_text() == table  # the full comparison's summary is kept
 
@@ -85,7 +85,7 @@ def test_compare_continues_an_interrupted_run_and_keeps_foreign_files(base, data
     argv = [f"--init_from={base}", f"--data_dir={data['e2e']}", "--presets=lora", "--seeds=1,2", "--max_iters=4",
             "--batch_size=2", "--eval_mrs=2", "--r=2", f"--out={out}", "--device=cpu", "--", "--eval_iters=1",
             "--dtype=float32"]
-    run("compare.py", *argv)
+    run("tools/compare.py", *argv)
     one, two = out / "lora" / "seed1", out / "lora" / "seed2"
     val_one = json.loads((one / "compare_row.json").read_text())["val_loss"]
     (one / "compare_row.json").unlink()  # as if stopped after training, before scoring
@@ -94,13 +94,13 @@ def test_compare_continues_an_interrupted_run_and_keeps_foreign_files(base, data
         if f.name != "compare_command.json":
             f.unlink()
     run("train.py", *[a if not a.startswith("--max_iters") else "--max_iters=2" for a in command])
-    again = run("compare.py", *argv)
+    again = run("tools/compare.py", *argv)
     assert "lora, seed 1: trained earlier" in again.stdout and "lora, seed 2: continuing" in again.stdout
     rows = json.loads((out / "results.json").read_text())
     assert rows[0]["val_loss"] == val_one and rows[1]["val_curve"][-1][0] == 4
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "compare.md").write_text("my notes\n")
-    refused = run("compare.py", *[a if not a.startswith("--out=") else f"--out={foreign}" for a in argv], check=False)
+    refused = run("tools/compare.py", *[a if not a.startswith("--out=") else f"--out={foreign}" for a in argv], check=False)
     assert refused.returncode == 2 and "no results.json of compare.py" in refused.stderr
     assert [p.name for p in foreign.iterdir()] == ["compare.md"] and (foreign / "compare.md").read_text() == "my notes\n"

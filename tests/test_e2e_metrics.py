@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import e2e_metrics as em  # noqa: E402
+from tools import e2e_metrics as em  # noqa: E402
 from data.e2e.prepare import CSVS, group_refs, read_rows, read_sources  # noqa: E402
 from evaluate_e2e import one_line  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_bleu_and_nist_agree_with_the_official_scorer(leave_one_out, metric):
 def test_cli_scores_the_official_files_like_the_official_scorer(leave_one_out, tmp_path):
     """All five, through the command line that scores files without a model."""
     _, _, d = leave_one_out
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
                         "--references", str(d / "references.txt"), "--results_dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -149,7 +149,7 @@ def test_cli_scores_the_official_files_like_the_official_scorer(leave_one_out, t
 def test_without_java_bleu_and_nist_remain_and_one_line_says_why(leave_one_out):
     _, _, d = leave_one_out
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no java on this PATH
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate_e2e.py"), "--predictions", str(d / "predictions.txt"),
                         "--references", str(d / "references.txt")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "616 MRs: BLEU 60.46, NIST 8.9029\n"
@@ -164,7 +164,7 @@ def test_a_java_that_fails_is_reported_in_one_line(tmp_path):
     (tmp_path / "p.txt").write_text("The Vaults is a pub.\n")
     (tmp_path / "r.txt").write_text("The Vaults is a pub.\nThe Vaults is a local pub.\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}"}
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--predictions", str(tmp_path / "p.txt"),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate_e2e.py"), "--predictions", str(tmp_path / "p.txt"),
                         "--references", str(tmp_path / "r.txt")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0 and r.stdout.startswith("1 MRs: BLEU 100.00, NIST "), r.stderr
     assert r.stderr == "note: METEOR, ROUGE-L and CIDEr were skipped: java failed " \
@@ -195,7 +195,7 @@ def test_bad_files_get_one_line(leave_one_out, tmp_path, case):
     else:
         bad.write_text("x")
         argv, expect = ["--predictions", pred, "--references", ref, "--results_dir", bad], "is a file, not a folder"
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), *map(str, argv)],
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate_e2e.py"), *map(str, argv)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert expect in r.stderr

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluate_e2e as ev  # noqa: E402
+from tools import evaluate_e2e as ev  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 EOS = 9
@@ -285,7 +285,7 @@ def test_cli(data_dir, tmp_path, monkeypatch, capsys, beam_size):
 
 
 def test_cli_without_data_says_what_to_run(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate_e2e.py"), "--out_dir", str(tmp_path),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate_e2e.py"), "--out_dir", str(tmp_path),
                         "--data_dir", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1

@@ -17,19 +17,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import analyze
-import compare
-import evaluate_e2e
-import export
+from tools import analyze
+from tools import compare
+from tools import evaluate_e2e
+from tools import export
 import runtime
 import sample
 import train
 from conftest import ROOT, TINY, load_script
 
 
-MAINS = {"train.py": train.main, "sample.py": sample.main, "export.py": export.main, "analyze.py": analyze.main,
-         "compare.py": compare.main,
-         "evaluate_e2e.py": lambda argv: runtime.run(evaluate_e2e.main, argv)}
+MAINS = {"train.py": train.main, "sample.py": sample.main, "tools/export.py": export.main, "tools/analyze.py": analyze.main,
+         "tools/compare.py": compare.main,
+         "tools/evaluate_e2e.py": lambda argv: runtime.run(evaluate_e2e.main, argv)}
 PREPARE = ("data/e2e/prepare.py", "data/shakespeare/prepare.py", "data/e2e_refs/prepare.py")
 
 
@@ -256,12 +256,12 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
     "out_dir is a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}"), "is a file"),
     "out_dir cannot be made": ("train.py", lambda c: c.train("--out_dir=/sys/sharelora-test"), "cannot write in out_dir"),
     "out_dir below a file": ("train.py", lambda c: c.train(f"--out_dir={c.file('f', 'x')}/sub"), "cannot write in out_dir"),
-    "export --dest is a run": ("export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf",
+    "export --dest is a run": ("tools/export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf",
                                                      f"--dest={c.copy(c.trained / 'adapted', 'r')}"], "holds a training run"),
-    "export --dest is the base": ("export.py", lambda c: [f"--adapter={c.copy(c.trained / 'adapted', 'ad') / 'adapter.safetensors'}",
+    "export --dest is the base": ("tools/export.py", lambda c: [f"--adapter={c.copy(c.trained / 'adapted', 'ad') / 'adapter.safetensors'}",
                                                         f"--init_from={c.copy(c.base, 'b')}", "--to=hf", f"--dest={c.tmp / 'b'}"],
                                   "the base"),
-    "export --dest is a file": ("export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf", f"--dest={c.file('f', 'x')}"],
+    "export --dest is a file": ("tools/export.py", lambda c: [f"--adapter={c.adapter}", "--to=hf", f"--dest={c.file('f', 'x')}"],
                                 "--dest"),
     "prepare --out is a file": ("data/e2e/prepare.py", lambda c: ["--src", _csv(c, "devset.csv", "mr,ref\nname[B],B.\n"),
                                                                  "--out", c.file("f", "x")], "is a file"),
@@ -278,25 +278,25 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                                      "--start FILE:/nowhere.txt"),
     "sample with an unknown option": ("sample.py", lambda c: ["--tempreature=1"], "unrecognized arguments"),
     # evaluation
-    "refs file of the wrong shape": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--data_dir=" + str(_refs(c, '{"mr": 1}'))],
+    "refs file of the wrong shape": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--data_dir=" + str(_refs(c, '{"mr": 1}'))],
                                      "is not a list of"),
-    "refs file not JSON": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", f"--data_dir={_refs(c, '[{')}"],
+    "refs file not JSON": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", f"--data_dir={_refs(c, '[{')}"],
                            "test_refs.json is not a valid JSON"),
-    "evaluate --beam_size beyond the vocabulary": ("evaluate_e2e.py", lambda c: [
+    "evaluate --beam_size beyond the vocabulary": ("tools/evaluate_e2e.py", lambda c: [
         f"--adapter={c.adapter}", f"--data_dir={c.data['e2e']}", "--beam_size=100000", "--limit=1",
         f"--results_dir={c.tmp / 'res'}"], "at most the vocabulary size"),
-    "analyze a run without adapter": ("analyze.py", lambda c: [f"--out_dir={c.base}"], "holds no adapter"),
-    "analyze --png is a folder": ("analyze.py", lambda c: [f"--adapter={c.adapter}", f"--png={c.tmp}"], "ending in .png"),
-    "compare with r=0": ("compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", "--r=0",
+    "analyze a run without adapter": ("tools/analyze.py", lambda c: [f"--out_dir={c.base}"], "holds no adapter"),
+    "analyze --png is a folder": ("tools/analyze.py", lambda c: [f"--adapter={c.adapter}", f"--png={c.tmp}"], "ending in .png"),
+    "compare with r=0": ("tools/compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", "--r=0",
                                                   f"--out={c.tmp / 'cmp'}"], "r must be"),
-    "compare into an earlier comparison": ("compare.py", lambda c: [
+    "compare into an earlier comparison": ("tools/compare.py", lambda c: [
         f"--init_from={c.base}", f"--data_dir={c.data['e2e']}", f"--out={c.file('cmp/lora/seed1/x', 'x').parent.parent.parent}"],
         "holds a run of another comparison"),
-    "compare --presets twice the same": ("compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}",
+    "compare --presets twice the same": ("tools/compare.py", lambda c: [f"--init_from={c.base}", f"--data_dir={c.data['e2e']}",
                                                                  "--presets=lora,lora", f"--out={c.tmp / 'cmp2'}"], "names a preset twice"),
-    "compare --seeds not numbers": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=1,two"], "--seeds must be whole numbers"),
-    "compare --seeds twice the same": ("compare.py", lambda c: [f"--init_from={c.base}", "--seeds=3,3"], "names a seed twice"),
-    "evaluate --beam_size=0": ("evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),
+    "compare --seeds not numbers": ("tools/compare.py", lambda c: [f"--init_from={c.base}", "--seeds=1,two"], "--seeds must be whole numbers"),
+    "compare --seeds twice the same": ("tools/compare.py", lambda c: [f"--init_from={c.base}", "--seeds=3,3"], "names a seed twice"),
+    "evaluate --beam_size=0": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=0"], "--beam_size must be"),
     # preparing data
     "prepare non-UTF-8 text": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Ros\xe9 ".encode("latin-1") * 99),
                                                                         "--out", c.tmp / "o"], "not UTF-8"),
@@ -513,7 +513,7 @@ def test_a_moved_clone_still_finds_its_base(trained, data, tmp_path):
     moved = tmp_path / "moved"
     for run_dir in ("run", "scratch_run"):
         assert run("sample.py", f"--out_dir={moved / run_dir}", "--max_new_tokens=2", "--device=cpu").returncode == 0
-    run("export.py", f"--out_dir={moved / 'run'}", "--to=peft", f"--dest={tmp_path / 'peft'}")
+    run("tools/export.py", f"--out_dir={moved / 'run'}", "--to=peft", f"--dest={tmp_path / 'peft'}")
     assert not os.path.isabs(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"])
     train.main(["--init_from=resume", f"--out_dir={moved / 'run'}", "--max_iters=2"])
     shutil.rmtree(moved / "base")

@@ -1,5 +1,5 @@
 """
-bench_quant.py: bench.py's section `quant` (`python bench.py --only quant`): what a quantized frozen base
+bench_quant.py: bench.py's section `quant` (`python tools/bench.py --only quant`): what a quantized frozen base
 (quantize.py: none, int8, nf4) saves and costs.
 
   1. Memory and speed, side by side in one run: for each --quant_sizes configuration (random weights,
@@ -18,10 +18,9 @@ import os
 import subprocess
 from dataclasses import replace
 
-import bench
-import bench_job
-import compare
 import quantize
+from tools import bench_job, compare
+from tools import bench_lib as bench
 
 KINDS = ("none", "int8", "nf4")
 QUALITY_RUNS = [(preset, kind) for preset in ("sharea", "lora") for kind in ("none", "nf4")]

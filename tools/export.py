@@ -1,8 +1,8 @@
 """
 Take a trained adapter out of this project.
 
-    python export.py --out_dir=out-e2e-gpt2m-sharea --to=hf   --dest=export-hf     # merged GPT-2
-    python export.py --out_dir=out-e2e-gpt2m-sharea --to=peft --dest=export-peft   # PEFT LoRA adapter
+    python tools/export.py --out_dir=out-e2e-gpt2m-sharea --to=hf   --dest=export-hf     # merged GPT-2
+    python tools/export.py --out_dir=out-e2e-gpt2m-sharea --to=peft --dest=export-peft   # PEFT LoRA adapter
 
 hf: the base with the adapter merged in, in the Hugging Face GPT-2 layout (config.json +
 model.safetensors): transformers' GPT2LMHeadModel.from_pretrained(dest) gives the same logits.
@@ -13,7 +13,10 @@ An adapter trained on a quantized base (train.py --quantize) is loaded onto the 
 hf then writes dequant(W) + ΔW in float32 (sharelora.export_merged).
 """
 import os
+import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
+sys.path.insert(0, ROOT)
 from data.common import Parser, quiet_ctrl_c
 
 # torch and the model are imported after the options are read (a mistake shows at once)

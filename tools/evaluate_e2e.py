@@ -3,8 +3,8 @@ Evaluate a fine-tuned GPT-2 on the E2E NLG Challenge: decode one text per meanin
 score it against all of that MR's references, and write the files the official scorer reads.
 
     python data/e2e/prepare.py     # once: writes data/e2e/test_refs.json
-    python evaluate_e2e.py --out_dir out-e2e                  # beam 10, as in the LoRA and ShareLoRA papers
-    python evaluate_e2e.py --out_dir out-e2e --beam_size 1 --limit 50   # greedy, a quick look
+    python tools/evaluate_e2e.py --out_dir out-e2e                  # beam 10, as in the LoRA and ShareLoRA papers
+    python tools/evaluate_e2e.py --out_dir out-e2e --beam_size 1 --limit 50   # greedy, a quick look
 
 The prompt is the training context, MR + " ||" (see data/e2e/prepare.py); the model writes " " + text
 and then <|endoftext|>. The test split has 630 MRs with 4,693 references (1 to 45 per MR, most have 6).
@@ -14,13 +14,15 @@ search with 10 beams, a length penalty and no repeated 4-gram. The scores are th
 computed as its official scorer does (e2e_metrics.py): BLEU, NIST, METEOR, ROUGE-L and CIDEr, the last
 three with Java. Files in the official layout, written anywhere, are scored the same way without a model:
 
-    python evaluate_e2e.py --predictions predictions.txt --references references.txt
+    python tools/evaluate_e2e.py --predictions predictions.txt --references references.txt
 """
 import json
 import math
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
+sys.path.insert(0, ROOT)
 from data.common import Parser, check, quiet_ctrl_c, write_text
 from data.common import run as run_early
 
@@ -68,7 +70,7 @@ def options(argv):
 def score_files(args):
     """--predictions and --references: files in the official layout, scored without a model or torch."""
     from data.common import decode_utf8
-    from e2e_metrics import e2e_scores, format_scores, parse_predictions, parse_references
+    from tools.e2e_metrics import e2e_scores, format_scores, parse_predictions, parse_references
     texts = {}
     for option in ("predictions", "references"):
         path = getattr(args, option)
@@ -101,7 +103,7 @@ from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
-from e2e_metrics import e2e_scores, format_scores  # noqa: E402
+from tools.e2e_metrics import e2e_scores, format_scores  # noqa: E402
 from runtime import autocast, base_note, fail, load_model, no_empty_folder_left, read_json, run, writable_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 

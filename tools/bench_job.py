@@ -1,6 +1,6 @@
 """
 bench_job.py: the job users run, side by side with transformers + PEFT, for bench.py's sections
-job_train, job_decode and job_scale (`python bench.py --only job` runs all three).
+job_train, job_decode and job_scale (`python tools/bench.py --only job` runs all three).
 
   job_train   optimizer steps of batch 16 of E2E training examples. Ours: train.py's own step
               (train.train_step: reading the batch, forward, backward, clipping, AdamW), with its
@@ -36,13 +36,13 @@ from types import SimpleNamespace
 
 import torch
 
-import bench
-import evaluate_e2e as ev
 import runtime
 import sharelora
 import train
 from data.loader import Batches
 from tokenizer import EOT, decode, get_tokenizer
+from tools import bench_lib as bench
+from tools import evaluate_e2e as ev
 
 DATA_DIR = os.path.join(bench.ROOT, "data", "e2e")
 JOB_TARGETS = ("attn.c_proj", "mlp.c_fc")  # the same modules and trainable parameters on both sides

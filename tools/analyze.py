@@ -2,7 +2,7 @@
 The ShareLoRA paper's singular-value analysis (Song et al. 2024, section 5): how the energy of each
 layer's update ΔW_l = s·diag(v_l)·B_l·diag(u_l)·A_l spreads over its r singular values.
 
-    python analyze.py --out_dir=out-compare/lora --out_dir=out-compare/sharea --png=sv.png
+    python tools/analyze.py --out_dir=out-compare/lora --out_dir=out-compare/sharea --png=sv.png
 
 For every adapted map it prints σ_i / σ_1 for i = 1..r, and the effective rank exp(H(σ/Σσ)) (1: one
 direction carries everything; r: all directions carry the same). The paper reports that ShareA's
@@ -11,7 +11,10 @@ With matplotlib installed, --png plots the per-target means.
 """
 import math
 import os
+import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
+sys.path.insert(0, ROOT)
 from data.common import Parser, quiet_ctrl_c, write_binary
 
 # torch, runtime and sharelora are imported where they are used, so that a mistake in the options

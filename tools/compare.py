@@ -2,8 +2,8 @@
 Train every preset on E2E with the same base and budget, once per seed, and print one table of means and
 standard deviations over the seeds; --png draws the curves and the papers' quality-against-parameters plot.
 
-    python compare.py --init_from=gpt2-medium --r=4 --max_iters=26288 --seeds=1,2,3   # the paper's setting, on a GPU
-    python compare.py --init_from=out-e2e-base-6l --seeds=1,2,3 --png                   # the README's CPU run
+    python tools/compare.py --init_from=gpt2-medium --r=4 --max_iters=26288 --seeds=1,2,3   # the paper's setting, on a GPU
+    python tools/compare.py --init_from=out-e2e-base-6l --seeds=1,2,3 --png                   # the README's CPU run
 
 Each run trains in its own train.py process (so its peak memory is its own) into OUT/<preset>/seed<N>/,
 then decodes the test MRs (all 630 by default; greedy unless --beam_size; predictions.txt in the run's
@@ -20,7 +20,9 @@ import statistics
 import subprocess
 import sys
 
-import e2e_metrics  # torch-free: its packages load only when it scores
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
+sys.path.insert(0, ROOT)
+from tools import e2e_metrics  # torch-free: its packages load only when it scores
 from data.common import Parser, quiet_ctrl_c, write_binary
 from data.common import run as run_early
 
@@ -74,7 +76,7 @@ if __name__ == "__main__":
 import runtime  # noqa: E402  (after the options were checked)
 import sharelora  # noqa: E402
 import train  # noqa: E402
-from evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # noqa: E402
+from tools.evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # noqa: E402
 
 PRESETS = list(sharelora.PRESETS)
 ROW_FILE = "compare_row.json"  # a finished run's measurements, next to its adapter
@@ -143,7 +145,7 @@ def compare(args, extra):
 
 
 def train_command(args, preset, seed, out_dir, extra):
-    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+    return [sys.executable, os.path.join(ROOT, "train.py"),
             f"--init_from={args.init_from}", "--dataset=e2e", f"--data_dir={args.data_dir}", f"--adapter={preset}",
             f"--r={args.r}", f"--alpha={args.alpha}", f"--targets={args.targets}", f"--max_iters={args.max_iters}",
             f"--batch_size={args.batch_size}", f"--learning_rate={args.learning_rate}", f"--seed={seed}",

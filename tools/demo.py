@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
+sys.path.insert(0, ROOT)
 BASE = ["config/e2e_base.py", "--max_iters=300", "--eval_interval=100"]  # the stand-in base, at half budget
 ADAPTER = ["--dataset=e2e", "--targets=q,v", "--r=8", "--alpha=16", "--max_iters=300", "--batch_size=8",
            "--learning_rate=2e-3", "--warmup_iters=15", "--eval_interval=75", "--device=cpu"]
@@ -53,7 +54,7 @@ def main():
           f"metrics in {args.out}/<preset>/metrics.jsonl" + (f", loss curves in {png}" if png else ""))
     print(f"demo took {time.time() - started:,.0f} s. Next, on a GPU with GPT-2 Medium (README, Quick start):\n"
           "  python data/e2e/prepare.py && python train.py config/e2e_gpt2m_sharea.py\n"
-          "  python evaluate_e2e.py --out_dir=out-e2e-gpt2m-sharea")
+          "  python tools/evaluate_e2e.py --out_dir=out-e2e-gpt2m-sharea")
 
 
 def say(n, what):
@@ -93,8 +94,8 @@ def best_val(out_dir):
 def score(out, preset, seconds):
     import runtime
     import sharelora
-    from e2e_metrics import bleu
-    from evaluate_e2e import decode_mrs
+    from tools.e2e_metrics import bleu
+    from tools.evaluate_e2e import decode_mrs
     adapter = os.path.join(out, preset, runtime.ADAPTER_FILE)
     model, info = runtime.load_model(adapter=adapter, device="cpu", dtype="float32")
     groups = runtime.read_json("data/e2e/test_refs.json")[:MRS]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tools import e2e_metrics as em  # noqa: E402
 from data.e2e.prepare import CSVS, group_refs, read_rows, read_sources  # noqa: E402
-from evaluate_e2e import one_line  # noqa: E402
+from tools.evaluate_e2e import one_line  # noqa: E402
 
 needs_java = pytest.mark.skipif(em.java_missing() is not None and not os.environ.get("CI"),
                                 reason=em.java_missing() or "")

@@ -13,8 +13,9 @@ whatever process holds them: E2E rows have different numbers of reference tokens
 per-process means would weigh a short reference's tokens more. Each process scales its own mean by
 (its tokens / the micro-batch's tokens) * N, and DDP's average of the N gradients then is exactly the
 one-process gradient. Every process knows the micro-batch's token count, having read the whole batch:
-no communication is needed for the weights. The printed loss, the stop flag (Ctrl-C) and the
-validation loss are summed across processes in one small all-reduce each.
+no communication is needed for the weights. Between two steps one small all-reduce carries the stop
+flag (Ctrl-C) and, every log_interval steps, the losses; the validation loss takes one per evaluation,
+and every process's random state travels to process 0 at each checkpoint.
 
 A shared tensor (ShareA's A, Tied-LoRA's A and B) is one nn.Parameter of the model, so DDP all-reduces
 it once, however many layers use it. Gradient accumulation skips DDP's all-reduce on all but the last
@@ -57,8 +58,8 @@ class Single:
     def sum(self, values):
         return list(values)
 
-    def largest(self, value):
-        return value
+    def gather(self, obj):
+        return [obj]
 
     def barrier(self):
         pass
@@ -122,11 +123,11 @@ class Group(Single):
         dist.all_reduce(t)
         return t.tolist()
 
-    def largest(self, value):
-        """The largest of one integer across the processes (a stop request: the signal's number, or 0)."""
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+    def gather(self, obj):
+        """Every process's `obj` (small, picklable), in the order of the ranks, in every process."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)  # through gloo: the objects are in CPU memory
+        return out
 
     def barrier(self):
         dist.barrier()

@@ -11,6 +11,7 @@ Module names follow the GPT-2 checkpoint (transformer.wte, wpe, h, ln_f, attn, m
 name-for-name copy plus two explicit changes: the checkpoint's Conv1D weights are stored transposed,
 and its fused attn.c_attn is split into attn.q, attn.k, attn.v (see CausalSelfAttention).
 """
+import contextlib
 import json
 import math
 import os
@@ -173,30 +174,41 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True, rows=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss).
 
         With `targets` (B, T), the loss is the mean cross-entropy over the positions whose target is
-        not -100 (so a prompt can be left out of the loss). return_logits=False is the training path:
-        the vocabulary projection is computed only where the loss counts, in chunks, and logits is None.
-        With a `cache` (KVCache), idx holds only the new positions."""
-        x = self.hidden(idx, cache)
-        if targets is None:
-            return self.lm_head(x), None
-        if return_logits:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, label_smoothing=label_smoothing)
-            return logits, loss
-        keep = targets != -100
-        weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
-        h = x[keep]
-        # at most 32 MB of float32 logits at a time (166 rows of GPT-2's vocabulary), in chunks of equal
-        # size: 255 rows go as 128 + 127 (26 MB at the peak), not 166 + 89, for the same two weight passes
-        chunks = max(1, math.ceil(h.size(0) / max(1, 2**23 // self.config.vocab_size)))
-        chunk_rows = max(1, math.ceil(h.size(0) / chunks))
-        loss = LinearCrossEntropy.apply(h, weight, targets[keep], label_smoothing, chunk_rows)
-        return None, loss
+        not -100 (so a prompt can be left out of the loss; no such position: loss 0). return_logits=False
+        is the training path: the vocabulary projection is computed only where the loss counts, in
+        chunks, and logits is None. `rows`, the flat indices of those positions ((n,) long, on idx's
+        device, e.g. computed on the CPU beside the batch), spares the GPU a synchronisation: finding
+        them here from a boolean mask makes the host wait for the device, which alone knows how many
+        there are. With a `cache` (KVCache), idx holds only the new positions."""
+        with self.precision(idx.device.type):
+            x = self.hidden(idx, cache)
+            if targets is None:
+                return self.lm_head(x), None
+            if return_logits:
+                logits = self.lm_head(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100, label_smoothing=label_smoothing)
+                return logits, loss
+            if rows is None:
+                rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+            weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
+            h = x.reshape(-1, x.size(-1)).index_select(0, rows)
+            loss = LinearCrossEntropy.apply(h, weight, targets.reshape(-1).index_select(0, rows), label_smoothing,
+                                            loss_chunk_rows(h.size(0), self.config.vocab_size, h.device))
+            return None, loss
+
+    def precision(self, device_type):
+        """Autocast to model.compute_dtype, the dtype runtime.place stored the frozen matrices in, when
+        the caller has not set autocast up itself: such a model (bfloat16 matrices, float32 vectors and
+        embeddings) then runs as it is, e.g. straight from runtime.load_model."""
+        dtype = getattr(self, "compute_dtype", None)
+        if dtype is None or torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
@@ -215,18 +227,19 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, total) if use_cache else None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         step_input = idx
-        for _ in range(max_new_tokens):
-            if cache is None:
-                step_input = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden(step_input, cache)[:, -1, :])  # only the last position's
-            next_token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
-            if eos_token is not None:
-                next_token = next_token.masked_fill(done[:, None], eos_token)
-                done |= next_token[:, 0] == eos_token
-            idx = torch.cat((idx, next_token), dim=1)
-            step_input = next_token
-            if eos_token is not None and done.all():
-                break
+        with self.precision(idx.device.type):
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    step_input = idx[:, -self.config.block_size:]
+                logits = self.lm_head(self.hidden(step_input, cache)[:, -1, :])  # only the last position's
+                next_token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
+                if eos_token is not None:
+                    next_token = next_token.masked_fill(done[:, None], eos_token)
+                    done |= next_token[:, 0] == eos_token
+                idx = torch.cat((idx, next_token), dim=1)
+                step_input = next_token
+                if eos_token is not None and done.all():
+                    break
         return idx
 
     # ---- loading and saving the Hugging Face GPT-2 layout ----------------------------------------
@@ -474,10 +487,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
             loss += nll.sum()
             if need_h or need_w:
-                g = e.mul_((1 / (total * N))[:, None])  # softmax / N: the gradient of the mean loss...
-                g[torch.arange(len(t), device=g.device), t] -= (1 - label_smoothing) / N  # ...minus the target
+                # the gradient of the summed loss: softmax minus the target distribution, |g| <= 1, which
+                # float16 holds; the mean's 1/N comes after the products, in float32. (Scaled by 1/N
+                # first, GPT-2's softmax entries, ~1/50,257, fall below float16's smallest numbers: in a
+                # CPU emulation most became 0 and the gradient was 1.2% off at 8,192 tokens.)
+                g = e.mul_((1 / total)[:, None])
+                g[torch.arange(len(t), device=g.device), t] -= 1 - label_smoothing
                 if label_smoothing > 0:
-                    g -= label_smoothing / (V * N)
+                    g -= label_smoothing / V
                 if need_h:
                     grad_h[s:s + chunk_rows] = g.to(weight.dtype) @ weight
                 if need_w:
@@ -485,9 +502,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             # drop this chunk before the next one is made: the names would otherwise keep it alive
             # while `hc @ weight.t()` allocates the next, two chunks at the peak instead of one
             logits = e = g = None
-        ctx.save_for_backward(grad_h, grad_w)
+        n = max(N, 1)  # no position counts: loss 0, gradients 0
+        ctx.save_for_backward(grad_h.div_(n) if need_h else None, grad_w.div_(n) if need_w else None)
         ctx.weight_dtype = weight.dtype
-        return loss / N
+        return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -495,6 +513,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h * grad_loss if grad_h is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
+
+
+def loss_chunk_rows(n_rows, vocab_size, device):
+    """Rows per chunk of the chunked loss: at most 32 MB of float32 logits on a CPU (166 rows of GPT-2's
+    vocabulary), 256 MB on a GPU, where larger products keep it busy (a choice, not measured here: no
+    GPU was available), in chunks of equal size: 255 rows go as 128 + 127 (26 MB at the peak), not
+    166 + 89, for the same two weight passes."""
+    budget = 2**23 if device.type == "cpu" else 2**26  # float32 values
+    chunks = max(1, math.ceil(n_rows / max(1, budget // vocab_size)))
+    return max(1, math.ceil(n_rows / chunks))
 
 
 # ---- reading checkpoint files --------------------------------------------------------------------

@@ -58,7 +58,7 @@ def train(cfg):
         group.barrier()  # process 0 has made out_dir: the others may not find a training run there as it starts
         device = group.device(runtime.pick_device(cfg.device))
         dtype = runtime.pick_dtype(cfg.dtype, device)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same in every process: a model from scratch is built alike everywhere
         random.seed(cfg.seed)
 
         batches = Batches(cfg.data_dir or os.path.join(HERE, "data", cfg.dataset), cfg.batch_size, cfg.block_size,
@@ -69,21 +69,28 @@ def train(cfg):
         optimizer = make_optimizer(model, cfg, device)
         scaler = runtime.grad_scaler(device, dtype)
         ctx = runtime.autocast(device, dtype)
-        step, best_val = restore_state(ckpt, optimizer, scaler, cfg.out_dir) if ckpt else (0, float("inf"))
+        step, best_val = 0, float("inf")
+        torch.manual_seed(cfg.seed + group.rank)  # dropout: each process draws its own masks
+        if ckpt:
+            step, best_val = restore_state(ckpt, optimizer, scaler, cfg, group.rank, device, dtype)
         forward = group.wrap(model)  # DistributedDataParallel under torchrun
         forward = torch.compile(forward) if cfg.compile else forward
         say = print if group.main else lambda *a, **k: None  # process 0 speaks for all
         say(describe(model, cfg, device, dtype, batches, group))
         log = Log(cfg.out_dir, group.main, resumed_at=step if ckpt else None)
-        saver = Saver(model, cfg, optimizer, scaler, group, saved=step if ckpt else None)
+        saver = Saver(model, cfg, optimizer, scaler, group, device, dtype, saved=step if ckpt else None)
 
-        losses = []
         stop = StopSignals(speak=group.main, torchrun=group.world > 1)
         bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
+        runtime.reset_peak_memory(device)  # the peak logged at the end is training's, not loading's
         with stop, bar:  # the bar ends its line whatever happens, so that an error message starts its own
             while True:
+                due = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != log.resumed_at
+                # stop if asked, and read the last steps' losses from the device (one all-reduce for both)
+                signal_number = between_steps(group, stop, log, bar, saver,
+                                              read=due or step % cfg.log_interval == 0 or step >= cfg.max_iters)
                 # evaluate and save (a resumed run did both at the step it resumes from)
-                if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != log.resumed_at:
+                if due:
                     val = evaluate(model, batches, cfg, device, ctx, group)
                     if not math.isfinite(val):
                         saver.diverged(f"the validation loss became {val} at step {step}")
@@ -93,30 +100,21 @@ def train(cfg):
                     saver.save(step, best_val)
                 if step >= cfg.max_iters:
                     break
-                signal_number = group.largest(stop.requested)  # every process stops at the same step
                 if signal_number:  # between two steps: the checkpoint is exactly an uninterrupted run's state
                     bar.close()
                     saver.stop(step, best_val, signal_number)
-                # one optimizer step
-                t0 = time.time()
-                try:
-                    loss, lr, n_tokens, n_loss_tokens = train_step(forward, optimizer, scaler, batches, step, cfg,
-                                                                   device, ctx, group)
-                except NonFinite as e:
-                    saver.diverged(str(e))
+                # one optimizer step; its loss stays on the device until the next read
+                loss, lr, n_tokens, n_loss_tokens = train_step(forward, optimizer, scaler, batches, step, cfg,
+                                                               device, ctx, group)
                 step += 1
-                losses.append(loss)
-                # log
-                elapsed = time.time() - t0
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / elapsed:,.0f}")
                 bar.update()
-                log.step(step, loss, lr, n_tokens / elapsed, n_loss_tokens / elapsed)
+                log.step(step, loss, lr, n_tokens, n_loss_tokens)
         peak = runtime.peak_memory_mb(device)
         log.write({"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
-        say(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB"
+        say(f"done: {step} steps, best val loss {best_val:.4f}, peak memory in training {peak:,.0f} MB"
             + (" (process 0)" if group.world > 1 else "") + f"; saved to {cfg.out_dir}")
         group.finish()
-        return losses
+        return log.losses
 
 
 # ---- setting a run up ----------------------------------------------------------------------------
@@ -197,39 +195,69 @@ def get_lr(step, cfg):
 
 def train_step(forward, optimizer, scaler, batches, step, cfg, device, ctx, group=distributed.Single()):
     """Optimizer step `step`: its grad_accum micro-batches (read here: data loading is part of a step),
-    forward, backward, clipping, the update. -> (mean loss, learning rate, positions, reference tokens:
-    the positions the loss counts, i.e. without padding and MRs; all processes together). Raises
-    NonFinite on a non-finite loss. Under torchrun each process takes its rows of every micro-batch
-    (see distributed.py). bench.py times this very function against a transformers + PEFT loop."""
+    forward, backward, clipping, the update. -> (this process's share of the mean loss, a tensor left
+    on the device: reading it would make the host wait for the GPU; learning rate; positions; reference
+    tokens: the positions the loss counts, i.e. without padding and MRs; all processes together).
+    Under torchrun each process takes its rows of every micro-batch (see distributed.py). bench.py
+    times this very function against a transformers + PEFT loop."""
     lr = get_lr(step, cfg)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    shares, n_tokens, n_loss_tokens = [], 0, 0
+    share, n_tokens, n_loss_tokens = 0.0, 0, 0
     for micro in range(cfg.grad_accum):
         x, y = batches.get("train", step * cfg.grad_accum + micro)
         counted = int((y != -100).sum())  # the micro-batch's supervised tokens, every process's rows
         n_loss_tokens, n_tokens = n_loss_tokens + counted, n_tokens + x.numel()
         x, y = group.shard(x, y)
-        mine = int((y != -100).sum())
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        rows = loss_rows(y)
+        # this process's share of the micro-batch's mean over its tokens (0 when none counts); DDP
+        # averages the world's shares
+        fraction = rows.numel() / counted if counted else 0.0
+        x, y, rows = (to_device(t, device) for t in (x, y, rows))
         with group.no_sync(last=micro == cfg.grad_accum - 1):
             with ctx:
-                _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
-            # this process's share of the micro-batch's mean over its tokens; DDP averages the world shares
-            weight = mine * group.world / counted
-            scaler.scale(loss * weight / cfg.grad_accum).backward()
-        shares.append(loss.item() * (mine / counted))
-    loss_sum = sum(group.sum(shares)) / cfg.grad_accum
-    if not math.isfinite(loss_sum):  # after the backward passes, so that every process stops at the same step
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFinite(f"the training loss became {loss_sum} at step {step}")
+                _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False, rows=rows)
+            scaler.scale(loss * (fraction * group.world / cfg.grad_accum)).backward()
+        share = share + loss.detach().float() * (fraction / cfg.grad_accum)
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, lr, n_tokens, n_loss_tokens
+    return share, lr, n_tokens, n_loss_tokens
+
+
+def loss_rows(y):
+    """The flat indices of the positions whose target counts, found on the CPU beside the batch (see
+    model.GPT.forward's `rows`)."""
+    return (y.reshape(-1) != -100).nonzero().squeeze(1)
+
+
+def to_device(t, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory, so that the copy overlaps the work
+    queued before it (non_blocking from ordinary memory copies synchronously)."""
+    if device.startswith("cuda"):
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def between_steps(group, stop, log, bar, saver, read):
+    """What every process must agree on between two steps, in one all-reduce under torchrun: whether a
+    stop signal came, and, when `read`, the sum of the losses of the steps since the last read, which
+    brings them from the device: the loop's only wait for the GPU. A stop reads them too, so that
+    metrics.jsonl is complete at the checkpoint. -> the agreed signal number, or 0."""
+    votes = stop.votes()
+    totals = group.sum(votes + (log.unread() if read else []))
+    signal_number = stop.agreed(totals[:len(votes)])
+    if signal_number and not read:
+        return between_steps(group, stop, log, bar, saver, read=True)
+    if read:
+        try:
+            log.read(totals[len(votes):], bar)
+        except NonFinite as e:
+            saver.diverged(str(e))
+    return signal_number
 
 
 @torch.no_grad()
@@ -237,13 +265,14 @@ def evaluate(model, batches, cfg, device, ctx, group=distributed.Single()):
     """Mean validation loss over eval_iters fixed batches (the same ones every time). Under torchrun
     each process evaluates every world-th batch, and the sum goes round."""
     model.eval()
-    total = 0.0
+    total = torch.zeros((), device=device)
     for i in range(group.rank, cfg.eval_iters, group.world):
-        x, y = (t.to(device) for t in batches.get("val", i))
+        x, y = batches.get("val", i)
+        x, y, rows = (to_device(t, device) for t in (x, y, loss_rows(y)))
         with ctx:
-            total += model(x, y, return_logits=False)[1].item()
+            total += model(x, y, return_logits=False, rows=rows)[1].float()
     model.train()
-    return group.sum([total])[0] / cfg.eval_iters
+    return group.sum([total.item()])[0] / cfg.eval_iters  # one read from the device
 
 
 @torch.no_grad()
@@ -314,15 +343,13 @@ def make_optimizer(model, cfg, device):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def checkpoint(model, cfg, optimizer, scaler, step, best_val):
-    """Everything needed to continue exactly: adapter tensors (the base is only named), optimizer and
-    scaler state, step, RNG states, config. Plus adapter.safetensors, the file to share and sample from;
-    or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base).
-    All of it as one set (runtime.write_checkpoint): a crash leaves the old set or the new one."""
-    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+def checkpoint(model, cfg, state, step, best_val):
+    """Everything needed to continue exactly: adapter tensors (the base is only named), `state` (the
+    optimizer's and scaler's states, every process's random generators, the dtype the run computed
+    in), step, config. Plus adapter.safetensors, the file to share and sample from; or, when the whole
+    model trains, the model in the Hugging Face layout (out_dir is then a base). All of it as one set
+    (runtime.write_checkpoint): a crash leaves the old set or the new one."""
+    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg), **state}
     if cfg.init_from != "scratch":
         ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
@@ -343,38 +370,73 @@ def checkpoint(model, cfg, optimizer, scaler, step, best_val):
     runtime.write_checkpoint(cfg.out_dir, ckpt, write_files)
 
 
-def restore_state(ckpt, optimizer, scaler, out_dir):
-    """Put the optimizer, the scaler and the random generators back as the checkpoint has them.
-    -> (step, best validation loss)."""
+def random_state(device):
+    """This process's random generators: torch's CPU one, Python's, and its own GPU's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def restore_state(ckpt, optimizer, scaler, cfg, rank, device, dtype):
+    """Put the optimizer, the scaler and this process's random generators back as the checkpoint has
+    them. The optimizer's state keeps this device's own settings (fused on CUDA), not those of the
+    device it was saved on; a scaler state is loaded only into a float16 run's scaler (a run saved in
+    another precision starts one afresh, as a new float16 run does). -> (step, best validation loss)."""
+    saved = ckpt["optimizer"]
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        for theirs, ours in zip(saved["param_groups"], optimizer.param_groups):
+            theirs.update({k: ours[k] for k in ("fused", "foreach", "capturable") if k in ours})
+        optimizer.load_state_dict(saved)
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"the optimizer state in {out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
+        fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
+    was = ckpt.get("dtype", str(dtype))
+    if was != str(dtype) and rank == 0:
+        print(f"note: the run computed in {was.removeprefix('torch.')} until step {ckpt['step']} and goes on in "
+              f"{str(dtype).removeprefix('torch.')} on {device}: it continues, but not bit for bit")
     try:
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(tuple(ckpt["rng"]["python"]))
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        fail(f"the random state in {out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
+        restore_random_state(ckpt["rng"], rank, device, cfg.seed)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
+        fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
              "restore the file, or train again")
     return ckpt["step"], ckpt["best_val"]
+
+
+def restore_random_state(saved, rank, device, seed):
+    """This process's generators from `saved`, one state per process (older checkpoints: process 0's
+    alone, with every GPU's state). A process that saved none (a run resumed with more processes than
+    it had) draws from seed + rank, as a new run's would."""
+    states = saved if isinstance(saved, list) else [saved]
+    if rank >= len(states):
+        torch.manual_seed(seed + rank)
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"]))
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # the older format: the states of every GPU process 0 saw
+        index = torch.device(device).index or 0
+        cuda = cuda[index] if device.startswith("cuda") and index < len(cuda) else None
+    if cuda is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class Saver:
     """Writes the checkpoints of a run and remembers the step of the last one on disk (`saved`, None
     before the first): what a run that diverges, or is stopped, keeps."""
 
-    def __init__(self, model, cfg, optimizer, scaler, group, saved):
+    def __init__(self, model, cfg, optimizer, scaler, group, device, dtype, saved):
         self.model, self.cfg, self.optimizer, self.scaler, self.group = model, cfg, optimizer, scaler, group
-        self.saved = saved
+        self.device, self.dtype, self.saved = device, dtype, saved
 
     def save(self, step, best_val):
         try:
             finite_weights(self.model, step)  # nothing non-finite is saved; checked in every process, so that all stop together
+            rng = self.group.gather(random_state(self.device))  # every process's own generators
             if self.group.main:  # every process holds the same weights: one writes them
-                checkpoint(self.model, self.cfg, self.optimizer, self.scaler, step, best_val)
+                state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "rng": rng, "dtype": str(self.dtype)}
+                checkpoint(self.model, self.cfg, state, step, best_val)
         except NonFinite as e:
             self.diverged(str(e))
         self.saved = step
@@ -435,6 +497,15 @@ class StopSignals:
         if self.speak:
             tqdm.write(f"{self.NAMES[signum]}: stopping after this step to save a checkpoint (again to quit at once)")
 
+    def votes(self):
+        """The request as numbers that add up across processes: one count per signal."""
+        return [float(self.requested == s) for s in self.NAMES]
+
+    def agreed(self, totals):
+        """The signal to stop for, from every process's votes summed: SIGTERM over SIGINT; 0 for none."""
+        asked = [s for s, n in zip(self.NAMES, totals) if n > 0]
+        return max(asked, default=0)
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             for s in self.NAMES:
@@ -447,11 +518,14 @@ class StopSignals:
 
 
 class Log:
-    """metrics.jsonl, one JSON record a line (process 0 writes it), and the evaluation lines printed.
-    A resumed run first drops the lines after its checkpoint (runtime.trim_log)."""
+    """metrics.jsonl, one JSON record a line (process 0 writes it), the progress bar's figures and the
+    evaluation lines printed. A step's loss stays on the device until read() (every log_interval
+    steps, before an evaluation, at a stop and at the end); a resumed run first drops the lines after
+    its checkpoint (runtime.trim_log)."""
 
     def __init__(self, out_dir, main, resumed_at=None):
         self.path, self.main, self.resumed_at = os.path.join(out_dir, "metrics.jsonl"), main, resumed_at
+        self.pending, self.losses, self.since = [], [], time.time()
         if main and resumed_at is not None:
             runtime.trim_log(self.path, resumed_at)
 
@@ -466,10 +540,30 @@ class Log:
         if self.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
             tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
         self.write(record)
+        self.since = time.time()  # the evaluation's time is not the training steps'
 
-    def step(self, step, loss, lr, tokens_per_s, loss_tokens_per_s):
-        self.write({"step": step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens_per_s),
-                    "loss_tokens_per_s": round(loss_tokens_per_s)})
+    def step(self, step, loss, lr, n_tokens, n_loss_tokens):
+        self.pending.append((step, loss, lr, n_tokens, n_loss_tokens))
+
+    def unread(self):
+        """This process's loss shares of the pending steps, on the CPU: one copy from the device."""
+        return torch.stack([p[1] for p in self.pending]).double().cpu().tolist() if self.pending else []
+
+    def read(self, losses, bar):
+        """Log the pending steps with their losses (summed over the processes). The speed is the mean over
+        them: a GPU runs steps asynchronously, so only a read tells when they were done. Raises NonFinite
+        at a non-finite loss."""
+        elapsed = max(time.time() - self.since, 1e-9)
+        tokens, loss_tokens = (sum(p[i] for p in self.pending) / elapsed for i in (3, 4))
+        for (step, _, lr, _, _), loss in zip(self.pending, losses):
+            if not math.isfinite(loss):
+                raise NonFinite(f"the training loss became {loss} at step {step}")
+            self.losses.append(loss)
+            self.write({"step": step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens),
+                        "loss_tokens_per_s": round(loss_tokens)})
+        if self.pending:
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.pending[-1][2]:.2e}", tok_s=f"{tokens:,.0f}")
+        self.pending, self.since = [], time.time()
 
 
 def main(argv=None):

@@ -67,6 +67,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # evaluation and logging
     eval_interval: int = 200
+    log_interval: int = 10  # steps between reads of the loss from the device (each waits for the GPU); one metrics line per step still
     eval_iters: int = 20
     eval_prompt: str = ""  # if set, one greedy sample of `sample_tokens` tokens at every eval
     sample_tokens: int = 40
@@ -80,7 +81,7 @@ class TrainConfig:
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer works in float32: larger values overflow to inf
 
 # what init_from=resume takes from the command line; everything else comes from the checkpoint
-RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "device", "compile")
+RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "eval_iters", "device", "compile")
 
 def parse_args(argv):
     """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise UserError (data.common)."""
@@ -163,6 +164,7 @@ def check_options(cfg):
         ("grad_clip", 0 <= cfg.grad_clip <= FLOAT32_MAX, "a float32 number >= 0 (0 disables clipping)"),
         ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
         ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
+        ("log_interval", cfg.log_interval >= 1, "at least 1 (steps between reads of the loss)"),
         ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
         ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
         ("quantize", cfg.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),

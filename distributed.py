@@ -21,8 +21,11 @@ A shared tensor (ShareA's A, Tied-LoRA's A and B) is one nn.Parameter of the mod
 it once, however many layers use it. Gradient accumulation skips DDP's all-reduce on all but the last
 micro-batch (no_sync): the gradients add up locally and are reduced once per step.
 
-Dropout draws different masks when the rows are split differently, so with dropout > 0 runs with
-different N are equally good but not identical; with dropout 0 they agree to float rounding.
+Each process draws its dropout masks from its own generator (seed + rank), which every checkpoint
+saves per process and a resume restores per process: a resumed run with the same N is the
+uninterrupted one. Dropout draws different masks when the rows are split differently, so with
+dropout > 0 runs with different N are equally good but not identical; with dropout 0 they agree to
+float rounding.
 """
 import contextlib
 import os

@@ -127,8 +127,9 @@ def place(model, device, dtype):
     layer norms), they are tiny; and the embeddings (wte, wpe, and the output layer tied to wte), so
     that the residual stream, their sum plus every block's output, is added up in float32 as under
     nanoGPT's autocast (a bfloat16 residual rounds each addition to 8 bits of mantissa). Costs GPT-2
-    Medium (50,257 + 1,024) x 1,024 values x 2 bytes = 105 MB over bfloat16 embeddings. model.compute_dtype records `dtype`: the model runs
-    under autocast to it even when the caller sets none up (model.GPT.precision)."""
+    Medium (50,257 + 1,024) x 1,024 values x 2 bytes = 105 MB over bfloat16 embeddings.
+    model.compute_dtype records `dtype`: the model runs under autocast to it even when the caller sets
+    none up (model.GPT.precision)."""
     if dtype != torch.float32:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         for p in model.parameters():

@@ -262,6 +262,26 @@ def test_the_loop_reads_the_loss_once_per_log_interval(data, tmp_path, monkeypat
     assert steps == list(range(1, 11))  # still one line per step
 
 
+def test_one_reduction_between_two_steps(data, tmp_path, monkeypatch):
+    """Under torchrun every reduction is a round trip through gloo: the stop flag and the losses share
+    one per step (they were two: the losses in train_step, the stop flag in the loop)."""
+    import distributed
+    calls = []
+
+    class Counting(distributed.Single):
+        def sum(self, values):
+            calls.append("sum")
+            return list(values)
+
+        def largest(self, value):
+            calls.append("largest")
+            return value
+    monkeypatch.setattr(distributed, "setup", Counting)
+    train.train(train.parse_args(TINY + ["--adapter=lora", "--r=4", f"--data_dir={data['shakespeare']}",
+                                         f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=100"]))
+    assert len(calls) == 7 + 2  # before each of steps 1..6 and at the end; the evaluations at 0 and 6
+
+
 # ---- 9: beam search: one topk and one transfer per step, float32 scores -------------------------
 
 def test_beam_search_takes_one_topk_and_one_transfer_per_step(monkeypatch):

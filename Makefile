@@ -4,16 +4,19 @@
 # gigabytes of CUDA wheels). On a GPU machine, install the torch build for your CUDA into .venv first.
 PY := .venv/bin/python
 
-.PHONY: help demo test
+.PHONY: help demo test gpu-check
 
 help:  ## list the targets
-	@grep -E "^[a-z]+:.*## " Makefile | sed -E "s/:.*## /\t/"
+	@grep -E "^[a-z-]+:.*## " Makefile | sed -E "s/:.*## /\t/"
 
 demo: .venv/installed  ## data, a stand-in GPT-2, ShareA and LoRA on E2E, BLEU, a plot: offline, on a CPU
 	$(PY) tools/demo.py
 
 test: .venv/installed  ## the test suite (python -m pytest -q)
 	$(PY) -m pytest -q
+
+gpu-check: .venv/installed  ## on a CUDA machine: training, resume, nf4/int8, torchrun, compile, one table (~5 min)
+	$(PY) tools/gpu_check.py
 
 # the environment, made again when a requirements file changes
 .venv/installed: requirements.txt requirements-dev.txt

@@ -13,15 +13,19 @@ whatever process holds them: E2E rows have different numbers of reference tokens
 per-process means would weigh a short reference's tokens more. Each process scales its own mean by
 (its tokens / the micro-batch's tokens) * N, and DDP's average of the N gradients then is exactly the
 one-process gradient. Every process knows the micro-batch's token count, having read the whole batch:
-no communication is needed for the weights. The printed loss, the stop flag (Ctrl-C) and the
-validation loss are summed across processes in one small all-reduce each.
+no communication is needed for the weights. Between two steps one small all-reduce carries the stop
+flag (Ctrl-C) and, every log_interval steps, the losses; the validation loss takes one per evaluation,
+and every process's random state travels to process 0 at each checkpoint.
 
 A shared tensor (ShareA's A, Tied-LoRA's A and B) is one nn.Parameter of the model, so DDP all-reduces
 it once, however many layers use it. Gradient accumulation skips DDP's all-reduce on all but the last
 micro-batch (no_sync): the gradients add up locally and are reduced once per step.
 
-Dropout draws different masks when the rows are split differently, so with dropout > 0 runs with
-different N are equally good but not identical; with dropout 0 they agree to float rounding.
+Each process draws its dropout masks from its own generator (seed + rank), which every checkpoint
+saves per process and a resume restores per process: a resumed run with the same N is the
+uninterrupted one. Dropout draws different masks when the rows are split differently, so with
+dropout > 0 runs with different N are equally good but not identical; with dropout 0 they agree to
+float rounding.
 """
 import contextlib
 import os
@@ -57,8 +61,8 @@ class Single:
     def sum(self, values):
         return list(values)
 
-    def largest(self, value):
-        return value
+    def gather(self, obj):
+        return [obj]
 
     def barrier(self):
         pass
@@ -122,11 +126,11 @@ class Group(Single):
         dist.all_reduce(t)
         return t.tolist()
 
-    def largest(self, value):
-        """The largest of one integer across the processes (a stop request: the signal's number, or 0)."""
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+    def gather(self, obj):
+        """Every process's `obj` (small, picklable), in the order of the ranks, in every process."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)  # through gloo: the objects are in CPU memory
+        return out
 
     def barrier(self):
         dist.barrier()

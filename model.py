@@ -2,10 +2,16 @@
 GPT-2 in one file: the model, loading the pretrained weights (hub name, local directory or file),
 writing them back in the Hugging Face layout, and generation with a KV cache.
 
+Read in order: the configuration, attention, the MLP, the block and GPT (with generate, loading and
+saving), then generation's KV cache and sampling. After them, two memory savers a learner may skip, each
+with its measured gain: a LayerNorm that keeps its output for backward, and the chunked loss that
+never holds the whole logits tensor; last, reading checkpoint files.
+
 Module names follow the GPT-2 checkpoint (transformer.wte, wpe, h, ln_f, attn, mlp), so loading is a
 name-for-name copy plus two explicit changes: the checkpoint's Conv1D weights are stored transposed,
 and its fused attn.c_attn is split into attn.q, attn.k, attn.v (see CausalSelfAttention).
 """
+import contextlib
 import json
 import math
 import os
@@ -58,114 +64,7 @@ class GPTConfig:
         return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
 
 
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, so that generating a token costs
-    one position's work instead of re-running the whole prefix. Preallocated for max_len positions;
-    `pos` is the number of positions filled. Allocation waits for the first keys, so the cache takes
-    their dtype (float32, or bfloat16 under autocast) and device.
-
-    Prompts of different lengths in one batch: `pad` (B,) holds how many padding tokens precede each
-    row's prompt (left padding: every row's next token then goes to the same position). A row's
-    positions count from its first real token, and its real tokens never attend to its padding; a
-    padding position attends only to itself (so that it stays finite, and no one reads it)."""
-
-    def __init__(self, n_layer, max_len, pad=None):
-        self.n_layer, self.max_len, self.pos, self.pad = n_layer, max_len, 0, pad
-        self.k = self.v = None  # (n_layer, B, n_head, max_len, head_size) once allocated
-        self.spare = None  # beam search: the buffers reorder() writes into next
-        self.mask = None  # with pad: this forward pass's attention mask, (B, 1, T, pos + T)
-
-    def positions(self, T, device):
-        """The position ids of the next T tokens: (T,), or (B, T) with padding."""
-        pos = torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
-        if self.pad is None:
-            self.mask = None
-            return pos
-        keys = torch.arange(self.pos + T, device=device)
-        real = keys[None, :] >= self.pad[:, None]  # (B, keys): not padding
-        seen = keys[None, :] <= pos[:, None]  # (T, keys): causal
-        self.mask = ((real[:, None, :] & seen[None]) | (keys[None, :] == pos[:, None])[None])[:, None]  # heads
-        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
-
-    def update(self, layer, k, v):
-        """Store this forward pass's k, v (B, nh, T, hs) for `layer`; return all positions so far."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)
-            self.v = torch.empty_like(self.k)
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
-
-    def reorder(self, index):
-        """Keep the rows `index` of the batch (beam search: each surviving beam takes its parent's cache).
-        The rows are gathered into a second pair of buffers, which then swap roles: one contiguous copy
-        per layer and no new memory each step (a fresh tensor per step, as k[:, index] makes, cost 5x the
-        time: 215 ms against 41 ms per step for 120 beams of GPT-2 124M on 2 CPU cores)."""
-        rows = len(index)
-        if self.spare is None or self.spare[0].size(1) < rows:
-            self.spare = tuple(self.k.new_empty((self.n_layer, rows) + self.k.shape[2:]) for _ in range(2))
-        k, v = (buf[:, :rows] for buf in self.spare)
-        for layer in range(self.n_layer):
-            torch.index_select(self.k[layer], 0, index, out=k[layer])
-            torch.index_select(self.v[layer], 0, index, out=v[layer])
-        self.spare = (self.k._base if self.k._base is not None else self.k,
-                      self.v._base if self.v._base is not None else self.v)
-        self.k, self.v = k, v
-        if self.pad is not None:
-            self.pad = self.pad[index]
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm whose training step keeps its output for backward instead of its input.
-
-    Why: in a block, LayerNorm's output is what the adapters on q, k, v (or c_fc) keep for their own
-    gradients, while nn.LayerNorm keeps its input, the residual stream, which nothing else keeps. Saving
-    the output instead lets one tensor serve both and the input is freed: one (T, C) tensor less per
-    block, 1/11 of an adapted block's activations (gpt2-medium at 256 positions: 266 -> 243 MiB). The
-    backward recovers the normalised input from the output, x̂ = (y - bias) / weight (Apex's
-    "memory_efficient" LayerNorm). That division is only as exact as the weight is far from zero, so the
-    output is kept only where every |weight| >= 0.01 · max(1, |bias|), which bounds the error of x̂ by
-    about 1e-5 in float32, checked at every call (weights can change behind autograd's back, through
-    .data). Elsewhere it is the plain nn.LayerNorm: on a GPU (the check would make the host wait for the
-    device at every call; train.py runs bfloat16 autocast there anyway), under autocast or other dtypes,
-    and under torch.compile, whose partitioner decides for itself what backward keeps or recomputes."""
-
-    def forward(self, x):
-        if (torch.is_grad_enabled() and x.device.type == "cpu" and self.weight is not None
-                and x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and self._invertible()):
-            return OutputSavingLayerNorm.apply(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return super().forward(x)
-
-    def _invertible(self):
-        w, b = self.weight.detach(), self.bias
-        bound = 0.01 * (b.detach().abs().clamp(min=1) if b is not None else 1)
-        return bool((w.abs() >= bound).all())
-
-
-class OutputSavingLayerNorm(torch.autograd.Function):
-    """y = LayerNorm(x), saving y and 1/std for backward (see LayerNorm)."""
-
-    @staticmethod
-    def forward(ctx, x, shape, weight, bias, eps):
-        y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.save_for_backward(y, rstd, weight, bias)
-        ctx.shape = shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        y, rstd, weight, bias = ctx.saved_tensors
-        xhat = (y - bias).div_(weight) if bias is not None else y / weight
-        # aten's fused backward, given x̂ itself as the input (mean 0, 1/std 1), returns
-        # weight·dy - mean(weight·dy) - x̂·mean(weight·dy·x̂); times 1/std that is the gradient for x
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, xhat, ctx.shape, torch.zeros_like(rstd),
-                                                               torch.ones_like(rstd), weight, bias, mask)
-        return (dx.mul_(rstd) if dx is not None else None), None, dw, db, None
-
+# ---- the model: attention, MLP, block, GPT -------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
 
@@ -232,63 +131,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits h @ W.T, made and consumed a chunk of rows at a time.
-
-    Why: for a 4 x 256 batch the logits are 1024 x 50,257 floats = 206 MB, and autograd would keep them
-    and then make their gradient, as large again: the two biggest tensors of an adapter's training step.
-    The gradient of the loss with respect to the logits has a closed form, softmax - target
-    distribution, so the forward pass turns each chunk of logits into its loss and straight into the
-    gradients for h (and W, when it trains), then frees the chunk. Backward only scales what it stored.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, label_smoothing, chunk_rows):
-        # h (N, C): the hidden states whose target counts; weight (V, C); targets (N,)
-        N, V = h.size(0), weight.size(0)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for s in range(0, N, chunk_rows):
-            hc, t = h[s:s + chunk_rows], targets[s:s + chunk_rows]
-            logits = (hc @ weight.t()).float()  # (n, V), float32 for a stable softmax
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            mean_logit = logits.mean(dim=-1) if label_smoothing > 0 else None
-            # one pass of exp over the chunk, in place: e = exp(logits - max), lse = max + log(sum e),
-            # and e / sum e is the softmax the gradient needs (logsumexp + softmax would do it twice)
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()
-            total = e.sum(dim=-1)
-            lse = top.squeeze(1) + total.log()
-            nll = lse - target_logit
-            if label_smoothing > 0:  # same definition as F.cross_entropy(label_smoothing=...)
-                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
-            loss += nll.sum()
-            if need_h or need_w:
-                g = e.mul_((1 / (total * N))[:, None])  # softmax / N: the gradient of the mean loss...
-                g[torch.arange(len(t), device=g.device), t] -= (1 - label_smoothing) / N  # ...minus the target
-                if label_smoothing > 0:
-                    g -= label_smoothing / (V * N)
-                if need_h:
-                    grad_h[s:s + chunk_rows] = g.to(weight.dtype) @ weight
-                if need_w:
-                    grad_w += (g.to(hc.dtype).t() @ hc).float()
-            # drop this chunk before the next one is made: the names would otherwise keep it alive
-            # while `hc @ weight.t()` allocates the next, two chunks at the peak instead of one
-            logits = e = g = None
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss / N
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -332,30 +174,41 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True, rows=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss).
 
         With `targets` (B, T), the loss is the mean cross-entropy over the positions whose target is
-        not -100 (so a prompt can be left out of the loss). return_logits=False is the training path:
-        the vocabulary projection is computed only where the loss counts, in chunks, and logits is None.
-        With a `cache` (KVCache), idx holds only the new positions."""
-        x = self.hidden(idx, cache)
-        if targets is None:
-            return self.lm_head(x), None
-        if return_logits:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, label_smoothing=label_smoothing)
-            return logits, loss
-        keep = targets != -100
-        weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
-        h = x[keep]
-        # at most 32 MB of float32 logits at a time (166 rows of GPT-2's vocabulary), in chunks of equal
-        # size: 255 rows go as 128 + 127 (26 MB at the peak), not 166 + 89, for the same two weight passes
-        chunks = max(1, math.ceil(h.size(0) / max(1, 2**23 // self.config.vocab_size)))
-        chunk_rows = max(1, math.ceil(h.size(0) / chunks))
-        loss = LinearCrossEntropy.apply(h, weight, targets[keep], label_smoothing, chunk_rows)
-        return None, loss
+        not -100 (so a prompt can be left out of the loss; no such position: loss 0). return_logits=False
+        is the training path: the vocabulary projection is computed only where the loss counts, in
+        chunks, and logits is None. `rows`, the flat indices of those positions ((n,) long, on idx's
+        device, e.g. computed on the CPU beside the batch), spares the GPU a synchronisation: finding
+        them here from a boolean mask makes the host wait for the device, which alone knows how many
+        there are. With a `cache` (KVCache), idx holds only the new positions."""
+        with self.precision(idx.device.type):
+            x = self.hidden(idx, cache)
+            if targets is None:
+                return self.lm_head(x), None
+            if return_logits:
+                logits = self.lm_head(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100, label_smoothing=label_smoothing)
+                return logits, loss
+            if rows is None:
+                rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+            weight = self.lm_head.weight if torch.is_grad_enabled() else self.lm_head.weight.detach()
+            h = x.reshape(-1, x.size(-1)).index_select(0, rows)
+            loss = LinearCrossEntropy.apply(h, weight, targets.reshape(-1).index_select(0, rows), label_smoothing,
+                                            loss_chunk_rows(h.size(0), self.config.vocab_size, h.device))
+            return None, loss
+
+    def precision(self, device_type):
+        """Autocast to model.compute_dtype, the dtype runtime.place stored the frozen matrices in, when
+        the caller has not set autocast up itself: such a model (bfloat16 matrices, float32 vectors and
+        embeddings) then runs as it is, e.g. straight from runtime.load_model."""
+        dtype = getattr(self, "compute_dtype", None)
+        if dtype is None or torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
@@ -374,18 +227,19 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, total) if use_cache else None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         step_input = idx
-        for _ in range(max_new_tokens):
-            if cache is None:
-                step_input = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden(step_input, cache)[:, -1, :])  # only the last position's
-            next_token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
-            if eos_token is not None:
-                next_token = next_token.masked_fill(done[:, None], eos_token)
-                done |= next_token[:, 0] == eos_token
-            idx = torch.cat((idx, next_token), dim=1)
-            step_input = next_token
-            if eos_token is not None and done.all():
-                break
+        with self.precision(idx.device.type):
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    step_input = idx[:, -self.config.block_size:]
+                logits = self.lm_head(self.hidden(step_input, cache)[:, -1, :])  # only the last position's
+                next_token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
+                if eos_token is not None:
+                    next_token = next_token.masked_fill(done[:, None], eos_token)
+                    done |= next_token[:, 0] == eos_token
+                idx = torch.cat((idx, next_token), dim=1)
+                step_input = next_token
+                if eos_token is not None and done.all():
+                    break
         return idx
 
     # ---- loading and saving the Hugging Face GPT-2 layout ----------------------------------------
@@ -465,11 +319,65 @@ class GPT(nn.Module):
             json.dump(config, f, indent=2)
 
 
-# the checkpoint's Conv1D modules, stored (in, out): these weights are transposed on the way in and out
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# the checkpoint's fused module and the maps we keep apart, in the order of its output rows; also what
-# sharelora.export_peft(..., fused=HF_FUSED) needs to write an adapter on q, k or v for transformers' GPT-2
-HF_FUSED = {"attn.c_attn": ("attn.q", "attn.k", "attn.v")}
+# ---- generation: the KV cache and choosing the next token ----------------------------------------
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so that generating a token costs
+    one position's work instead of re-running the whole prefix. Preallocated for max_len positions;
+    `pos` is the number of positions filled. Allocation waits for the first keys, so the cache takes
+    their dtype (float32, or bfloat16 under autocast) and device.
+
+    Prompts of different lengths in one batch: `pad` (B,) holds how many padding tokens precede each
+    row's prompt (left padding: every row's next token then goes to the same position). A row's
+    positions count from its first real token, and its real tokens never attend to its padding; a
+    padding position attends only to itself (so that it stays finite, and no one reads it)."""
+
+    def __init__(self, n_layer, max_len, pad=None):
+        self.n_layer, self.max_len, self.pos, self.pad = n_layer, max_len, 0, pad
+        self.k = self.v = None  # (n_layer, B, n_head, max_len, head_size) once allocated
+        self.spare = None  # beam search: the buffers reorder() writes into next
+        self.mask = None  # with pad: this forward pass's attention mask, (B, 1, T, pos + T)
+
+    def positions(self, T, device):
+        """The position ids of the next T tokens: (T,), or (B, T) with padding."""
+        pos = torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
+        if self.pad is None:
+            self.mask = None
+            return pos
+        keys = torch.arange(self.pos + T, device=device)
+        real = keys[None, :] >= self.pad[:, None]  # (B, keys): not padding
+        seen = keys[None, :] <= pos[:, None]  # (T, keys): causal
+        self.mask = ((real[:, None, :] & seen[None]) | (keys[None, :] == pos[:, None])[None])[:, None]  # heads
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def update(self, layer, k, v):
+        """Store this forward pass's k, v (B, nh, T, hs) for `layer`; return all positions so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)
+            self.v = torch.empty_like(self.k)
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reorder(self, index):
+        """Keep the rows `index` of the batch (beam search: each surviving beam takes its parent's cache).
+        The rows are gathered into a second pair of buffers, which then swap roles: one contiguous copy
+        per layer and no new memory each step (a fresh tensor per step, as k[:, index] makes, cost 5x the
+        time: 215 ms against 41 ms per step for 120 beams of GPT-2 124M on 2 CPU cores)."""
+        rows = len(index)
+        if self.spare is None or self.spare[0].size(1) < rows:
+            self.spare = tuple(self.k.new_empty((self.n_layer, rows) + self.k.shape[2:]) for _ in range(2))
+        k, v = (buf[:, :rows] for buf in self.spare)
+        for layer in range(self.n_layer):
+            torch.index_select(self.k[layer], 0, index, out=k[layer])
+            torch.index_select(self.v[layer], 0, index, out=v[layer])
+        self.spare = (self.k._base if self.k._base is not None else self.k,
+                      self.v._base if self.v._base is not None else self.v)
+        self.k, self.v = k, v
+        if self.pad is not None:
+            self.pad = self.pad[index]
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
@@ -486,6 +394,144 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the set has reached top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ---- memory savers: a LayerNorm that keeps its output, the chunked loss --------------------------
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose training step keeps its output for backward instead of its input.
+
+    Why: in a block, LayerNorm's output is what the adapters on q, k, v (or c_fc) keep for their own
+    gradients, while nn.LayerNorm keeps its input, the residual stream, which nothing else keeps. Saving
+    the output instead lets one tensor serve both and the input is freed: one (T, C) tensor less per
+    block, 1/11 of an adapted block's activations (gpt2-medium at 256 positions: 266 -> 243 MiB). The
+    backward recovers the normalised input from the output, x̂ = (y - bias) / weight (Apex's
+    "memory_efficient" LayerNorm). That division is only as exact as the weight is far from zero, so the
+    output is kept only where every |weight| >= 0.01 · max(1, |bias|), which bounds the error of x̂ by
+    about 1e-5 in float32, checked at every call (weights can change behind autograd's back, through
+    .data). Elsewhere it is the plain nn.LayerNorm: on a GPU (the check would make the host wait for the
+    device at every call; train.py runs bfloat16 autocast there anyway), under autocast or other dtypes,
+    and under torch.compile, whose partitioner decides for itself what backward keeps or recomputes."""
+
+    def forward(self, x):
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and self.weight is not None
+                and x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and self._invertible()):
+            return OutputSavingLayerNorm.apply(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+    def _invertible(self):
+        w, b = self.weight.detach(), self.bias
+        bound = 0.01 * (b.detach().abs().clamp(min=1) if b is not None else 1)
+        return bool((w.abs() >= bound).all())
+
+
+class OutputSavingLayerNorm(torch.autograd.Function):
+    """y = LayerNorm(x), saving y and 1/std for backward (see LayerNorm)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps):
+        y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(y, rstd, weight, bias)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, rstd, weight, bias = ctx.saved_tensors
+        xhat = (y - bias).div_(weight) if bias is not None else y / weight
+        # aten's fused backward, given x̂ itself as the input (mean 0, 1/std 1), returns
+        # weight·dy - mean(weight·dy) - x̂·mean(weight·dy·x̂); times 1/std that is the gradient for x
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, xhat, ctx.shape, torch.zeros_like(rstd),
+                                                               torch.ones_like(rstd), weight, bias, mask)
+        return (dx.mul_(rstd) if dx is not None else None), None, dw, db, None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ W.T, made and consumed a chunk of rows at a time.
+
+    Why: for a 4 x 256 batch the logits are 1024 x 50,257 floats = 206 MB, and autograd would keep them
+    and then make their gradient, as large again: the two biggest tensors of an adapter's training step.
+    The gradient of the loss with respect to the logits has a closed form, softmax - target
+    distribution, so the forward pass turns each chunk of logits into its loss and straight into the
+    gradients for h (and W, when it trains), then frees the chunk. Backward only scales what it stored.
+
+    Measured (README, "Against transformers + PEFT", `python bench.py`, 2-core CPU): a training step in
+    about a third of PEFT's training memory, which holds the 4 x 256 x 50,257 logits (196 MiB) and their
+    gradient; freeing each chunk before making the next took the step from 150 / 316 / 548 / 878 MiB to
+    126 / 292 / 523 / 856 MiB for gpt2 ... gpt2-xl.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, label_smoothing, chunk_rows):
+        # h (N, C): the hidden states whose target counts; weight (V, C); targets (N,)
+        N, V = h.size(0), weight.size(0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, N, chunk_rows):
+            hc, t = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = (hc @ weight.t()).float()  # (n, V), float32 for a stable softmax
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            mean_logit = logits.mean(dim=-1) if label_smoothing > 0 else None
+            # one pass of exp over the chunk, in place: e = exp(logits - max), lse = max + log(sum e),
+            # and e / sum e is the softmax the gradient needs (logsumexp + softmax would do it twice)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            total = e.sum(dim=-1)
+            lse = top.squeeze(1) + total.log()
+            nll = lse - target_logit
+            if label_smoothing > 0:  # same definition as F.cross_entropy(label_smoothing=...)
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
+            loss += nll.sum()
+            if need_h or need_w:
+                # the gradient of the summed loss: softmax minus the target distribution, |g| <= 1, which
+                # float16 holds; the mean's 1/N comes after the products, in float32. (Scaled by 1/N
+                # first, GPT-2's softmax entries, ~1/50,257, fall below float16's smallest numbers: in a
+                # CPU emulation most became 0 and the gradient was 1.2% off at 8,192 tokens.)
+                g = e.mul_((1 / total)[:, None])
+                g[torch.arange(len(t), device=g.device), t] -= 1 - label_smoothing
+                if label_smoothing > 0:
+                    g -= label_smoothing / V
+                if need_h:
+                    grad_h[s:s + chunk_rows] = g.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w += (g.to(hc.dtype).t() @ hc).float()
+            # drop this chunk before the next one is made: the names would otherwise keep it alive
+            # while `hc @ weight.t()` allocates the next, two chunks at the peak instead of one
+            logits = e = g = None
+        n = max(N, 1)  # no position counts: loss 0, gradients 0
+        ctx.save_for_backward(grad_h.div_(n) if need_h else None, grad_w.div_(n) if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+def loss_chunk_rows(n_rows, vocab_size, device):
+    """Rows per chunk of the chunked loss: at most 32 MB of float32 logits on a CPU (166 rows of GPT-2's
+    vocabulary), 256 MB on a GPU, where larger products keep it busy (a choice, not measured here: no
+    GPU was available), in chunks of equal size: 255 rows go as 128 + 127 (26 MB at the peak), not
+    166 + 89, for the same two weight passes."""
+    budget = 2**23 if device.type == "cpu" else 2**26  # float32 values
+    chunks = max(1, math.ceil(n_rows / max(1, budget // vocab_size)))
+    return max(1, math.ceil(n_rows / chunks))
+
+
+# ---- reading checkpoint files --------------------------------------------------------------------
+
+# the checkpoint's Conv1D modules, stored (in, out): these weights are transposed on the way in and out
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the checkpoint's fused module and the maps we keep apart, in the order of its output rows; also what
+# sharelora.export_peft(..., fused=HF_FUSED) needs to write an adapter on q, k or v for transformers' GPT-2
+HF_FUSED = {"attn.c_attn": ("attn.q", "attn.k", "attn.v")}
 
 
 def _read_checkpoint(name_or_path):

@@ -83,16 +83,23 @@ def pick_device(device="auto"):
 
 
 def pick_dtype(dtype, device):
-    """auto: bfloat16 on a GPU that has it (Ampere and newer: same range as float32, no loss scaling),
-    float16 on older GPUs (with a GradScaler, see grad_scaler), float32 on CPU and MPS, where low
-    precision is slower or less supported (bfloat16 on CPU runs when asked for: it halves memory)."""
+    """auto: bfloat16 on a GPU that computes it natively (compute capability 8.0 and newer: Ampere,
+    Hopper...; same range as float32, no loss scaling), float16 on older GPUs (V100, T4: with a
+    GradScaler, see grad_scaler), float32 on CPU and MPS, where low precision is slower or less
+    supported (bfloat16 on CPU runs when asked for: it halves memory). The check reads the chosen GPU
+    (cuda:1 is not cuda:0) and its compute capability: torch.cuda.is_bf16_supported() also says yes
+    for emulated bfloat16, which runs without bf16 tensor cores. float32 on a GPU lets matrix products
+    use TF32 (10-bit mantissa inputs, float32 sums), as autocast's bfloat16 already trades precision."""
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in names:
+    if dtype != "auto" and dtype not in names:
         fail(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    if not device.startswith("cuda"):
+        return names.get(dtype, torch.float32)
+    if dtype == "auto":
+        native_bf16 = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if names[dtype] == torch.float32:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # (cuDNN's convolutions, unused here, default to it)
     return names[dtype]
 
 
@@ -112,17 +119,57 @@ def grad_scaler(device, dtype):
 
 
 def place(model, device, dtype):
-    """Move the model to `device`; in low precision, store the frozen matrices in `dtype`.
-    Frozen weights are never updated, so they need no float32 master copy: this is where an adapter
-    saves most memory (GPT-2 Medium: 1.4 GB of float32 weights -> 0.7 GB). Trainable tensors (the
-    adapter, or everything when training the whole model) stay float32 for the optimizer; vectors
-    (biases, layer norms) stay float32 too, they are tiny."""
-    model.to(device)
+    """Store the frozen matrices in `dtype` (in low precision), then move the model to `device`: cast
+    first, so that the GPU never holds the float32 copy (GPT-2 Medium: 0.7 GB of bfloat16 block
+    weights, not a 1.4 GB load spike). Frozen weights are never updated, so they need no float32
+    master copy: this is where an adapter saves most memory. What stays float32: the trainable tensors
+    (the adapter, or everything when training the whole model), for the optimizer; vectors (biases,
+    layer norms), they are tiny; and the embeddings (wte, wpe, and the output layer tied to wte), so
+    that the residual stream, their sum plus every block's output, is added up in float32 as under
+    nanoGPT's autocast (a bfloat16 residual rounds each addition to 8 bits of mantissa). Costs GPT-2
+    Medium (50,257 + 1,024) x 1,024 values x 2 bytes = 105 MB over bfloat16 embeddings.
+    model.compute_dtype records `dtype`: the model runs under autocast to it even when the caller sets
+    none up (model.GPT.precision)."""
     if dtype != torch.float32:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         for p in model.parameters():
-            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point() and id(p) not in embeddings:
                 p.data = p.data.to(dtype)
+    model.to(device)
+    follow_move(model)
+    model.compute_dtype = dtype if dtype != torch.float32 else None
     return model
+
+
+def follow_move(model):
+    """bitsandbytes' int8 weights keep their int8 matrix (CB) and row scales (SCB) in attributes of the
+    parameter object, which Module.to keeps while replacing its data: after a move to the GPU they
+    would still point at the CPU copies and the first forward fails. Point them at the moved data.
+    (NF4 keeps its scales in a quant_state that Params4bit.to moves itself.)"""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is None or not hasattr(w, "SCB"):
+            continue
+        if w.CB is not None:
+            w.CB = w.data
+        if w.SCB is not None:
+            w.SCB = w.SCB.to(w.device)
+        state = getattr(m, "state", None)
+        if state is not None and getattr(state, "CB", None) is not None:
+            state.CB, state.SCB = w.data, state.SCB.to(w.device)
+
+
+def reset_peak_memory(device):
+    """Start the peak-memory count (peak_memory_mb) afresh: called once the model is placed, so that the
+    peak is training's, not the load's. On CPU it resets VmHWM where Linux allows it."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 # ---- files: a checkpoint is a set of files that change together --------------------------------
@@ -320,10 +367,11 @@ def base_note(info):
 
 
 def peak_memory_mb(device):
-    """Peak memory of this process so far: allocated tensors on CUDA; on CPU the peak resident set
-    (VmHWM: tensors plus the Python process itself, ~300 MB of it torch's own code and data)."""
+    """Peak memory of this process since reset_peak_memory (or its start): allocated tensors on the
+    CUDA device; on CPU the peak resident set (VmHWM: tensors plus the Python process itself, ~300 MB
+    of it torch's own code and data)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))

@@ -5,189 +5,24 @@ Train a shared low-rank adapter on GPT-2 (or the whole model) on one GPU or a CP
     python train.py config/cpu_demo_e2e.py --max_iters=100     # a recipe plus overrides
     python train.py --help                                     # every option and its default
 
-Options come from three places, later ones winning: the defaults in TrainConfig below, a Python file
-of `name = value` lines, and `--name=value` arguments. Every value is checked against the type of its
-default; an unknown name is an error that suggests the closest ones.
+Read train() first: it sets the run up, then loops (evaluate and save, stop if asked, one optimizer
+step, log). The options and their checks are in train_options.py; below train() come its parts: one
+training step, the model and its optimizer, checkpoints (what they hold; runtime.py writes the files),
+stopping on a signal, and the log.
 """
-import dataclasses
-import difflib
 import math
 import os
 import random
-import runpy
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 from data.common import check, fail, quiet_ctrl_c
 from data.common import run as run_early
-
-
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    init_from: str = "gpt2"  # gpt2 ... gpt2-xl, a local checkpoint path, 'scratch' or 'resume' (from out_dir)
-    # a model from scratch (init_from=scratch): its size; block_size is also the longest training sequence
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    dropout: float = 0.0  # the base model's dropout (GPT-2 was pretrained with 0.1)
-    # data: data_dir defaults to data/<dataset>, written by data/<dataset>/prepare.py
-    dataset: str = "shakespeare"
-    data_dir: str = ""
-    # the adapter (see sharelora.py and METHOD.md); adapter=none trains the whole model
-    adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | none
-    spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
-    r: int = 8
-    alpha: float = 16.0
-    adapter_dropout: float = 0.0
-    targets: str = "q,v"
-    adapter_seed: int = 0
-    init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
-    quantize: str = "none"  # none | nf4 | int8: the frozen base in 4 or 8 bits (QLoRA, QShareA; quantize.py)
-    # optimisation: AdamW over the trainable tensors; weight decay on matrices only
-    batch_size: int = 8
-    group_by_length: bool = True  # example sets: batches of similar lengths, <1% padding on E2E (data/loader.py)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 1000
-    learning_rate: float = 2e-4
-    min_lr: float = 0.0
-    warmup_iters: int = 100
-    decay: str = "linear"  # linear | cosine | constant, from learning_rate after warm-up to min_lr
-    lr_decay_iters: int = 0  # where the decay ends; 0 means max_iters
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0  # 0 disables
-    label_smoothing: float = 0.0
-    # evaluation and logging
-    eval_interval: int = 200
-    eval_iters: int = 20
-    eval_prompt: str = ""  # if set, one greedy sample of `sample_tokens` tokens at every eval
-    sample_tokens: int = 40
-    # system
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    seed: int = 1337
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # the optimizer works in float32: larger values overflow to inf
-
-# what init_from=resume takes from the command line; everything else comes from the checkpoint
-RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "device", "compile")
-
-# ---- configuration ----------------------------------------------------------------------------
-
-def parse_args(argv):
-    """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise UserError (data.common)."""
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
-    values = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions (default):\n" + "\n".join(
-                f"  --{f.name}={f.default!r}" for f in fields(TrainConfig)))
-            sys.exit(0)
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                fail(f"write options as --{key}=value")
-            key = _known(key, types)
-            values[key] = _convert(key, value, types[key])
-        else:
-            if not os.path.isfile(arg):
-                fail(f"config file {arg} does not exist")
-            try:
-                settings = runpy.run_path(arg)
-            except (Exception, SystemExit) as e:  # a syntax error, code in it that raises or calls exit()
-                where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
-                fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
-                     "write it as `name = value` lines")
-            for key, value in settings.items():
-                if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
-                    key = _known(key, types, where=arg)
-                    values[key] = _check(key, value, types[key], arg)
-    cfg = TrainConfig(**values)
-    cfg.given = frozenset(values)  # what the user set, even to its default: resume refuses changing it
-    return cfg
-
-
-def _known(key, types, where="the command line"):
-    if key not in types:
-        close = difflib.get_close_matches(key, types, n=3)
-        fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                      "; see python train.py --help"))
-    return key
-
-
-def _convert(key, text, kind):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            fail(f"--{key} takes True or False, not {text!r}")
-        return text.lower() in ("true", "1")
-    try:
-        return kind(text)
-    except ValueError:
-        fail(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {text!r}")
-
-
-def _check(key, value, kind, where):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)  # 3 where 3.0 is expected is fine
-    if type(value) is not kind:
-        fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
-    return value
-
-
-def check_options(cfg):
-    """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
-    unit = lambda x: 0 <= x < 1
-    rules = [
-        ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
-        ("n_embd", cfg.n_embd >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0,
-         f"a positive multiple of n_head ({cfg.n_head}): each head gets n_embd / n_head channels"),
-        ("block_size", cfg.block_size >= 1, "at least 1 (tokens per training sequence)"),
-        ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
-        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", abs(cfg.alpha) <= FLOAT32_MAX, "a float32 number (e.g. 16)"),
-        ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
-        ("max_iters", cfg.max_iters >= 0, "at least 0"),
-        ("learning_rate", 0 <= cfg.learning_rate <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 2e-4)"),
-        ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
-        ("warmup_iters", cfg.warmup_iters >= 0, "at least 0"), ("lr_decay_iters", cfg.lr_decay_iters >= 0, "at least 0"),
-        ("decay", cfg.decay in ("linear", "cosine", "constant"), "linear, cosine or constant"),
-        ("weight_decay", 0 <= cfg.weight_decay <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 0.01)"),
-        ("beta1", unit(cfg.beta1), "in [0, 1) (e.g. 0.9)"), ("beta2", unit(cfg.beta2), "in [0, 1) (e.g. 0.999)"),
-        ("grad_clip", 0 <= cfg.grad_clip <= FLOAT32_MAX, "a float32 number >= 0 (0 disables clipping)"),
-        ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
-        ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
-        ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
-        ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
-        ("quantize", cfg.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
-        ("quantize", cfg.quantize == "none" or cfg.adapter != "none",
-         "none when adapter=none: a quantized base is frozen, so only an adapter can train on it"),
-        # a base from scratch is saved as dequant(W) beside its adapter, and NF4 with double quantization
-        # does not give the same 4-bit weights twice (5e-6 apart): resume would not be exact
-        ("quantize", cfg.quantize == "none" or cfg.init_from != "scratch",
-         "none with init_from=scratch: quantize a base that was loaded (a hub name or a path)"),
-        ("out_dir", cfg.out_dir.strip() != "", "a folder name"), ("init_from", cfg.init_from.strip() != "",
-                                                                  "gpt2 ... gpt2-xl, a path, scratch or resume"),
-    ]
-    for name, ok, what in rules:
-        check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
-
-
-def early_options(argv):
-    """The options, checked as far as the standard library can: a typo or a bad value is reported at
-    once, not after the seconds that importing torch takes. (A resumed run's options come later, from
-    its checkpoint.)"""
-    cfg = parse_args(argv)
-    if cfg.init_from != "resume":
-        check_options(cfg)
-
+from train_options import (RESUME_OPTIONS, TrainConfig, check_options, early_options,  # noqa: F401
+                           parse_args, resumed_config)
 
 if __name__ == "__main__":
     quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
@@ -204,6 +39,111 @@ from model import GPT, GPTConfig  # noqa: E402
 from quantize import quantize, stored_bytes  # noqa: E402
 from tokenizer import decode, encode  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def train(cfg):
+    """Run training as configured; returns the list of training losses (one per optimizer step). A start
+    that fails before anything is written leaves no empty out_dir behind."""
+    with runtime.no_empty_folder_left(cfg.out_dir):
+        group = distributed.setup()  # one process, or one of torchrun's
+        group.start()
+        cfg, ckpt = start_or_resume(cfg, group)
+        validate(cfg)
+        group.check_batch(cfg.batch_size)
+        if group.main:
+            runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
+        group.barrier()  # process 0 has made out_dir: the others may not find a training run there as it starts
+        device = group.device(runtime.pick_device(cfg.device))
+        dtype = runtime.pick_dtype(cfg.dtype, device)
+        torch.manual_seed(cfg.seed)  # the same in every process: a model from scratch is built alike everywhere
+        random.seed(cfg.seed)
+
+        batches = Batches(cfg.data_dir or os.path.join(HERE, "data", cfg.dataset), cfg.batch_size, cfg.block_size,
+                          seed=cfg.seed, group_by_length=cfg.group_by_length)
+        model = build_model(cfg, ckpt, dtype)
+        fit_data_to_model(cfg, batches, model)
+        runtime.place(model, device, dtype).train()
+        optimizer = make_optimizer(model, cfg, device)
+        scaler = runtime.grad_scaler(device, dtype)
+        ctx = runtime.autocast(device, dtype)
+        step, best_val = 0, float("inf")
+        torch.manual_seed(cfg.seed + group.rank)  # dropout: each process draws its own masks
+        if ckpt:
+            step, best_val = restore_state(ckpt, optimizer, scaler, cfg, group.rank, device, dtype)
+        forward = group.wrap(model)  # DistributedDataParallel under torchrun
+        forward = torch.compile(forward) if cfg.compile else forward
+        say = print if group.main else lambda *a, **k: None  # process 0 speaks for all
+        say(describe(model, cfg, device, dtype, batches, group))
+        log = Log(cfg.out_dir, group.main, resumed_at=step if ckpt else None)
+        saver = Saver(model, cfg, optimizer, scaler, group, device, dtype, saved=step if ckpt else None)
+
+        stop = StopSignals(speak=group.main, torchrun=group.world > 1)
+        bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
+        runtime.reset_peak_memory(device)  # the peak logged at the end is training's, not loading's
+        with stop, bar:  # the bar ends its line whatever happens, so that an error message starts its own
+            while True:
+                due = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != log.resumed_at
+                # stop if asked, and read the last steps' losses from the device (one all-reduce for both)
+                signal_number = between_steps(group, stop, log, bar, saver,
+                                              read=due or step % cfg.log_interval == 0 or step >= cfg.max_iters)
+                # evaluate and save (a resumed run did both at the step it resumes from)
+                if due:
+                    val = evaluate(model, batches, cfg, device, ctx, group)
+                    if not math.isfinite(val):
+                        saver.diverged(f"the validation loss became {val} at step {step}")
+                    best_val = min(best_val, val)
+                    log.evaluation(step, val, sample_text(model, cfg, device, ctx) if cfg.eval_prompt and group.main
+                                   else None)
+                    saver.save(step, best_val)
+                if step >= cfg.max_iters:
+                    break
+                if signal_number:  # between two steps: the checkpoint is exactly an uninterrupted run's state
+                    bar.close()
+                    saver.stop(step, best_val, signal_number)
+                # one optimizer step; its loss stays on the device until the next read
+                loss, lr, n_tokens, n_loss_tokens = train_step(forward, optimizer, scaler, batches, step, cfg,
+                                                               device, ctx, group)
+                step += 1
+                bar.update()
+                log.step(step, loss, lr, n_tokens, n_loss_tokens)
+        peak = runtime.peak_memory_mb(device)
+        log.write({"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
+        say(f"done: {step} steps, best val loss {best_val:.4f}, peak memory in training {peak:,.0f} MB"
+            + (" (process 0)" if group.world > 1 else "") + f"; saved to {cfg.out_dir}")
+        group.finish()
+        return log.losses
+
+
+# ---- setting a run up ----------------------------------------------------------------------------
+
+def start_or_resume(cfg, group):
+    """-> (the run's options, its checkpoint or None). A new run must find no run in out_dir (nothing is
+    ever overwritten unasked); a resumed one continues the run stored there, as it was configured."""
+    if cfg.init_from != "resume":
+        if os.path.exists(os.path.join(cfg.out_dir, runtime.CKPT_FILE)):
+            fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
+                 "or choose another out_dir (delete that one to start over)")
+        return cfg, None
+    if group.main:  # process 0 first: it completes a checkpoint a crash left unfinished
+        ckpt = runtime.read_checkpoint(cfg.out_dir)
+    group.barrier()
+    if not group.main:
+        ckpt = runtime.read_checkpoint(cfg.out_dir)
+    cfg = resumed_config(cfg, ckpt["config"], cfg.out_dir)
+    if cfg.max_iters <= ckpt["step"]:
+        fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
+             "to train on")
+    need = "adapter" if cfg.adapter != "none" else "model"
+    if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
+        fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
+    if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
+        cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
+                                             fix="put the base back there, or move the run folder back beside it")
+    return cfg, ckpt
+
 
 def validate(cfg):
     """check_options, plus what needs sharelora: the preset, the spec and the targets."""
@@ -213,6 +153,33 @@ def validate(cfg):
     if cfg.adapter != "none":  # the spec and targets, by the same rules add_adapters applies
         adapter_config(cfg)
 
+
+def fit_data_to_model(cfg, batches, model):
+    """Refuse data the model cannot read; train on sequences no longer than its context."""
+    if batches.max_token() >= model.config.vocab_size:
+        fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
+             f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
+    cfg.block_size = min(cfg.block_size, model.config.block_size)
+    batches.set_block_size(cfg.block_size)
+
+
+def describe(model, cfg, device, dtype, batches, group):
+    """The lines printed before training: what trains, on what, in which precision."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = (f", block weights in {cfg.quantize} ({stored_bytes(model) / 2**20:,.0f} MiB of weights in all)"
+            if cfg.quantize != "none" else "")
+    lines = [f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}{base}; "
+             f"{n_trainable:,} trainable parameters" + (f"; {group.world} processes, each {cfg.batch_size // group.world} "
+                                                        f"rows of every batch of {cfg.batch_size}" if group.world > 1 else "")]
+    if cfg.adapter != "none":
+        lines.append(sharelora.parameter_table(model))
+    if batches.kind == "examples":  # what a padded batch wastes: every padded position is a full forward and backward
+        lines.append(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
+                     f"({'length-grouped' if cfg.group_by_length else 'random'} batches of {cfg.batch_size})")
+    return "\n".join(lines)
+
+
+# ---- one step ------------------------------------------------------------------------------------
 
 def get_lr(step, cfg):
     """Linear warm-up, then linear or cosine decay to min_lr at lr_decay_iters, flat after it."""
@@ -226,7 +193,101 @@ def get_lr(step, cfg):
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-# ---- model ---------------------------------------------------------------------------------------
+def train_step(forward, optimizer, scaler, batches, step, cfg, device, ctx, group=distributed.Single()):
+    """Optimizer step `step`: its grad_accum micro-batches (read here: data loading is part of a step),
+    forward, backward, clipping, the update. -> (this process's share of the mean loss, a tensor left
+    on the device: reading it would make the host wait for the GPU; learning rate; positions; reference
+    tokens: the positions the loss counts, i.e. without padding and MRs; all processes together).
+    Under torchrun each process takes its rows of every micro-batch (see distributed.py). bench.py
+    times this very function against a transformers + PEFT loop."""
+    lr = get_lr(step, cfg)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    share, n_tokens, n_loss_tokens = 0.0, 0, 0
+    for micro in range(cfg.grad_accum):
+        x, y = batches.get("train", step * cfg.grad_accum + micro)
+        counted = int((y != -100).sum())  # the micro-batch's supervised tokens, every process's rows
+        n_loss_tokens, n_tokens = n_loss_tokens + counted, n_tokens + x.numel()
+        x, y = group.shard(x, y)
+        rows = loss_rows(y)
+        # this process's share of the micro-batch's mean over its tokens (0 when none counts); DDP
+        # averages the world's shares
+        fraction = rows.numel() / counted if counted else 0.0
+        x, y, rows = (to_device(t, device) for t in (x, y, rows))
+        with group.no_sync(last=micro == cfg.grad_accum - 1):
+            with ctx:
+                _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False, rows=rows)
+            scaler.scale(loss * (fraction * group.world / cfg.grad_accum)).backward()
+        share = share + loss.detach().float() * (fraction / cfg.grad_accum)
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return share, lr, n_tokens, n_loss_tokens
+
+
+def loss_rows(y):
+    """The flat indices of the positions whose target counts, found on the CPU beside the batch (see
+    model.GPT.forward's `rows`)."""
+    return (y.reshape(-1) != -100).nonzero().squeeze(1)
+
+
+def to_device(t, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory, so that the copy overlaps the work
+    queued before it (non_blocking from ordinary memory copies synchronously)."""
+    if device.startswith("cuda"):
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def between_steps(group, stop, log, bar, saver, read):
+    """What every process must agree on between two steps, in one all-reduce under torchrun: whether a
+    stop signal came, and, when `read`, the sum of the losses of the steps since the last read, which
+    brings them from the device: the loop's only wait for the GPU. A stop reads them too, so that
+    metrics.jsonl is complete at the checkpoint. -> the agreed signal number, or 0."""
+    votes = stop.votes()
+    totals = group.sum(votes + (log.unread() if read else []))
+    signal_number = stop.agreed(totals[:len(votes)])
+    if signal_number and not read:
+        return between_steps(group, stop, log, bar, saver, read=True)
+    if read:
+        try:
+            log.read(totals[len(votes):], bar)
+        except NonFinite as e:
+            saver.diverged(str(e))
+    return signal_number
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, device, ctx, group=distributed.Single()):
+    """Mean validation loss over eval_iters fixed batches (the same ones every time). Under torchrun
+    each process evaluates every world-th batch, and the sum goes round."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(group.rank, cfg.eval_iters, group.world):
+        x, y = batches.get("val", i)
+        x, y, rows = (to_device(t, device) for t in (x, y, loss_rows(y)))
+        with ctx:
+            total += model(x, y, return_logits=False, rows=rows)[1].float()
+    model.train()
+    return group.sum([total.item()])[0] / cfg.eval_iters  # one read from the device
+
+
+@torch.no_grad()
+def sample_text(model, cfg, device, ctx):
+    """One greedy continuation of eval_prompt: greedy, so it uses no random numbers and a resumed run
+    stays exactly on course."""
+    model.eval()
+    idx = torch.tensor([encode(cfg.eval_prompt)], device=device)
+    with ctx:
+        out = model.generate(idx, cfg.sample_tokens, temperature=0, eos_token=50256)
+    model.train()
+    return decode(out[0, idx.size(1):].tolist())
+
+
+# ---- the model and its optimizer -----------------------------------------------------------------
 
 def adapter_config(cfg):
     return sharelora.AdapterConfig(preset=cfg.adapter, r=cfg.r, alpha=cfg.alpha, dropout=cfg.adapter_dropout,
@@ -280,15 +341,15 @@ def make_optimizer(model, cfg, device):
                              fused=device.startswith("cuda"))
 
 
-def checkpoint(model, cfg, optimizer, scaler, step, best_val):
-    """Everything needed to continue exactly: adapter tensors (the base is only named), optimizer and
-    scaler state, step, RNG states, config. Plus adapter.safetensors, the file to share and sample from;
-    or, when the whole model trains, the model in the Hugging Face layout (out_dir is then a base).
-    All of it as one set (runtime.write_checkpoint): a crash leaves the old set or the new one."""
-    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def checkpoint(model, cfg, state, step, best_val):
+    """Everything needed to continue exactly: adapter tensors (the base is only named), `state` (the
+    optimizer's and scaler's states, every process's random generators, the dtype the run computed
+    in), step, config. Plus adapter.safetensors, the file to share and sample from; or, when the whole
+    model trains, the model in the Hugging Face layout (out_dir is then a base). All of it as one set
+    (runtime.write_checkpoint): a crash leaves the old set or the new one."""
+    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg), **state}
     if cfg.init_from != "scratch":
         ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
@@ -309,6 +370,95 @@ def checkpoint(model, cfg, optimizer, scaler, step, best_val):
     runtime.write_checkpoint(cfg.out_dir, ckpt, write_files)
 
 
+def random_state(device):
+    """This process's random generators: torch's CPU one, Python's, and its own GPU's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def restore_state(ckpt, optimizer, scaler, cfg, rank, device, dtype):
+    """Put the optimizer, the scaler and this process's random generators back as the checkpoint has
+    them. The optimizer's state keeps this device's own settings (fused on CUDA), not those of the
+    device it was saved on; a scaler state is loaded only into a float16 run's scaler (a run saved in
+    another precision starts one afresh, as a new float16 run does). -> (step, best validation loss)."""
+    saved = ckpt["optimizer"]
+    try:
+        for theirs, ours in zip(saved["param_groups"], optimizer.param_groups):
+            theirs.update({k: ours[k] for k in ("fused", "foreach", "capturable") if k in ours})
+        optimizer.load_state_dict(saved)
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
+    was = ckpt.get("dtype", str(dtype))
+    if was != str(dtype) and rank == 0:
+        print(f"note: the run computed in {was.removeprefix('torch.')} until step {ckpt['step']} and goes on in "
+              f"{str(dtype).removeprefix('torch.')} on {device}: it continues, but not bit for bit")
+    try:
+        restore_random_state(ckpt["rng"], rank, device, cfg.seed)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
+        fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
+             "restore the file, or train again")
+    return ckpt["step"], ckpt["best_val"]
+
+
+def restore_random_state(saved, rank, device, seed):
+    """This process's generators from `saved`, one state per process (older checkpoints: process 0's
+    alone, with every GPU's state). A process that saved none (a run resumed with more processes than
+    it had) draws from seed + rank, as a new run's would."""
+    states = saved if isinstance(saved, list) else [saved]
+    if rank >= len(states):
+        torch.manual_seed(seed + rank)
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"]))
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # the older format: the states of every GPU process 0 saw
+        index = torch.device(device).index or 0
+        cuda = cuda[index] if device.startswith("cuda") and index < len(cuda) else None
+    if cuda is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(cuda, device)
+
+
+class Saver:
+    """Writes the checkpoints of a run and remembers the step of the last one on disk (`saved`, None
+    before the first): what a run that diverges, or is stopped, keeps."""
+
+    def __init__(self, model, cfg, optimizer, scaler, group, device, dtype, saved):
+        self.model, self.cfg, self.optimizer, self.scaler, self.group = model, cfg, optimizer, scaler, group
+        self.device, self.dtype, self.saved = device, dtype, saved
+
+    def save(self, step, best_val):
+        try:
+            finite_weights(self.model, step)  # nothing non-finite is saved; checked in every process, so that all stop together
+            rng = self.group.gather(random_state(self.device))  # every process's own generators
+            if self.group.main:  # every process holds the same weights: one writes them
+                state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "rng": rng, "dtype": str(self.dtype)}
+                checkpoint(self.model, self.cfg, state, step, best_val)
+        except NonFinite as e:
+            self.diverged(str(e))
+        self.saved = step
+
+    def diverged(self, what):
+        kept = f"the checkpoint of step {self.saved} in {self.cfg.out_dir} is kept" if self.saved is not None else \
+            "no checkpoint was written"
+        fail(f"{what}, so training stopped; {kept}: lower learning_rate (now {self.cfg.learning_rate:g}), "
+             "or use dtype=float32 or bfloat16")
+
+    def stop(self, step, best_val, signal_number):
+        """A stop signal, agreed by every process between two steps: save this step, say how to continue,
+        exit with the shell's code for the signal."""
+        if self.saved != step:
+            self.save(step, best_val)
+        if self.group.main:
+            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; "
+                  f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
+        self.group.finish()
+        sys.exit(128 + signal_number)
+
+
 class NonFinite(Exception):
     """The run diverged: nothing non-finite is ever saved over a good checkpoint."""
 
@@ -318,244 +468,7 @@ def finite_weights(model, step):
         raise NonFinite(f"the trained weights hold inf or nan at step {step}")
 
 
-# ---- training ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, batches, cfg, device, ctx, group=distributed.Single()):
-    """Mean validation loss over eval_iters fixed batches (the same ones every time). Under torchrun
-    each process evaluates every world-th batch, and the sum goes round."""
-    model.eval()
-    total = 0.0
-    for i in range(group.rank, cfg.eval_iters, group.world):
-        x, y = (t.to(device) for t in batches.get("val", i))
-        with ctx:
-            total += model(x, y, return_logits=False)[1].item()
-    model.train()
-    return group.sum([total])[0] / cfg.eval_iters
-
-
-@torch.no_grad()
-def sample_text(model, cfg, device, ctx):
-    """One greedy continuation of eval_prompt: greedy, so it uses no random numbers and a resumed run
-    stays exactly on course."""
-    model.eval()
-    idx = torch.tensor([encode(cfg.eval_prompt)], device=device)
-    with ctx:
-        out = model.generate(idx, cfg.sample_tokens, temperature=0, eos_token=50256)
-    model.train()
-    return decode(out[0, idx.size(1):].tolist())
-
-
-def train_step(forward, optimizer, scaler, batches, step, cfg, device, ctx, group=distributed.Single()):
-    """Optimizer step `step`: its grad_accum micro-batches (read here: data loading is part of a step),
-    forward, backward, clipping, the update. -> (mean loss, learning rate, positions, reference tokens:
-    the positions the loss counts, i.e. without padding and MRs; all processes together). Raises
-    NonFinite on a non-finite loss. Under torchrun each process takes its rows of every micro-batch
-    (see distributed.py). bench.py times this very function against a transformers + PEFT loop."""
-    lr = get_lr(step, cfg)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
-    shares, n_tokens, n_loss_tokens = [], 0, 0
-    for micro in range(cfg.grad_accum):
-        x, y = batches.get("train", step * cfg.grad_accum + micro)
-        counted = int((y != -100).sum())  # the micro-batch's supervised tokens, every process's rows
-        n_loss_tokens, n_tokens = n_loss_tokens + counted, n_tokens + x.numel()
-        x, y = group.shard(x, y)
-        mine = int((y != -100).sum())
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with group.no_sync(last=micro == cfg.grad_accum - 1):
-            with ctx:
-                _, loss = forward(x, y, label_smoothing=cfg.label_smoothing, return_logits=False)
-            # this process's share of the micro-batch's mean over its tokens; DDP averages the world shares
-            weight = mine * group.world / counted
-            scaler.scale(loss * weight / cfg.grad_accum).backward()
-        shares.append(loss.item() * (mine / counted))
-    loss_sum = sum(group.sum(shares)) / cfg.grad_accum
-    if not math.isfinite(loss_sum):  # after the backward passes, so that every process stops at the same step
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFinite(f"the training loss became {loss_sum} at step {step}")
-    if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-    scaler.step(optimizer)  # skipped when float16 gradients overflowed: not a failure
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, lr, n_tokens, n_loss_tokens
-
-
-def train(cfg):
-    """Run training as configured; returns the list of training losses (one per optimizer step). A start
-    that fails before anything is written leaves no empty out_dir behind."""
-    with runtime.no_empty_folder_left(cfg.out_dir):
-        return _train(cfg)
-
-
-def _train(cfg):
-    resuming = cfg.init_from == "resume"
-    group = distributed.setup()  # one process, or one of torchrun's
-    group.start()
-    ckpt = None
-    if resuming:  # process 0 first: it completes a checkpoint a crash left unfinished
-        if group.main:
-            ckpt = runtime.read_checkpoint(cfg.out_dir)
-        group.barrier()
-        if not group.main:
-            ckpt = runtime.read_checkpoint(cfg.out_dir)
-    if resuming:  # continue the stored run in the folder named now; the options given now may only extend it
-        defaults = TrainConfig()
-        given = getattr(cfg, "given", {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)})
-        # an option set now to another value than the run has (--quantize=none on an nf4 run too)
-        fixed = sorted(k for k in given - set(RESUME_OPTIONS) - {"init_from", "out_dir"}
-                       if getattr(cfg, k) != ckpt["config"].get(k, getattr(defaults, k)))
-        if fixed:
-            fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
-                 f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")
-        changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if k in given}
-        stored = ckpt["config"]
-        types = {f.name: type(f.default) for f in fields(TrainConfig)}
-        unknown = sorted(set(stored) - set(types))
-        if unknown:
-            fail(f"the checkpoint in {cfg.out_dir} has options this train.py does not know ({', '.join(unknown)}): "
-                 "resume it with the version of this project that wrote it")
-        stored = {k: _check(k, v, types[k], f"the checkpoint in {cfg.out_dir}") for k, v in stored.items()}
-        stored.setdefault("group_by_length", False)  # runs saved before the option existed had random batches
-        cfg = dataclasses.replace(TrainConfig(**stored), **changed, out_dir=cfg.out_dir)
-        if cfg.max_iters <= ckpt["step"]:
-            fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
-                 "to train on")
-        need = "adapter" if cfg.adapter != "none" else "model"
-        if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
-            fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
-        if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
-            cfg.init_from = runtime.resolve_base(ckpt["base"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
-                                                 fix="put the base back there, or move the run folder back beside it")
-    elif os.path.exists(os.path.join(cfg.out_dir, runtime.CKPT_FILE)):  # nothing is ever overwritten unasked
-        fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
-             "or choose another out_dir (delete that one to start over)")
-    validate(cfg)
-    group.check_batch(cfg.batch_size)
-    if group.main:
-        runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
-    group.barrier()  # process 0 has made out_dir: the others may not find a training run there as it starts
-    device = group.device(runtime.pick_device(cfg.device))
-    dtype = runtime.pick_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    batches = Batches(cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset),
-                      cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
-    model = build_model(cfg, ckpt, dtype)
-    if batches.max_token() >= model.config.vocab_size:
-        fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
-             f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
-    cfg.block_size = min(cfg.block_size, model.config.block_size)
-    batches.set_block_size(cfg.block_size)
-    runtime.place(model, device, dtype).train()
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = runtime.grad_scaler(device, dtype)
-    ctx = runtime.autocast(device, dtype)
-    step, best_val, saved = 0, float("inf"), None  # saved: the step of the last checkpoint on disk
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-        except (ValueError, KeyError, TypeError) as e:
-            fail(f"the optimizer state in {cfg.out_dir}/{runtime.CKPT_FILE} does not fit this run ({e})")
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        saved = step
-        try:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            random.setstate(tuple(ckpt["rng"]["python"]))
-            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        except (RuntimeError, TypeError, ValueError, KeyError) as e:
-            fail(f"the random state in {cfg.out_dir}/{runtime.CKPT_FILE} is damaged ({type(e).__name__}): "
-                 "restore the file, or train again")
-    forward = group.wrap(model)  # DistributedDataParallel under torchrun
-    forward = torch.compile(forward) if cfg.compile else forward
-    say = print if group.main else lambda *a, **k: None  # process 0 speaks for all
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = (f", block weights in {cfg.quantize} ({stored_bytes(model) / 2**20:,.0f} MiB of weights in all)"
-            if cfg.quantize != "none" else "")
-    say(f"{model.name_or_path} on {device} in {str(dtype).removeprefix('torch.')}{base}; "
-        f"{n_trainable:,} trainable parameters" + (f"; {group.world} processes, each {cfg.batch_size // group.world} "
-                                                   f"rows of every batch of {cfg.batch_size}" if group.world > 1 else ""))
-    if cfg.adapter != "none":
-        say(sharelora.parameter_table(model))
-    if batches.kind == "examples":  # what a padded batch wastes: every padded position is a full forward and backward
-        say(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
-              f"({'length-grouped' if cfg.group_by_length else 'random'} batches of {cfg.batch_size})")
-    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if resuming and group.main:
-        runtime.trim_log(log_path, step)
-    log = runtime.json_line if group.main else lambda *a: None
-
-    def save(at):
-        nonlocal saved
-        try:
-            finite_weights(model, at)  # nothing non-finite is saved; checked in every process, so that all stop together
-            if group.main:  # every process holds the same weights: one writes them
-                checkpoint(model, cfg, optimizer, scaler, at, best_val)
-        except NonFinite as e:
-            diverged(str(e))
-        saved = at
-
-    def diverged(what):
-        kept = f"the checkpoint of step {saved} in {cfg.out_dir} is kept" if saved is not None else \
-            "no checkpoint was written"
-        fail(f"{what}, so training stopped; {kept}: lower learning_rate (now {cfg.learning_rate:g}), "
-             "or use dtype=float32 or bfloat16")
-
-    losses = []
-    stop = StopSignals(speak=group.main, torchrun=group.world > 1)
-    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True, disable=not group.main)
-    with stop, bar:  # the bar ends its line whatever happens, so that an error message starts its own
-        while True:
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                if not (resuming and step == ckpt["step"]):  # already evaluated and saved at this step
-                    val = evaluate(model, batches, cfg, device, ctx, group)
-                    if not math.isfinite(val):
-                        diverged(f"the validation loss became {val} at step {step}")
-                    best_val = min(best_val, val)
-                    record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
-                    if cfg.eval_prompt and group.main:
-                        record["sample"] = sample_text(model, cfg, device, ctx)
-                    if group.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
-                        tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
-                    log(log_path, record)
-                    save(step)
-            if step >= cfg.max_iters:
-                break
-            signal_number = group.largest(stop.requested)  # every process stops at the same step
-            if signal_number:  # between two steps: the checkpoint is exactly an uninterrupted run's state
-                if saved != step:
-                    save(step)
-                bar.close()
-                say(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {cfg.out_dir}; "
-                    f"continue with --init_from=resume --out_dir={cfg.out_dir}")
-                group.finish()
-                sys.exit(128 + signal_number)
-            t0 = time.time()
-            try:
-                loss_sum, lr, n_tokens, n_loss_tokens = train_step(forward, optimizer, scaler, batches, step, cfg,
-                                                                   device, ctx, group)
-            except NonFinite as e:
-                diverged(str(e))
-            step += 1
-            losses.append(loss_sum)
-            rate = n_tokens / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-            bar.update()
-            log(log_path, {"step": step, "loss": round(loss_sum, 5), "lr": lr, "tokens_per_s": round(rate),
-                                         "loss_tokens_per_s": round(n_loss_tokens / (time.time() - t0))})
-    bar.close()
-    peak = runtime.peak_memory_mb(device)
-    log(log_path, {"done": step, "best_val_loss": round(best_val, 4), "peak_memory_mb": round(peak)})
-    say(f"done: {step} steps, best val loss {best_val:.4f}, peak memory {peak:,.0f} MB"
-        + (" (process 0)" if group.world > 1 else "") + f"; saved to {cfg.out_dir}")
-    group.finish()
-    return losses
-
+# ---- stopping on a signal, and the log -----------------------------------------------------------
 
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster's preemption) ask training to stop at the next step
@@ -584,6 +497,15 @@ class StopSignals:
         if self.speak:
             tqdm.write(f"{self.NAMES[signum]}: stopping after this step to save a checkpoint (again to quit at once)")
 
+    def votes(self):
+        """The request as numbers that add up across processes: one count per signal."""
+        return [float(self.requested == s) for s in self.NAMES]
+
+    def agreed(self, totals):
+        """The signal to stop for, from every process's votes summed: SIGTERM over SIGINT; 0 for none."""
+        asked = [s for s, n in zip(self.NAMES, totals) if n > 0]
+        return max(asked, default=0)
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             for s in self.NAMES:
@@ -593,6 +515,55 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class Log:
+    """metrics.jsonl, one JSON record a line (process 0 writes it), the progress bar's figures and the
+    evaluation lines printed. A step's loss stays on the device until read() (every log_interval
+    steps, before an evaluation, at a stop and at the end); a resumed run first drops the lines after
+    its checkpoint (runtime.trim_log)."""
+
+    def __init__(self, out_dir, main, resumed_at=None):
+        self.path, self.main, self.resumed_at = os.path.join(out_dir, "metrics.jsonl"), main, resumed_at
+        self.pending, self.losses, self.since = [], [], time.time()
+        if main and resumed_at is not None:
+            runtime.trim_log(self.path, resumed_at)
+
+    def write(self, record):
+        if self.main:
+            runtime.json_line(self.path, record)
+
+    def evaluation(self, step, val, sample=None):
+        record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
+        if sample is not None:
+            record["sample"] = sample
+        if self.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
+            tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
+        self.write(record)
+        self.since = time.time()  # the evaluation's time is not the training steps'
+
+    def step(self, step, loss, lr, n_tokens, n_loss_tokens):
+        self.pending.append((step, loss, lr, n_tokens, n_loss_tokens))
+
+    def unread(self):
+        """This process's loss shares of the pending steps, on the CPU: one copy from the device."""
+        return torch.stack([p[1] for p in self.pending]).double().cpu().tolist() if self.pending else []
+
+    def read(self, losses, bar):
+        """Log the pending steps with their losses (summed over the processes). The speed is the mean over
+        them: a GPU runs steps asynchronously, so only a read tells when they were done. Raises NonFinite
+        at a non-finite loss."""
+        elapsed = max(time.time() - self.since, 1e-9)
+        tokens, loss_tokens = (sum(p[i] for p in self.pending) / elapsed for i in (3, 4))
+        for (step, _, lr, _, _), loss in zip(self.pending, losses):
+            if not math.isfinite(loss):
+                raise NonFinite(f"the training loss became {loss} at step {step}")
+            self.losses.append(loss)
+            self.write({"step": step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tokens),
+                        "loss_tokens_per_s": round(loss_tokens)})
+        if self.pending:
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.pending[-1][2]:.2e}", tok_s=f"{tokens:,.0f}")
+        self.pending, self.since = [], time.time()
 
 
 def main(argv=None):

@@ -147,3 +147,18 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_every_process_exits(data
     assert f"interrupted: saved step {step} to" in stdout
     rest = single(["--init_from=resume", f"--out_dir={out}", f"--max_iters={step + 1}"])
     assert len(rest) == 1
+
+
+def test_each_process_resumes_its_own_random_state(data, tmp_path):
+    """With dropout, each process draws its own masks (seed + rank) and a resumed run continues every
+    process's own generator: a run stopped at step 2 and resumed is the uninterrupted one, bit for bit."""
+    dropout = [*config(data, "e2e", "sharea", tmp_path / "full"), "--adapter_dropout=0.1"]
+    runs = [dropout, [*config(data, "e2e", "sharea", tmp_path / "resumed"), "--adapter_dropout=0.1", "--max_iters=2"],
+            ["--init_from=resume", f"--out_dir={tmp_path / 'resumed'}", "--max_iters=4"]]
+    (tmp_path / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
+    p = torchrun("tests/ddp_runs.py", tmp_path / "runs.json")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    full = json.loads((tmp_path / "full" / "losses.json").read_text())
+    assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == full[2:]
+    states = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])

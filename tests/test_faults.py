@@ -207,7 +207,7 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
     "checkpoint step of the wrong type": ("train.py", lambda c: [
         "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k.update(step='5'))}"], "damaged step"),
     "checkpoint random state damaged": ("train.py", lambda c: [
-        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k['rng'].update(torch=torch.zeros(3, dtype=torch.uint8)))}"],
+        "--init_from=resume", "--max_iters=5", f"--out_dir={c.run_copy(lambda k: k['rng'][0].update(torch=torch.zeros(3, dtype=torch.uint8)))}"],
         "random state"),
     "learning_rate beyond float32": ("train.py", lambda c: c.train("--learning_rate=1e300"), "learning_rate must be"),
     "config file that calls exit()": ("train.py", lambda c: [c.file("c.py", "import sys\nsys.exit(0)\n")], "could not run"),

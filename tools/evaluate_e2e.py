@@ -141,26 +141,25 @@ class Hypotheses:
     "Raja Indian Cuisine" with the MR's tokenization would be forbidden: 100 of the 4,672 validation
     references (11 of the test's) could not be generated under Hugging Face's rule."""
 
-    def __init__(self, beam_size, length_penalty, no_repeat_ngram_size, eos_token, device):
+    def __init__(self, beam_size, length_penalty, no_repeat_ngram_size, eos_token):
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.no_repeat_ngram_size, self.eos_token = no_repeat_ngram_size, eos_token
         self.seqs = [[]]  # a single empty beam until the first step
-        self.sums = torch.zeros(1, device=device)
+        self.sums = [0.0]  # each live beam's summed log-prob
         self.pool = []  # (score, tokens)
         self.done = False
 
-    def step(self, logp, step, last):
-        """Choose the next beams from logp, (live beams, vocab) float32 log-probs of the next token.
-        Returns (parents, tokens): each new beam is its parent row's beam plus its token. Sets done
-        when the search is over (the stopping rule, or `last`, the step at max_new_tokens)."""
-        for b, seq in enumerate(self.seqs):
-            logp[b, banned_tokens(seq, self.no_repeat_ngram_size)] = float("-inf")
-        vocab, k = logp.size(1), self.beam_size
-        # 2 x beam_size candidates: at most one eos per beam, so at least beam_size of them live on
-        top, index = (self.sums[:, None] + logp).view(-1).topk(2 * k)
+    def step(self, candidates, vocab, step, last):
+        """Choose the next beams from `candidates`, the 2 x beam_size best (summed log-prob, index) pairs
+        over every live beam and token, best first, index = parent * vocab + token (choose() finds them
+        for all the searches at once). Returns (parents, tokens): each new beam is its parent's beam plus
+        its token. Sets done when the search is over (the stopping rule, or `last`, the step at
+        max_new_tokens). 2 x beam_size candidates: at most one eos per beam, so at least beam_size of
+        them live on."""
+        k = self.beam_size
         parents, tokens, live = [], [], []
-        for rank, (total, i) in enumerate(zip(top.tolist(), index.tolist())):
-            parent, token = divmod(i, vocab)
+        for rank, (total, i) in enumerate(candidates):
+            parent, token = divmod(int(i), vocab)
             if token != self.eos_token:
                 parents.append(parent)
                 tokens.append(token)
@@ -171,7 +170,7 @@ class Hypotheses:
             if len(live) == k:
                 break
         self.seqs = [self.seqs[p] + [t] for p, t in zip(parents, tokens)]
-        self.sums = torch.tensor(live, device=self.sums.device)
+        self.sums = live
         if len(self.pool) == k and live[0] / (step + 1) ** self.length_penalty <= self.pool[-1][0]:
             self.done = True  # no live beam is expected to beat the worst finished one
         elif last:  # max_new_tokens reached: the live beams compete unfinished
@@ -181,6 +180,32 @@ class Hypotheses:
 
     def best(self):
         return max(self.pool, key=lambda h: h[0])[1]
+
+
+def next_log_probs(model, h):
+    """Log-probs of the next token from the last position's hidden states h (rows, C), in float32 even
+    under autocast: beam search ranks sums of them, and bfloat16 logits (8 bits of mantissa, steps of
+    0.06 at a logit of 16) would tie or swap close candidates. One (rows x C) product: cheap."""
+    with torch.autocast(h.device.type, enabled=False):
+        return F.log_softmax(h.float() @ model.lm_head.weight.float().t(), dim=-1)
+
+
+def choose(logp, searches, active, step, last):
+    """One step of every active search at once, from logp (rows, vocab): the rows of active[0]'s beams
+    first, then the next search's. Every search has the same number of live beams (1 at the first step,
+    beam_size after), so one topk over (searches, beams x vocab) finds all the candidates and one copy
+    brings them to the host: a GPU waits once per step, not once per prompt. The n-gram bans go in as
+    one indexed write. -> each active search's (parents, tokens)."""
+    first = searches[active[0]]
+    n, vocab, device = len(first.seqs), logp.size(1), logp.device
+    bans = [(i * n + b, t) for i, s in enumerate(active) for b, seq in enumerate(searches[s].seqs)
+            for t in banned_tokens(seq, first.no_repeat_ngram_size)]
+    if bans:
+        logp[tuple(torch.tensor(bans, device=device).t())] = float("-inf")
+    sums = torch.tensor([x for s in active for x in searches[s].sums], device=device)
+    top, index = (sums[:, None] + logp).view(len(active), n * vocab).topk(2 * first.beam_size, dim=1)
+    top, index = torch.stack((top.double(), index.double())).tolist()  # the one transfer; indices < 2**53 stay exact
+    return [searches[s].step(list(zip(top[i], index[i])), vocab, step, last) for i, s in enumerate(active)]
 
 
 @torch.no_grad()
@@ -195,29 +220,28 @@ def beam_search_batch(model, prompts, beam_size=10, max_new_tokens=64, length_pe
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
-    searches = [Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token, device) for _ in prompts]
+    searches = [Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token) for _ in prompts]
     longest = max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     cache = KVCache(model.config.n_layer, longest + max_new_tokens, pad=pad if pad.any() else None)
     x = torch.tensor([[eos_token] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
     active = list(range(len(prompts)))  # the searches still running, in the order of their cache rows
-    for step in range(max_new_tokens):
-        # the vocabulary projection of the last position only: the prompt's others are never used
-        logp = F.log_softmax(model.lm_head(model.hidden(x, cache)[:, -1]).float(), dim=-1)  # (rows, vocab)
-        rows, tokens, still, first = [], [], [], 0
-        for s in active:
-            n = len(searches[s].seqs)
-            parents, chosen = searches[s].step(logp[first:first + n], step, last=step == max_new_tokens - 1)
-            if not searches[s].done:
-                still.append(s)
-                rows += [first + p for p in parents]  # each new beam takes its parent's keys and values
-                tokens += chosen
-            first += n
-        if not still:
-            break
-        active = still
-        cache.reorder(torch.tensor(rows, device=device))
-        x = torch.tensor(tokens, device=device)[:, None]  # (rows, 1)
+    with model.precision(device.type):
+        for step in range(max_new_tokens):
+            # the vocabulary projection of the last position only: the prompt's others are never used
+            logp = next_log_probs(model, model.hidden(x, cache)[:, -1])  # (rows, vocab)
+            chosen = choose(logp, searches, active, step, last=step == max_new_tokens - 1)
+            rows, tokens, still, n = [], [], [], len(logp) // len(active)  # n: beams per search
+            for i, (s, (parents, new)) in enumerate(zip(active, chosen)):
+                if not searches[s].done:
+                    still.append(s)
+                    rows += [i * n + p for p in parents]  # each new beam takes its parent's keys and values
+                    tokens += new
+            if not still:
+                break
+            active = still
+            cache.reorder(torch.tensor(rows, device=device))
+            x = torch.tensor(tokens, device=device)[:, None]  # (rows, 1)
     return [h.best() for h in searches]
 
 
@@ -234,15 +258,15 @@ def beam_search(model, prompt_ids, beam_size=10, max_new_tokens=64, length_penal
         return []
     device = next(model.parameters()).device
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    search = Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token, device)
-    for step in range(max_new_tokens):
-        # the prompt, repeated for each beam, followed by that beam's tokens
-        x = torch.cat((prompt.expand(len(search.seqs), -1),
-                       torch.tensor(search.seqs, dtype=torch.long, device=device)), 1)
-        logits, _ = model(x)
-        search.step(F.log_softmax(logits[:, -1].float(), dim=-1), step, last=step == max_new_tokens - 1)
-        if search.done:
-            break
+    search = Hypotheses(beam_size, length_penalty, no_repeat_ngram_size, eos_token)
+    with model.precision(device.type):
+        for step in range(max_new_tokens):
+            # the prompt, repeated for each beam, followed by that beam's tokens
+            x = torch.cat((prompt.expand(len(search.seqs), -1),
+                           torch.tensor(search.seqs, dtype=torch.long, device=device)), 1)
+            choose(next_log_probs(model, model.hidden(x)[:, -1]), [search], [0], step, last=step == max_new_tokens - 1)
+            if search.done:
+                break
     return search.best()
 
 

@@ -1,0 +1,212 @@
+"""
+train.py's options: their defaults (TrainConfig), reading them from a config file and the command line
+(parse_args), checking every value before anything is loaded (check_options), and what a resumed run
+takes from its checkpoint (resumed_config). The standard library only, so that a typo is reported at
+once, before the seconds that importing torch takes.
+
+How options are given: USAGE below, which `python train.py --help` prints.
+"""
+import dataclasses
+import difflib
+import os
+import runpy
+import sys
+from dataclasses import dataclass, fields
+
+from data.common import check, fail
+
+USAGE = """usage:
+    python train.py config/e2e_gpt2m_sharea.py                 # a recipe from config/
+    python train.py config/cpu_demo_e2e.py --max_iters=100     # a recipe plus overrides
+    python train.py --help                                     # every option and its default
+
+Options come from three places, later ones winning: the defaults (listed below), a Python file
+of `name = value` lines, and `--name=value` arguments. Every value is checked against the type of its
+default; an unknown name is an error that suggests the closest ones.
+"""
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    init_from: str = "gpt2"  # gpt2 ... gpt2-xl, a local checkpoint path, 'scratch' or 'resume' (from out_dir)
+    # a model from scratch (init_from=scratch): its size; block_size is also the longest training sequence
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    dropout: float = 0.0  # the base model's dropout (GPT-2 was pretrained with 0.1)
+    # data: data_dir defaults to data/<dataset>, written by data/<dataset>/prepare.py
+    dataset: str = "shakespeare"
+    data_dir: str = ""
+    # the adapter (see sharelora.py and METHOD.md); adapter=none trains the whole model
+    adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | none
+    spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
+    r: int = 8
+    alpha: float = 16.0
+    adapter_dropout: float = 0.0
+    targets: str = "q,v"
+    adapter_seed: int = 0
+    init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
+    quantize: str = "none"  # none | nf4 | int8: the frozen base in 4 or 8 bits (QLoRA, QShareA; quantize.py)
+    # optimisation: AdamW over the trainable tensors; weight decay on matrices only
+    batch_size: int = 8
+    group_by_length: bool = True  # example sets: batches of similar lengths, <1% padding on E2E (data/loader.py)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 1000
+    learning_rate: float = 2e-4
+    min_lr: float = 0.0
+    warmup_iters: int = 100
+    decay: str = "linear"  # linear | cosine | constant, from learning_rate after warm-up to min_lr
+    lr_decay_iters: int = 0  # where the decay ends; 0 means max_iters
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables
+    label_smoothing: float = 0.0
+    # evaluation and logging
+    eval_interval: int = 200
+    log_interval: int = 10  # steps between reads of the loss from the device (each waits for the GPU); one metrics line per step still
+    eval_iters: int = 20
+    eval_prompt: str = ""  # if set, one greedy sample of `sample_tokens` tokens at every eval
+    sample_tokens: int = 40
+    # system
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer works in float32: larger values overflow to inf
+
+# what init_from=resume takes from the command line; everything else comes from the checkpoint
+RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "eval_iters", "device", "compile")
+
+def parse_args(argv):
+    """[config_file.py] [--key=value ...] -> TrainConfig; mistakes raise UserError (data.common)."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    values = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(USAGE + "\noptions (default):\n" + "\n".join(
+                f"  --{f.name}={f.default!r}" for f in fields(TrainConfig)))
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                fail(f"write options as --{key}=value")
+            key = _known(key, types)
+            values[key] = _convert(key, value, types[key])
+        else:
+            if not os.path.isfile(arg):
+                fail(f"config file {arg} does not exist")
+            try:
+                settings = runpy.run_path(arg)
+            except (Exception, SystemExit) as e:  # a syntax error, code in it that raises or calls exit()
+                where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+                fail(f"config file {arg} could not run:{where} {type(e).__name__}: {e}; "
+                     "write it as `name = value` lines")
+            for key, value in settings.items():
+                if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
+                    key = _known(key, types, where=arg)
+                    values[key] = _check(key, value, types[key], arg)
+    cfg = TrainConfig(**values)
+    cfg.given = frozenset(values)  # what the user set, even to its default: resume refuses changing it
+    return cfg
+
+
+def _known(key, types, where="the command line"):
+    if key not in types:
+        close = difflib.get_close_matches(key, types, n=3)
+        fail(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                      "; see python train.py --help"))
+    return key
+
+
+def _convert(key, text, kind):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            fail(f"--{key} takes True or False, not {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        fail(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {text!r}")
+
+
+def _check(key, value, kind, where):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # 3 where 3.0 is expected is fine
+    if type(value) is not kind:
+        fail(f"{key} in {where} must be a {kind.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def check_options(cfg):
+    """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
+    unit = lambda x: 0 <= x < 1
+    rules = [
+        ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
+        ("n_embd", cfg.n_embd >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+         f"a positive multiple of n_head ({cfg.n_head}): each head gets n_embd / n_head channels"),
+        ("block_size", cfg.block_size >= 1, "at least 1 (tokens per training sequence)"),
+        ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
+        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", abs(cfg.alpha) <= FLOAT32_MAX, "a float32 number (e.g. 16)"),
+        ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
+        ("max_iters", cfg.max_iters >= 0, "at least 0"),
+        ("learning_rate", 0 <= cfg.learning_rate <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 2e-4)"),
+        ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
+        ("warmup_iters", cfg.warmup_iters >= 0, "at least 0"), ("lr_decay_iters", cfg.lr_decay_iters >= 0, "at least 0"),
+        ("decay", cfg.decay in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+        ("weight_decay", 0 <= cfg.weight_decay <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 0.01)"),
+        ("beta1", unit(cfg.beta1), "in [0, 1) (e.g. 0.9)"), ("beta2", unit(cfg.beta2), "in [0, 1) (e.g. 0.999)"),
+        ("grad_clip", 0 <= cfg.grad_clip <= FLOAT32_MAX, "a float32 number >= 0 (0 disables clipping)"),
+        ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
+        ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
+        ("log_interval", cfg.log_interval >= 1, "at least 1 (steps between reads of the loss)"),
+        ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
+        ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
+        ("quantize", cfg.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+        ("quantize", cfg.quantize == "none" or cfg.adapter != "none",
+         "none when adapter=none: a quantized base is frozen, so only an adapter can train on it"),
+        # a base from scratch is saved as dequant(W) beside its adapter, and NF4 with double quantization
+        # does not give the same 4-bit weights twice (5e-6 apart): resume would not be exact
+        ("quantize", cfg.quantize == "none" or cfg.init_from != "scratch",
+         "none with init_from=scratch: quantize a base that was loaded (a hub name or a path)"),
+        ("out_dir", cfg.out_dir.strip() != "", "a folder name"), ("init_from", cfg.init_from.strip() != "",
+                                                                  "gpt2 ... gpt2-xl, a path, scratch or resume"),
+    ]
+    for name, ok, what in rules:
+        check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
+
+
+def early_options(argv):
+    """The options, checked as far as the standard library can: a typo or a bad value is reported at
+    once, not after the seconds that importing torch takes. (A resumed run's options come later, from
+    its checkpoint.)"""
+    cfg = parse_args(argv)
+    if cfg.init_from != "resume":
+        check_options(cfg)
+
+
+def resumed_config(cfg, stored, out_dir):
+    """The options of a run that resumes from out_dir: those stored in its checkpoint (`stored`), with the
+    few RESUME_OPTIONS the command line may change to extend it. Any other option given now to another
+    value than the run has (--quantize=none on an nf4 run too) is refused."""
+    defaults = TrainConfig()
+    given = getattr(cfg, "given", {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)})
+    fixed = sorted(k for k in given - set(RESUME_OPTIONS) - {"init_from", "out_dir"}
+                   if getattr(cfg, k) != stored.get(k, getattr(defaults, k)))
+    if fixed:
+        fail(f"{fixed[0]} cannot change when a run resumes (it continues as it was configured); "
+             f"resume with only {', '.join(RESUME_OPTIONS)}, or start a new run in another out_dir")
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    unknown = sorted(set(stored) - set(types))
+    if unknown:
+        fail(f"the checkpoint in {out_dir} has options this train.py does not know ({', '.join(unknown)}): "
+             "resume it with the version of this project that wrote it")
+    stored = {k: _check(k, v, types[k], f"the checkpoint in {out_dir}") for k, v in stored.items()}
+    stored.setdefault("group_by_length", False)  # runs saved before the option existed had random batches
+    changed = {k: getattr(cfg, k) for k in RESUME_OPTIONS if k in given}
+    return dataclasses.replace(TrainConfig(**stored), **changed, out_dir=out_dir)

@@ -56,7 +56,8 @@ __all__ = [  # part 1, the method
     "adapted_layers", "count_trainable", "trainable_breakdown", "parameter_table", "merge",
     "unmerge", "adapter_state_dict",
     # part 2: other people's models, the adapter file, exports
-    "find_targets", "quantization", "quantized_maps", "applied_weight", "saved_modules",
+    "find_targets", "check_adapters_run", "quantization", "quantized_maps", "applied_weight",
+    "saved_modules",
     "save_adapter", "read_adapter", "load_adapter",
     "base_state_dict", "merged_state_dict", "export_merged", "export_peft",
 ]
@@ -126,11 +127,12 @@ class AdaptedLinear(nn.Module):
     optimizer updates it once, with the sum of the layers' gradients). u and v may be None (off).
 
     `base` is an nn.Linear (W stored d_out x d_in), or transformers' Conv1D (GPT-2: W stored d_in x
-    d_out), or another AdaptedLinear when two parts of one fused map are adapted. `rows` = (start,
-    stop) makes this adapter a part of a fused map: only outputs start..stop-1 change (q is the
-    first third of GPT-2's c_attn = [q; k; v]), so ΔW is (stop - start) x d_in. `memo` is a dict
-    that the maps of one layer reading one input share when they share A, so that A x is computed
-    once (see _project).
+    d_out), or another AdaptedLinear when two parts of one fused map are adapted. `rows` =
+    (start, stop, period) makes this adapter a part of a fused map: in every block of `period`
+    outputs only start..stop-1 change. q of GPT-2's c_attn = [q; k; v] (d_out = 3d) is (0, d, 3d):
+    one block; q of GPT-NeoX's query_key_value, [q; k; v] per head, is (0, h, 3h) for head size h.
+    ΔW then has (stop - start) · d_out / period rows. `memo` is a _Memo that the maps of one layer
+    share when they share A, so that A x is computed once for those that read one input.
     """
 
     def __init__(self, base, A, B, u=None, v=None, scale=1.0, dropout=0.0, name="", group="",
@@ -145,6 +147,7 @@ class AdaptedLinear(nn.Module):
         self.rows = rows
         self.memo = memo
         self.merged = False
+        self.train(base.training)  # added to a model in eval mode, it is in eval mode too
 
     @property
     def weight(self):  # so that code reading `module.weight` (dtype, device, shape) keeps working
@@ -175,7 +178,8 @@ class AdaptedLinear(nn.Module):
         B, A = self.folded_factors()
         delta = F.linear(self._project(x, A) * self.scale, B.to(x.dtype))  # (..., d_out)
         if self.rows is not None:  # a part of a fused map: zeros for the other parts' outputs
-            delta = F.pad(delta, (self.rows[0], y.size(-1) - self.rows[1]))
+            start, stop, period = self.rows
+            delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
         return y + delta
 
     def _project(self, x, A):
@@ -185,14 +189,10 @@ class AdaptedLinear(nn.Module):
         dropout and u, which would make each map's A x its own."""
         if self.memo is None or not isinstance(self.dropout, nn.Identity) or self.lora_u is not None:
             return F.linear(self.dropout(x), A.to(x.dtype))
-        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # an optimizer step changes _version
+        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # a step changes _version
         if self.memo.get("x") is not x or self.memo.get("key") != key:
-            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)), uses=0)
-        h = self.memo["h"]
-        self.memo["uses"] += 1
-        if self.memo["uses"] == self.memo["maps"]:  # every map of the layer has it: hold nothing further
-            self.memo.update(x=None, h=None)
-        return h
+            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)))
+        return self.memo["h"]
 
     def folded_factors(self):
         """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s ·
@@ -215,6 +215,28 @@ class AdaptedLinear(nn.Module):
                 f"merged={self.merged}")
 
 
+class _Memo(dict):
+    """{"x": an input, "key": A's version..., "h": A x}, shared by the adapted maps below one module
+    (a layer's attention). Emptied when that module's call ends, returns or fails (_forget), and
+    copied or pickled empty: it never holds activations, or their graph, past the call."""
+
+    def __reduce_ex__(self, protocol):
+        return _Memo, ()
+
+
+def _memo_below(owner):
+    """A new memo for maps below the module `owner`, emptied after each of owner's calls."""
+    if _forget not in owner._forward_hooks.values():
+        owner.register_forward_hook(_forget, always_call=True)
+    return _Memo()
+
+
+def _forget(module, args, output):
+    for m in module.modules():
+        if isinstance(m, AdaptedLinear) and m.memo:
+            m.memo.clear()
+
+
 # ---- 3. The configuration ------------------------------------------------------------------------
 
 @dataclass
@@ -228,10 +250,10 @@ class AdapterConfig:
 
     For other people's models (part 2): split: {module: part names} for a fused map whose output is
     equal parts stacked, e.g. {"c_attn": ("q", "k", "v")}; a target "c_attn.q" then adapts the q
-    part alone. layer_pattern: a regular expression whose first match in a module's name is its
-    layer (the default, the first all-digit part, fits model.layers.7.q_proj and blocks.3.0).
-    modules_to_save: modules trained whole beside the adapters (a classifier head), saved in the
-    adapter file."""
+    part alone; {module: {part: rows}} for parts of other sizes or per head (_split_parts).
+    layer_pattern: a regular expression whose first match in a module's name is its layer (the
+    default, the first all-digit part, fits model.layers.7.q_proj and blocks.3.0). modules_to_save:
+    modules trained whole beside the adapters (a classifier head), saved in the adapter file."""
     preset: str = "sharea"
     r: int = 8
     alpha: float = 16.0
@@ -249,7 +271,8 @@ class AdapterConfig:
         _check_config(self)  # part 2: each field's type and range, in one sentence each
         self.targets, self.modules_to_save = tuple(self.targets), tuple(self.modules_to_save)
         # tuples, so that a config read back from JSON compares equal
-        self.split = {k: tuple(v) for k, v in (self.split or {}).items()} or None
+        self.split = {k: dict(v) if isinstance(v, dict) else tuple(v)
+                      for k, v in (self.split or {}).items()} or None
         self.components()  # validates preset and spec now rather than halfway through add_adapters
 
     @property
@@ -298,6 +321,7 @@ def add_adapters(model, config):
     for group, names in groups.items():
         _wrap_group(model, config, group, names, maps, d)
     _avoid_fused_paths(model)
+    _declare_shared_copies(model)  # so that transformers' save_pretrained saves each once
     return model
 
 
@@ -336,10 +360,11 @@ def _wrap_group(model, config, group, names, maps, d):
         module, rows = maps[n]
         parts = {x: shared[x] if comps[x][0] == "shared" else make(x, n)
                  for x in COMPONENTS if comps[x][0] != "off"}
-        memo = None
+        memo, owner = None, module.rpartition(".")[0]  # the module that calls it: an attention
         if comps["share"] != "layers" and comps["A"][0] == "shared":
-            memo = memos.setdefault(module if rows else module.rpartition(".")[0], {"maps": 0})
-            memo["maps"] += 1
+            if owner not in memos:
+                memos[owner] = _memo_below(model.get_submodule(owner))
+            memo = memos[owner]
         wrapped = AdaptedLinear(model.get_submodule(module), parts["A"], parts["B"], parts.get("u"),
                                 parts.get("v"), scale=config.scale, dropout=config.dropout, name=n,
                                 group=group, config=config, rows=rows, memo=memo)
@@ -461,20 +486,21 @@ def merge(model):
                          "export_merged, which writes dequant(W) + ΔW in float32")
     for m in layers:
         if not m.merged:
-            w = _delta_view(m, _stored(m).weight)  # its rows of W, (d_out, d_in) even if stored W^T
-            w.copy_((w.float() + m.delta_weight()).to(w.dtype))
+            w = _delta_view(m, _stored(m).weight)  # its rows of W, laid out as ΔW's
+            w.copy_((w.float() + m.delta_weight().view(w.shape)).to(w.dtype))
             m.merged = True
     return model
 
 
 @torch.no_grad()
 def unmerge(model):
-    """Subtract ΔW again, so the adapter can train on. Exact in float32; in bfloat16 the round trip
-    loses the low bits of W, so keep a float32 base if you merge and unmerge repeatedly."""
+    """Subtract ΔW again, so the adapter can train on. W comes back to rounding: in float32 about
+    6e-8 from the original after 10 merge/unmerge cycles (tiny Llama and GPT-2, docs/models.md);
+    in bfloat16 the round trip loses W's low bits, so keep a float32 base to merge repeatedly."""
     for m in _require_adapters(model):
         if m.merged:
             w = _delta_view(m, _stored(m).weight)
-            w.copy_((w.float() - m.delta_weight()).to(w.dtype))
+            w.copy_((w.float() - m.delta_weight().view(w.shape)).to(w.dtype))
             m.merged = False
     return model
 
@@ -567,10 +593,12 @@ def applied_weight(layer):
 
 
 def _delta_view(m, w):
-    """The part of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as a
-    view laid out like ΔW (d_out, d_in): merge and base_state_dict write into it in place."""
+    """The rows of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as
+    a view (blocks, rows per block, d_in) that ΔW fills in order: merge and base_state_dict write
+    into it in place. Conv1D stores W transposed; its view is transposed back."""
     w = w.t() if is_conv1d(_stored(m)) else w
-    return w if m.rows is None else w[m.rows[0]:m.rows[1]]
+    start, stop, period = m.rows or (0, w.size(0), w.size(0))
+    return w.unflatten(0, (-1, period))[:, start:stop]
 
 
 def _module_path(path, wrapper_paths):
@@ -585,13 +613,13 @@ def _module_path(path, wrapper_paths):
 
 def find_targets(model, config):
     """{map name: (module name, rows)} for every target: a linear module whose qualified name ends in
-    the target (rows None), or a part of a fused map that config.split names (part 2: rows = (start,
-    stop) of its outputs, e.g. transformer.h.7.attn.c_attn.q for the target "c_attn.q")."""
+    the target (rows None), or a part of a fused map that config.split names (rows = (start, stop,
+    period), see AdaptedLinear; e.g. transformer.h.7.attn.c_attn.q for the target "c_attn.q")."""
     linears = {n: m for n, m in model.named_modules() if is_linear(m)}
     matched = {}
     for t in config.targets:
         found = {n: (n, None) for n in linears if _ends_with(n, t)}
-        found.update(_split_parts(linears, t, config.split or {}))
+        found.update(_split_parts(model, linears, t, config.split or {}))
         if not found:
             raise ValueError(_no_match(model, t, linears))
         for name, where in found.items():
@@ -613,24 +641,92 @@ def map_dims(model, name, maps):
     """(d_out, d_in) of a map: its module's, or its part's."""
     module, rows = maps[name]
     d_out, d_in = dims(model.get_submodule(module))
-    return (rows[1] - rows[0] if rows else d_out), d_in
+    return ((rows[1] - rows[0]) * (d_out // rows[2]) if rows else d_out), d_in
 
 
-def _split_parts(linears, target, split):
-    """{map name: (module name, rows)} for a target "<module>.<part>" that config.split divides into
-    equal parts: "c_attn.q" with split {"c_attn": ("q", "k", "v")} is rows 0 .. d_out/3 of every c_attn,
-    named transformer.h.7.attn.c_attn.q."""
+def _split_parts(model, linears, target, split):
+    """{map name: (module name, rows)} for a target "<module>.<part>" that config.split divides.
+    A split names its parts in one of two ways: ("q", "k", "v"), equal parts one after the other
+    (GPT-2's c_attn); or {"q": 64, "k": 64, "v": 64}, each part's rows in one block that repeats
+    until the outputs are filled (GPT-NeoX's query_key_value with head size 64: per head q, k, v;
+    Phi-3's qkv_proj: {"q": 3072, "k": 1024, "v": 1024}, one block). So "c_attn.q" with split
+    {"c_attn": ("q", "k", "v")} is rows (0, d, 3d) of every c_attn, named ....c_attn.q. Where two
+    split keys match a module, the longer one holds ("crossattention.c_attn" beside "c_attn")."""
     head, _, part = target.rpartition(".")
     found = {}
-    for key, parts in split.items():
-        for n in linears:
-            if part in parts and _ends_with(n, key) and _ends_with(n, head):
-                d_out = dims(linears[n])[0]
-                if d_out % len(parts):
-                    raise ValueError(f"split {key}: {n} has {d_out} outputs, not divisible into {len(parts)} parts")
-                size, i = d_out // len(parts), parts.index(part)
-                found[f"{n}.{part}"] = (n, (i * size, (i + 1) * size))
+    for n, layer in linears.items():
+        key = max((k for k in split if _ends_with(n, k)), key=len, default=None)
+        if key is None or part not in split[key] or not _ends_with(n, head):
+            continue
+        block = _block(key, n, split[key], dims(layer)[0])
+        _refuse_wrong_layout(model, n, key, block)
+        start = sum(block[p] for p in list(block)[:list(block).index(part)])
+        found[f"{n}.{part}"] = (n, (start, start + block[part], sum(block.values())))
     return found
+
+
+def _block(key, name, parts, d_out):
+    """{part: rows} of one block of the fused map `name`, of d_out outputs, that split[key] describes."""
+    if not isinstance(parts, dict):  # equal parts, one block
+        if d_out % len(parts):
+            raise ValueError(f"split {key}: {name} has {d_out} outputs, not divisible into "
+                             f"{len(parts)} parts")
+        return {p: d_out // len(parts) for p in parts}
+    if d_out % sum(parts.values()):
+        raise ValueError(f"split {key}: {name} has {d_out} outputs, which blocks of "
+                         f"{sum(parts.values())} rows ({parts}) do not fill: give each part's rows in "
+                         "one block (one head, or the whole map)")
+    return dict(parts)
+
+
+# The fused maps of transformers' attention classes whose layout is not equal thirds, or whose
+# parts are not q, k, v: (class name, map) -> its block, read off the module as its forward reads
+# it (transformers 5.23). A split on such a map must give this layout; equal thirds are refused.
+_per_head = lambda h: {"q": h, "k": h, "v": h}
+_FUSED_LAYOUTS = {
+    ("GPTNeoXAttention", "query_key_value"): lambda a: _per_head(a.head_size),  # (heads, 3, h)
+    ("GPTNeoXJapaneseAttention", "query_key_value"): lambda a: _per_head(a.head_size),
+    ("BloomAttention", "query_key_value"): lambda a: _per_head(a.head_dim),
+    ("PersimmonAttention", "query_key_value"): lambda a: _per_head(a.head_dim),
+    ("FalconAttention", "query_key_value"): lambda a: (  # per kv group: its q heads, one k, one v
+        {"q": a.head_dim * a.num_heads // a.num_kv_heads, "k": a.head_dim, "v": a.head_dim}
+        if a.new_decoder_architecture else  # Falcon-40B/180B
+        {"q": a.head_dim * a.num_heads, "k": a.head_dim, "v": a.head_dim} if a.multi_query  # 7B
+        else _per_head(a.head_dim)),  # Falcon-RW
+    ("Phi3Attention", "qkv_proj"): lambda a: {  # grouped-query: k and v smaller than q
+        "q": a.head_dim * a.config.num_attention_heads, "k": a.head_dim * a.num_key_value_heads,
+        "v": a.head_dim * a.num_key_value_heads},
+    ("CodeGenAttention", "qkv_proj"): lambda a: {  # 4 blocks ("mp_num"), each [q; v; k]
+        p: a.head_dim * a.num_attention_heads // 4 for p in ("q", "v", "k")},
+    ("GPTBigCodeAttention", "c_attn"): lambda a: (
+        {"k": a.embed_dim, "v": a.embed_dim} if a.is_cross_attention else
+        {"q": a.embed_dim, "k": a.kv_dim, "v": a.kv_dim} if a.multi_query else _per_head(a.head_dim)),
+    ("GPT2Attention", "c_attn"): lambda a: (  # a cross-attention's c_attn is [k; v]: q is q_attn
+        {"k": a.embed_dim, "v": a.embed_dim} if a.is_cross_attention else None),
+}
+
+
+def _refuse_wrong_layout(model, name, key, block):
+    """A split that gives a known fused map (_FUSED_LAYOUTS) other parts than its forward reads."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        layout = _FUSED_LAYOUTS.get((type(parent).__name__, child), lambda a: None)(parent)
+    except AttributeError:  # another transformers version, whose class reads differently: not known
+        layout = None
+    if layout is None:
+        return
+    d_out = dims(model.get_submodule(name))[0]
+    labels = lambda b: [p for p, n in b.items() for _ in range(n)] * (d_out // sum(b.values()))
+    mine, true = labels(block), labels(layout)
+    pairs = set(zip(mine, true))
+    if len(mine) == len(true) == d_out and len(pairs) == len(set(mine)) == len(set(true)) \
+            and all(a == b for a, b in pairs if a in layout):
+        return
+    per = "one block" if sum(layout.values()) == d_out else f"{d_out // sum(layout.values())} blocks"
+    raise ValueError(f"split {key!r} cuts {name} ({type(parent).__name__}) into {block}, but its "
+                     f"{d_out} outputs are {layout} in {per}: give split={{{child!r}: {layout}}} "
+                     "for it, or a split key that does not match it")
 
 
 # ---- 10. Other people's models: what cannot work is refused before any change --------------------
@@ -638,15 +734,20 @@ def _split_parts(linears, target, split):
 def _check_config(c):
     """AdapterConfig's checks: a ValueError naming the field and what it takes."""
     strings = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+    count = lambda n: isinstance(n, int) and not isinstance(n, bool) and n > 0
+    parts = lambda v: (strings(v) and len(set(v)) == len(v) > 0) or (isinstance(v, dict) and v and all(
+        isinstance(p, str) and count(n) for p, n in v.items()))
     for name, ok in (("preset", isinstance(c.preset, str)), ("spec", c.spec is None or isinstance(c.spec, str)),
                      ("targets", strings(c.targets)),
                      ("seed", isinstance(c.seed, int) and not isinstance(c.seed, bool)),
                      ("split", c.split is None or (isinstance(c.split, dict) and all(
-                         isinstance(k, str) and strings(v) for k, v in c.split.items()))),
+                         isinstance(k, str) and parts(v) for k, v in c.split.items()))),
                      ("layer_pattern", isinstance(c.layer_pattern, str)),
                      ("modules_to_save", strings(c.modules_to_save))):
         if not ok:
-            raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(c, name)!r}")
+            takes = (": give {module: (part names, ...)} or {module: {part: rows per block}}"
+                     if name == "split" else "")
+            raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(c, name)!r}{takes}")
     try:
         re.compile(c.layer_pattern)
     except (re.error, TypeError) as e:
@@ -738,6 +839,39 @@ def _avoid_fused_paths(model):
                     m.register_forward_pre_hook(lambda module, args: None)
         if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, AdaptedLinear) for m in module.modules()):
             module.use_nested_tensor = False
+
+
+def _declare_shared_copies(model):
+    """transformers' save_pretrained (and so Trainer's checkpoints) refuses a tensor that several
+    names hold, unless a module declares the other names tied to one, as a tied lm_head is, in its
+    `_tied_weights_keys`. So each wrapper declares its copies of a shared component, and the file
+    holds the tensor once, under its first map's name; loading that name (Trainer resumes with
+    load_state_dict(strict=False)) fills the one tensor that all maps hold. Only saving reads it."""
+    first = {}  # id of a component -> the first name it has in the state dict
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLinear):
+            names = {f"lora_{x}": getattr(m, f"lora_{x}") for x in COMPONENTS}
+            copies = {k: first.setdefault(id(p), f"{name}.{k}") for k, p in names.items() if p is not None}
+            m._tied_weights_keys = {k: v for k, v in copies.items() if v != f"{name}.{k}"} or None
+
+
+def check_adapters_run(model, *args, **kwargs):
+    """Run model(*args, **kwargs) once, without gradients, and raise a ValueError naming the adapted
+    maps it never called: a model that multiplies by a layer's .weight itself (MobileBERT's MLM
+    head, cls.predictions.dense) skips that layer's adapter, which would then never train and
+    would change the outputs when merged. Cheap: call it once after add_adapters."""
+    called = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, a: called.add(mod.name)) for m in _require_adapters(model)]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    never = [m.name for m in adapted_layers(model) if m.name not in called]
+    if never:
+        raise ValueError(f"the model never called {len(never)} adapted map(s), e.g. {never[0]}: it reads "
+                         "their weight itself, so their adapter would not train; leave them out of targets")
 
 
 # ---- 11. The adapter file ------------------------------------------------------------------------
@@ -1055,7 +1189,7 @@ def base_state_dict(model, add_delta=False):
         if sign:
             key = f"{_module_path(name, wrappers)}.weight"
             view = _delta_view(m, changed.setdefault(key, out[key].float().clone()))
-            view += sign * m.delta_weight().to(view.device)
+            view += sign * m.delta_weight().to(view.device).view(view.shape)
     out.update({k: w.to(out[k].dtype) for k, w in changed.items()})
     return out
 
@@ -1119,13 +1253,13 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
 
 
 def _peft_modules(model, fused):
-    """{the module PEFT adapts: {"rows": its d_out, "parts": [(first row, A', B', s), ...]}}."""
+    """{the module PEFT adapts: {"rows": its d_out, "parts": [(output rows, A', B', s), ...]}}."""
     modules = {}
     wrappers = {n: w for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
     for name, m in wrappers.items():
         B, A = m.folded_factors()
-        target, start, height = _their_module(model, m, _module_path(name, wrappers), fused)
-        modules.setdefault(target, {"rows": height, "parts": []})["parts"].append((start, A, B, m.scale))
+        target, rows, height = _their_module(model, m, _module_path(name, wrappers), fused)
+        modules.setdefault(target, {"rows": height, "parts": []})["parts"].append((rows, A, B, m.scale))
     return modules
 
 
@@ -1133,12 +1267,12 @@ def _peft_tensors(modules):
     """PEFT's lora_A / lora_B tensors, and each module's rank and alpha, of _peft_modules' parts."""
     tensors, ranks, alphas = {}, {}, {}
     for name, entry in modules.items():
-        parts = sorted(entry["parts"], key=lambda p: p[0])
+        parts = sorted(entry["parts"], key=lambda p: int(p[0][0]))
         A = torch.cat([p[1] for p in parts])  # (n·r, d_in)
         B = torch.zeros(entry["rows"], A.size(0))  # block-diagonal: part i's rows, its own r columns
         col = 0
-        for start, a, b, _ in parts:
-            B[start:start + b.size(0), col:col + a.size(0)] = b
+        for rows, a, b, _ in parts:
+            B[rows, col:col + a.size(0)] = b
             col += a.size(0)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A  # a shared A is written once per layer here
         tensors[f"base_model.model.{name}.lora_B.weight"] = B
@@ -1147,14 +1281,16 @@ def _peft_tensors(modules):
 
 
 def _their_module(model, m, path, fused):
-    """(the module PEFT adapts for our map m, the first of its output rows that m changes, its d_out);
-    path: the name of the module m adapts."""
+    """(the module PEFT adapts for our map m, the indices of its output rows that m changes, its
+    d_out); path: the name of the module m adapts."""
+    d_out = dims(_stored(m))[0]
     if m.rows is not None:  # a part of a fused map of this model
-        return path, m.rows[0], dims(_stored(m))[0]
+        start, stop, period = m.rows
+        return path, torch.arange(d_out).view(-1, period)[:, start:stop].reshape(-1), d_out
     for theirs, ours in (fused or {}).items():  # a map that the other framework fuses with its siblings
         for i, o in enumerate(ours):
             if _ends_with(path, o):
                 root = path[: len(path) - len(o)]
                 heights = [dims(model.get_submodule(root + x))[0] for x in ours]
-                return root + theirs, sum(heights[:i]), sum(heights)
-    return path, 0, dims(_stored(m))[0]
+                return root + theirs, torch.arange(sum(heights[:i]), sum(heights[:i + 1])), sum(heights)
+    return path, torch.arange(d_out), d_out

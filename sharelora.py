@@ -1,5 +1,5 @@
 """
-Shared low-rank adapters: LoRA, ShareLoRA (ShareA / ShareB / ShareAB), Tied-LoRA and VeRA in one layer.
+Shared low-rank adapters: LoRA, ShareLoRA (ShareA, ShareB, ShareAB), Tied-LoRA, VeRA in one layer.
 
 LoRA (Hu et al. 2021, arXiv 2106.09685) freezes a pretrained map W (d_out x d_in) and learns a
 low-rank update next to it:
@@ -16,36 +16,108 @@ and shares A (ShareA), B (ShareB) or both (ShareAB) between the L layers: one te
 every layer, trained by the sum of their gradients. ShareA keeps LoRA's quality with about half the
 parameters (section 4 of the paper).
 
-Tied-LoRA (Renduchintala et al. 2024, arXiv 2311.09578) ties A and B across layers and gives each layer
-two cheap scaling vectors back, u (r) and v (d_out), each part trainable or frozen:
+Tied-LoRA (Renduchintala et al. 2024, arXiv 2311.09578) ties A and B across layers and gives each
+layer two cheap scaling vectors back, u (r) and v (d_out), each part trainable or frozen:
 
         y = W x + s · v ⊙ (B (u ⊙ (A dropout(x))))          (METHOD.md's formula; ⊙ is elementwise)
 
+The Tied-LoRA paper names a configuration by its factors, marking those tied across layers with ®:
+vB®uA® is A and B tied (one for all layers), u and v per layer: the preset `tied` below.
 VeRA (Kopiczko et al. 2024, arXiv 2310.11454) is the corner of that space where A and B are frozen
 random matrices and only u and v train (and s = 1).
 
 So every method here is one formula with four components A, B, u, v, each with a placement
 (`layer`: one per layer, `shared`: one for all layers of a target, `off`: the constant 1, u and v
-only) and a training setting (`train` or `frozen`). Read this file top to bottom: the adapted layer,
-the configuration, adding adapters to a model (3b: other people's models), counting, merging, saving,
-exporting.
-Imports only torch and the standard library, so it can be copied into any project.
+only) and a training setting (`train` or `frozen`).
+
+The file has two parts. Part 1, the method, ends at the banner "END OF PART 1": the presets, the
+adapted layer, the configuration, adding adapters (grouping and initialisation), counting, merging
+and the adapter's state dict; a reader who stops there has every preset. Part 2 is for other
+people's models (transformers' Conv1D, fused maps split into parts, refusals, quantized layers),
+the adapter file (save_adapter, read_adapter, load_adapter) and exports (merged weights, PEFT).
+Imports only torch and the standard library (the safetensors format is written and read in part 2),
+so it can be copied into any project.
 """
 import hashlib
 import json
 import math
 import os
 import re
+import struct
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-COMPONENTS = ("A", "B", "u", "v")
+__all__ = [  # part 1, the method
+    "PRESETS", "parse_spec", "AdaptedLinear", "AdapterConfig", "add_adapters", "group_maps",
+    "adapted_layers", "count_trainable", "trainable_breakdown", "parameter_table", "merge",
+    "unmerge", "adapter_state_dict",
+    # part 2: other people's models, the adapter file, exports
+    "find_targets", "check_adapters_run", "quantization", "quantized_maps", "applied_weight",
+    "saved_modules",
+    "save_adapter", "read_adapter", "load_adapter",
+    "base_state_dict", "merged_state_dict", "export_merged", "export_peft",
+]
+
+COMPONENTS = ("A", "B", "u", "v")  # of s · v ⊙ B(u ⊙ A x); `comps` below: a resolved spec
 
 
-# ---- 1. One adapted linear map ------------------------------------------------------------------
+# ---- 1. The presets are spec strings -------------------------------------------------------------
+
+# A spec is a space-separated list of settings; a preset is a named spec. Grammar:
+#     spec    := setting (" " setting)*
+#     setting := X "=" placement ["/" training]  |  "scale=" ("alpha/r" | "1")
+#              | "share=" (layers | targets | all)
+#     X := A | B | u | v   placement := layer | shared | off (u, v only)   training := train | frozen
+# Unspecified: A=layer, B=layer, u=off, v=off, training=train, scale=alpha/r, share=layers. So
+# "A=shared" is ShareA, and every configuration of the Tied-LoRA paper (its Table 1) can be written
+# down, e.g. its vB®uA® with frozen u: "A=shared B=shared u=layer/frozen v=layer".
+# The placement `shared` makes a component one tensor for a group of maps; the setting `share=`
+# says what a group spans: `layers` (the paper's default), one per target across all layers;
+# `targets`, one per layer across the targets (q, k, v of a layer read the same input x, so a
+# shared A computes A x once for the three); `all`, one across the layers and the targets.
+PRESETS = {
+    "lora": "A=layer B=layer",  # Hu et al.
+    "sharea": "A=shared B=layer",  # ShareLoRA's ShareA: about half LoRA's parameters, same quality
+    "shareb": "A=layer B=shared",  # ShareB
+    "shareab": "A=shared B=shared",  # ShareAB: every layer adds the same ΔW
+    "tied": "A=shared B=shared u=layer v=layer",  # Tied-LoRA vB®uA®, all trained
+    "vera": "A=shared/frozen B=shared/frozen u=layer v=layer scale=1",  # VeRA: frozen random A, B
+    "shareqkv": "A=shared B=layer share=all",  # ShareLoRA's Shareqkv: one A for all q, k, v
+}
+
+
+def parse_spec(spec):
+    """-> {"A": (placement, trainable), "B": ..., "u": ..., "v": ..., "scale": ..., "share": ...}"""
+    out = {"A": ("layer", True), "B": ("layer", True), "u": ("off", False), "v": ("off", False),
+           "scale": "alpha/r", "share": "layers"}
+    seen = set()
+    for setting in spec.split():
+        key, _, value = setting.partition("=")
+        if key in seen:
+            raise ValueError(f"spec {spec!r} sets {key} twice")
+        seen.add(key)
+        if value in {"scale": ("alpha/r", "1"), "share": ("layers", "targets", "all")}.get(key, ()):
+            out[key] = value
+            continue
+        placement, _, training = value.partition("/")
+        ok_placements = ("layer", "shared") if key in ("A", "B") else ("layer", "shared", "off")
+        if key not in COMPONENTS or placement not in ok_placements \
+                or training not in ("", "train", "frozen") or (placement == "off" and training):
+            raise ValueError(f"bad spec setting {setting!r} in {spec!r}: write "
+                             "X=placement[/training] with X in A, B, u, v, placement layer|shared "
+                             "(|off for u, v), training train|frozen; or scale=alpha/r|1, or "
+                             "share=layers|targets|all")
+        out[key] = (placement, placement != "off" and training != "frozen")
+    if not any(out[x][1] for x in COMPONENTS):
+        raise ValueError(f"spec {spec!r} freezes every component: nothing would train")
+    return out
+
+
+# ---- 2. One adapted linear map -------------------------------------------------------------------
 
 class AdaptedLinear(nn.Module):
     """A frozen linear map plus the update s · v ⊙ B(u ⊙ A x).
@@ -54,72 +126,78 @@ class AdaptedLinear(nn.Module):
     several AdaptedLinear modules hold at once (PyTorch lists it once in model.parameters(), so the
     optimizer updates it once, with the sum of the layers' gradients). u and v may be None (off).
 
-    `base` is an nn.Linear (W stored d_out x d_in), or transformers' Conv1D (GPT-2: W stored d_in x d_out),
-    or another AdaptedLinear when two parts of one fused map are adapted. `rows` = (start, stop) makes
-    this adapter a part of a fused map: only outputs start..stop-1 change (q is the first third of
-    GPT-2's c_attn = [q; k; v]), so ΔW is (stop - start) x d_in.
+    `base` is an nn.Linear (W stored d_out x d_in), or transformers' Conv1D (GPT-2: W stored d_in x
+    d_out), or another AdaptedLinear when two parts of one fused map are adapted. `rows` =
+    (start, stop, period) makes this adapter a part of a fused map: in every block of `period`
+    outputs only start..stop-1 change. q of GPT-2's c_attn = [q; k; v] (d_out = 3d) is (0, d, 3d):
+    one block; q of GPT-NeoX's query_key_value, [q; k; v] per head, is (0, h, 3h) for head size h.
+    ΔW then has (stop - start) · d_out / period rows. `memo` is a _Memo that the maps of one layer
+    share when they share A, so that A x is computed once for those that read one input.
     """
 
-    def __init__(self, base, A, B, u=None, v=None, scale=1.0, dropout=0.0, name="", group="", config=None,
-                 rows=None, memo=None):
+    def __init__(self, base, A, B, u=None, v=None, scale=1.0, dropout=0.0, name="", group="",
+                 config=None, rows=None, memo=None):
         super().__init__()
         self.base = base
-        self.lora_A, self.lora_B, self.lora_u, self.lora_v = A, B, u, v  # (r, d_in), (d_out, r), (r,), (d_out,)
+        # (r, d_in), (d_out, r), (r,), (d_out,); u, v None when off
+        self.lora_A, self.lora_B, self.lora_u, self.lora_v = A, B, u, v
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.name, self.group, self.config = name, group, config  # for saving: see adapter_state_dict
+        self.name, self.group, self.config = name, group, config  # see adapter_state_dict
         self.rows = rows
-        self.memo = memo  # shared by the maps of a group that read one input: A x computed once, see _project
+        self.memo = memo
         self.merged = False
+        self.train(base.training)  # added to a model in eval mode, it is in eval mode too
 
     @property
     def weight(self):  # so that code reading `module.weight` (dtype, device, shape) keeps working
         return self.base.weight
 
     def __getattr__(self, name):
-        if name == "bias":  # no pass-through, on purpose: code that reads a layer's weight and bias to compute
-            # with them itself (nn.MultiheadAttention's out_proj, WavLM's attention) would skip the adapter
-            raise AttributeError(f"{self.name} is adapted, but this model reads its weight and bias itself instead "
-                                 "of calling it, which would skip the adapter: adapt other layers of this model")
-        return super().__getattr__(name)  # parameters and submodules (nn.Module keeps them in dicts)
+        if name == "bias":  # no pass-through, on purpose: code that reads a layer's weight and
+            # bias to compute with them itself (nn.MultiheadAttention's out_proj, WavLM's attention)
+            # would skip the adapter
+            raise AttributeError(f"{self.name} is adapted, but this model reads its weight and "
+                                 "bias itself instead of calling it, which would skip the adapter: "
+                                 "adapt other layers of this model")
+        return super().__getattr__(name)  # parameters, submodules (nn.Module keeps them in dicts)
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:  # ΔW is inside base.weight already: no adapter work at all
             if self.training and torch.is_grad_enabled():
-                raise RuntimeError(f"{self.name} is merged: call sharelora.unmerge(model) before training")
+                raise RuntimeError(f"{self.name} is merged: call sharelora.unmerge(model) before "
+                                   "training")
             return y
-        # x -> A -> B: r·(d_in + d_out) multiply-adds per token, never the d_out·d_in of ΔW. u and v are
-        # folded into the factors first (diag(u)·A is r x d_in, diag(v)·B is d_out x r): the same
-        # product as scaling the activations, but elementwise work on the small matrices instead of on
-        # every token's r- and d_out-wide vectors (tied and VeRA then train in LoRA's memory).
-        # s is applied on the r-wide side, where it is cheapest. Components are cast to the input's
-        # dtype, so a bfloat16 base works without autocast too.
+        # x -> A -> B: r·(d_in + d_out) multiply-adds per token, never the d_out·d_in of ΔW. u and v
+        # are folded into the factors first (diag(u)·A is r x d_in, diag(v)·B is d_out x r): the
+        # same product as scaling the activations, but elementwise work on the small matrices
+        # instead of on every token's r- and d_out-wide vectors (tied and VeRA then train in LoRA's
+        # memory). s is applied on the r-wide side, where it is cheapest. Components are cast to the
+        # input's dtype, so a bfloat16 base works without autocast too.
         B, A = self.folded_factors()
         delta = F.linear(self._project(x, A) * self.scale, B.to(x.dtype))  # (..., d_out)
         if self.rows is not None:  # a part of a fused map: zeros for the other parts' outputs
-            delta = F.pad(delta, (self.rows[0], y.size(-1) - self.rows[1]))
+            start, stop, period = self.rows
+            delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
         return y + delta
 
     def _project(self, x, A):
-        """A x, (..., r). Maps that share A and read the same x (q, k and v of one layer with a shared
-        A: the ShareLoRA paper's Shareqkv) compute it once: the first stores it in their common memo, the
-        next ones find the same input object and the same A there. Only without dropout and u, which
-        would make each map's A x its own."""
+        """A x, (..., r). Maps that share A and read the same x (q, k and v of one layer with a
+        shared A: the ShareLoRA paper's Shareqkv) compute it once: the first stores it in their
+        common memo, the next ones find the same input object and the same A there. Only without
+        dropout and u, which would make each map's A x its own."""
         if self.memo is None or not isinstance(self.dropout, nn.Identity) or self.lora_u is not None:
             return F.linear(self.dropout(x), A.to(x.dtype))
-        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # an optimizer step changes _version
+        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # a step changes _version
         if self.memo.get("x") is not x or self.memo.get("key") != key:
-            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)), uses=0)
-        h = self.memo["h"]
-        self.memo["uses"] += 1
-        if self.memo["uses"] == self.memo["maps"]:  # every map of the layer has it: hold nothing further
-            self.memo.update(x=None, h=None)
-        return h
+            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)))
+        return self.memo["h"]
 
     def folded_factors(self):
-        """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s · B' A'.
-        Differentiable: forward uses it too (the adapters are float32 already, so .float() is free)."""
+        """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s ·
+        B' A'. Differentiable: forward uses it too (the adapters are float32 already, so .float() is
+        free)."""
         A, B = self.lora_A.float(), self.lora_B.float()
         if self.lora_u is not None:
             A = self.lora_u.float()[:, None] * A
@@ -128,13 +206,330 @@ class AdaptedLinear(nn.Module):
         return B, A
 
     def delta_weight(self):
-        """ΔW = s · diag(v) · B · diag(u) · A, in float32 (d_out, d_in): used only to merge and export."""
+        """ΔW = s · diag(v) · B · diag(u) · A in float32, (d_out, d_in): to merge and export."""
         B, A = self.folded_factors()
         return self.scale * (B @ A)
 
     def extra_repr(self):
-        return f"group={self.group!r}, r={self.lora_A.size(0)}, scale={self.scale:g}, merged={self.merged}"
+        return (f"group={self.group!r}, r={self.lora_A.size(0)}, scale={self.scale:g}, "
+                f"merged={self.merged}")
 
+
+class _Memo(dict):
+    """{"x": an input, "key": A's version..., "h": A x}, shared by the adapted maps below one module
+    (a layer's attention). Emptied when that module's call ends, returns or fails (_forget), and
+    copied or pickled empty: it never holds activations, or their graph, past the call."""
+
+    def __reduce_ex__(self, protocol):
+        return _Memo, ()
+
+
+def _memo_below(owner):
+    """A new memo for maps below the module `owner`, emptied after each of owner's calls."""
+    if _forget not in owner._forward_hooks.values():
+        owner.register_forward_hook(_forget, always_call=True)
+    return _Memo()
+
+
+def _forget(module, args, output):
+    for m in module.modules():
+        if isinstance(m, AdaptedLinear) and m.memo:
+            m.memo.clear()
+
+
+# ---- 3. The configuration ------------------------------------------------------------------------
+
+@dataclass
+class AdapterConfig:
+    """preset: one of PRESETS; spec: a spec string that overrides the preset (grammar above); r: the
+    rank; alpha: s = alpha / r (LoRA's convention; the spec's scale=1 drops it, as VeRA does);
+    dropout: on the adapter's input (LoRA's convention); targets: names of linear modules to adapt
+    (nn.Linear, or transformers' Conv1D), matched on the end of the qualified name ("q" matches
+    transformer.h.7.attn.q, "attn.c_proj" works too); seed: for every random initial value, so that
+    frozen random matrices can be rebuilt.
+
+    For other people's models (part 2): split: {module: part names} for a fused map whose output is
+    equal parts stacked, e.g. {"c_attn": ("q", "k", "v")}; a target "c_attn.q" then adapts the q
+    part alone; {module: {part: rows}} for parts of other sizes or per head (_split_parts).
+    layer_pattern: a regular expression whose first match in a module's name is its layer (the
+    default, the first all-digit part, fits model.layers.7.q_proj and blocks.3.0). modules_to_save:
+    modules trained whole beside the adapters (a classifier head), saved in the adapter file."""
+    preset: str = "sharea"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ("q", "v")
+    seed: int = 0
+    spec: str = None
+    split: dict = None
+    layer_pattern: str = r"(?<![^.])\d+(?![^.])"
+    modules_to_save: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # "q,v" from a command line
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        _check_config(self)  # part 2: each field's type and range, in one sentence each
+        self.targets, self.modules_to_save = tuple(self.targets), tuple(self.modules_to_save)
+        # tuples, so that a config read back from JSON compares equal
+        self.split = {k: dict(v) if isinstance(v, dict) else tuple(v)
+                      for k, v in (self.split or {}).items()} or None
+        self.components()  # validates preset and spec now rather than halfway through add_adapters
+
+    @property
+    def scale(self):
+        return 1.0 if self.components()["scale"] == "1" else self.alpha / self.r
+
+    def components(self):
+        """-> parse_spec's dict of the preset or spec: what the code below calls `comps`."""
+        if self.spec is None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}, "
+                             "or give a spec")
+        return parse_spec(self.spec if self.spec is not None else PRESETS[self.preset])
+
+    def describe(self):
+        """The resolved spec in canonical form: 'A=shared/train B=layer/train u=off v=off
+        scale=alpha/r' for sharea."""
+        c = self.components()
+        parts = [f"{x}={c[x][0]}" + ("" if c[x][0] == "off" else "/train" if c[x][1] else "/frozen")
+                 for x in COMPONENTS]
+        share = [f"share={c['share']}"] if c["share"] != "layers" else []
+        return " ".join(parts + [f"scale={c['scale']}"] + share)
+
+
+# ---- 4. Adding adapters to a model ---------------------------------------------------------------
+
+def add_adapters(model, config):
+    """Freeze the model and wrap every linear map that config.targets names.
+
+    Maps are grouped for sharing (group_maps): a `shared` component is one tensor per group, by
+    default one per target across the layers (transformer.h.7.attn.q is in group
+    transformer.h.*.attn.q). Works on any model built from nn.Linear or transformers' Conv1D layers;
+    part 2 handles the rest of other people's models. Returns the model."""
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise ValueError("this model already has adapters: load a fresh base model to add new ones")
+    comps = config.components()
+    maps = find_targets(model, config)  # {map name: (module name, rows)}
+    check_supported(model, maps)
+    groups = group_maps(maps, config.layer_pattern, comps["share"])
+    saved = find_modules_to_save(model, config, maps)
+    d = {n: map_dims(model, n, maps) for n in maps}  # (d_out, d_in)
+    _check_sizes(groups, d, comps, config.r)
+    for p in model.parameters():  # "mark only the adapters as trainable" (loralib)
+        p.requires_grad_(False)
+    for module in saved.values():  # ... and the modules the user trains whole
+        module.requires_grad_(True)
+    for group, names in groups.items():
+        _wrap_group(model, config, group, names, maps, d)
+    _avoid_fused_paths(model)
+    _declare_shared_copies(model)  # so that transformers' save_pretrained saves each once
+    return model
+
+
+def group_maps(maps, layer_pattern, share):
+    """{group: [map names]}: the maps one shared tensor serves, by the spec's `share`:
+    layers:  the name with its layer index as * (transformer.h.*.attn.q): one tensor per target;
+    targets: sibling maps of one layer together (transformer.h.7.attn.q+k+v);
+    all:     both (transformer.h.*.attn.q+k+v).
+    The layer index is the first match of layer_pattern."""
+    label = {n: n for n in maps}
+    if share != "layers":
+        siblings = {}
+        for n in maps:
+            siblings.setdefault(n.rpartition(".")[0], []).append(n)
+        for prefix, names in siblings.items():
+            for n in names:
+                label[n] = f"{prefix}.{'+'.join(m.rpartition('.')[2] for m in names)}"
+    groups = {}
+    for n in maps:
+        group = label[n] if share == "targets" else re.sub(layer_pattern, "*", label[n], count=1)
+        groups.setdefault(group, []).append(n)
+    return groups
+
+
+def _wrap_group(model, config, group, names, maps, d):
+    """Replace the group's modules by AdaptedLinear wrappers that hold one tensor for each shared
+    component (made once, from the group's first map) and their own for each per-layer one."""
+    comps = config.components()
+    zero = _zero_factor(comps)  # the component that starts at 0, so that ΔW = 0 at the start
+    device = lambda n: model.get_submodule(maps[n][0]).weight.device
+    make = lambda x, n: _initial_value(x, _key(n, x, comps, group), d[n], config.r, comps, zero,
+                                       config.seed, device(n))
+    shared = {x: make(x, names[0]) for x in COMPONENTS if comps[x][0] == "shared"}
+    memos = {}  # maps of one layer that read the same input and share A compute A x once
+    for n in names:
+        module, rows = maps[n]
+        parts = {x: shared[x] if comps[x][0] == "shared" else make(x, n)
+                 for x in COMPONENTS if comps[x][0] != "off"}
+        memo, owner = None, module.rpartition(".")[0]  # the module that calls it: an attention
+        if comps["share"] != "layers" and comps["A"][0] == "shared":
+            if owner not in memos:
+                memos[owner] = _memo_below(model.get_submodule(owner))
+            memo = memos[owner]
+        wrapped = AdaptedLinear(model.get_submodule(module), parts["A"], parts["B"], parts.get("u"),
+                                parts.get("v"), scale=config.scale, dropout=config.dropout, name=n,
+                                group=group, config=config, rows=rows, memo=memo)
+        parent_name, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+
+
+def _key(name, x, comps, group):
+    """Where component x of the map `name` is saved: under its group for a shared one
+    (transformer.h.*.attn.q.lora_A), under the map for a per-layer one
+    (transformer.h.7.attn.q.lora_B)."""
+    return f"{group if comps[x][0] == 'shared' else name}.lora_{x}"
+
+
+def _zero_factor(comps):
+    """ΔW must be 0 at the start, so one factor starts at zero. It must be a trainable one, and only
+    one: two zero factors in one product give each other zero gradients forever. LoRA's choice is B;
+    with B frozen (VeRA) it is v; then u, then A, for the rarer corners of the spec space."""
+    return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
+
+
+def _shape(x, d, r):
+    d_out, d_in = d
+    return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
+
+
+def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
+    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
+    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
+    matrices, on any machine."""
+    shape = _shape(x, d, r)
+    if x == zero:
+        t = torch.zeros(shape)
+    elif x in ("A", "B"):  # Kaiming-uniform, a = √5, as nn.Linear and loralib: U(±1/√fan_in)
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+        g = torch.Generator().manual_seed(int(digest[:15], 16))
+        bound = 1 / math.sqrt(shape[1])
+        t = torch.empty(shape).uniform_(-bound, bound, generator=g)
+    else:  # u and v start at 1; VeRA's u (λ_d, v being the zero factor) at 0.1, its d_initial
+        t = torch.full(shape, 0.1 if (x == "u" and zero == "v") else 1.0)
+    # adapters live in float32 even on a bfloat16 base: they are what the optimizer updates
+    return nn.Parameter(t.to(device), requires_grad=comps[x][1])
+
+
+def adapted_layers(model):
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+def _require_adapters(model):
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("this model has no adapters: call add_adapters(model, config) or "
+                         "load_adapter first")
+    return layers
+
+
+# ---- 5. Counting ---------------------------------------------------------------------------------
+
+def count_trainable(model):
+    """Trainable parameters, each tensor counted once (a shared tensor is one tensor)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_breakdown(model):
+    """One row per target group: {"target", "layers", "A", "B", "u", "v", "total"}, trainable
+    counts."""
+    rows = {}  # group -> its row
+    for m in _require_adapters(model):
+        row = rows.setdefault(m.group, {"target": m.group, "layers": 0, "seen": set(),
+                                        **{x: 0 for x in COMPONENTS}})
+        row["layers"] += 1
+        for x in COMPONENTS:
+            p = getattr(m, f"lora_{x}")
+            if p is not None and p.requires_grad and id(p) not in row["seen"]:
+                row["seen"].add(id(p))
+                row[x] += p.numel()
+    for row in rows.values():
+        del row["seen"]
+        row["total"] = sum(row[x] for x in COMPONENTS)
+    whole = {}  # so that the table's total is count_trainable(model)
+    for label, p in _other_trainables(model).values():
+        whole[label] = whole.get(label, 0) + p.numel()
+    return list(rows.values()) + [{"target": k, "layers": 1, **{x: 0 for x in COMPONENTS},
+                                   "total": n} for k, n in whole.items()]
+
+
+def parameter_table(model):
+    """The breakdown as a printable table, with the total and its share of all parameters."""
+    rows = trainable_breakdown(model)
+    width = max(len("target"), *(len(r["target"]) for r in rows))
+    cols = (*COMPONENTS, "total")
+    lines = [f"{'target':<{width}} {'layers':>6} " + " ".join(f"{x:>10}" for x in cols)]
+    for r in rows:
+        lines.append(f"{r['target']:<{width}} {r['layers']:>6} " + " ".join(f"{r[x]:>10,}" for x in cols))
+    total = sum(r["total"] for r in rows)
+    everything = sum(p.numel() for p in model.parameters())
+    for name in quantized_maps(model):  # a packed weight holds two 4-bit values per element
+        layer = model.get_submodule(name)
+        everything += math.prod(dims(layer)) - layer.weight.numel()
+    share = 100 * total / everything
+    lines.append(f"trainable: {total:,} of {everything:,} parameters ({share:.3f}%)")
+    return "\n".join(lines)
+
+
+# ---- 6. Merging ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge(model):
+    """Add each layer's ΔW into its W (in float32, then cast back): inference then costs what the
+    base model costs. With a shared A each layer still gets its own ΔW_l =
+    s·diag(v_l)·B_l·diag(u_l)·A. Explicit by design: never a side effect of train()/eval()
+    (loralib's merge-on-eval surprised users)."""
+    layers = _require_adapters(model)
+    q = next((m for m in layers if quantization(m)), None)  # on the adapted maps' bases
+    if q is not None:  # ΔW added to 4-bit W would have to be quantized again: not what was trained
+        raise ValueError(f"{q.name} has a quantized base ({quantization(q)}): adding ΔW would "
+                         "mean quantizing W + ΔW again, which is not the model the adapter was "
+                         "trained with; keep the adapter unmerged (it runs as trained), or use "
+                         "export_merged, which writes dequant(W) + ΔW in float32")
+    for m in layers:
+        if not m.merged:
+            w = _delta_view(m, _stored(m).weight)  # its rows of W, laid out as ΔW's
+            w.copy_((w.float() + m.delta_weight().view(w.shape)).to(w.dtype))
+            m.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge(model):
+    """Subtract ΔW again, so the adapter can train on. W comes back to rounding: in float32 about
+    6e-8 from the original after 10 merge/unmerge cycles (tiny Llama and GPT-2, docs/models.md);
+    in bfloat16 the round trip loses W's low bits, so keep a float32 base to merge repeatedly."""
+    for m in _require_adapters(model):
+        if m.merged:
+            w = _delta_view(m, _stored(m).weight)
+            w.copy_((w.float() - m.delta_weight().view(w.shape)).to(w.dtype))
+            m.merged = False
+    return model
+
+
+# ---- 7. The adapter's state dict: each shared tensor once ----------------------------------------
+
+def adapter_state_dict(model, trainable_only=False):
+    """{key: tensor} with each tensor once: a shared component under its group's key
+    (transformer.h.*.attn.q.lora_A), a per-layer one under its layer's
+    (transformer.h.7.attn.q.lora_B). model.state_dict() would repeat a shared tensor under every
+    layer's name instead. To rebuild the sharing, load_adapter (part 2) runs add_adapters with the
+    stored configuration, then copies these tensors in; frozen tensors still at their seeded values
+    are stored as seed + fingerprint only."""
+    out = {}
+    for m in _require_adapters(model):
+        cfg = m.config.components()
+        for x in COMPONENTS:
+            p = getattr(m, f"lora_{x}")
+            if p is not None and (p.requires_grad or not trainable_only):
+                out[_key(m.name, x, cfg, m.group)] = p
+    return out
+
+
+# ==================================================================================================
+# END OF PART 1: the method. What follows is for other people's models, the adapter file, exports.
+# ==================================================================================================
+
+
+# ---- 8. Other people's models: layers that are not nn.Linear -------------------------------------
 
 def _stored(layer):
     """The layer that holds W: below one wrapper, or two when two parts of one fused map are adapted."""
@@ -176,7 +571,8 @@ def quantization(layer):
 
 def quantized_maps(model):
     """Names of the model's linear maps whose weight is quantized."""
-    return [n for n, m in model.named_modules() if not isinstance(m, AdaptedLinear) and is_linear(m) and quantization(m)]
+    return [n for n, m in model.named_modules()
+            if not isinstance(m, AdaptedLinear) and is_linear(m) and quantization(m)]
 
 
 @torch.no_grad()
@@ -197,10 +593,12 @@ def applied_weight(layer):
 
 
 def _delta_view(m, w):
-    """The part of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as a
-    view laid out like ΔW (d_out, d_in): merge and base_state_dict write into it in place."""
+    """The rows of w (the stored base weight of adapter m, or a copy of it) that ΔW of m changes, as
+    a view (blocks, rows per block, d_in) that ΔW fills in order: merge and base_state_dict write
+    into it in place. Conv1D stores W transposed; its view is transposed back."""
     w = w.t() if is_conv1d(_stored(m)) else w
-    return w if m.rows is None else w[m.rows[0]:m.rows[1]]
+    start, stop, period = m.rows or (0, w.size(0), w.size(0))
+    return w.unflatten(0, (-1, period))[:, start:stop]
 
 
 def _module_path(path, wrapper_paths):
@@ -211,256 +609,17 @@ def _module_path(path, wrapper_paths):
     return path
 
 
-# ---- 2. The configuration: presets are spec strings ---------------------------------------------
-
-# A spec is a space-separated list of settings; a preset is a named spec. Grammar:
-#     spec    := setting (" " setting)*
-#     setting := X "=" placement ["/" training]  |  "scale=" ("alpha/r" | "1")  |  "share=" (layers | targets | all)
-#     X := A | B | u | v      placement := layer | shared | off (u, v only)      training := train | frozen
-# Unspecified: A=layer, B=layer, u=off, v=off, training=train, scale=alpha/r, share=layers. So "A=shared"
-# is ShareA, and every configuration of the Tied-LoRA paper (its Table 1) can be written down, e.g. its
-# vB®uA® with frozen u: "A=shared B=shared u=layer/frozen v=layer".
-# `share` says what one shared tensor spans: `layers` (the paper's default), one per target across all
-# layers; `targets`, one per layer across the targets (q, k, v of a layer read the same input x, so a
-# shared A computes A x once for the three); `all`, one across the layers and the targets.
-PRESETS = {
-    "lora": "A=layer B=layer",  # Hu et al.
-    "sharea": "A=shared B=layer",  # ShareLoRA's ShareA: about half of LoRA's parameters, same quality
-    "shareb": "A=layer B=shared",  # ShareB
-    "shareab": "A=shared B=shared",  # ShareAB: every layer adds the same ΔW
-    "tied": "A=shared B=shared u=layer v=layer",  # Tied-LoRA vB®uA®, all trained
-    "vera": "A=shared/frozen B=shared/frozen u=layer v=layer scale=1",  # VeRA: frozen random A, B
-    "shareqkv": "A=shared B=layer share=all",  # ShareLoRA's Shareqkv: one A for q, k, v of every layer
-}
-
-
-@dataclass
-class AdapterConfig:
-    """preset: one of PRESETS; spec: a spec string that overrides the preset (grammar above);
-    r: the rank; alpha: s = alpha / r (LoRA's convention; the spec's scale=1 drops it, as VeRA does);
-    dropout: on the adapter's input (LoRA's convention); targets: names of linear modules to adapt
-    (nn.Linear, or transformers' Conv1D), matched on the end of the qualified name ("q" matches
-    transformer.h.7.attn.q, "attn.c_proj" works too); seed: for every random initial value, so that
-    frozen random matrices can be rebuilt.
-
-    For other people's models (section 3b): split: {module: part names} for a fused map whose output
-    is equal parts stacked, e.g. {"c_attn": ("q", "k", "v")}; a target "c_attn.q" then adapts the q part
-    alone. layer_pattern: a regular expression whose first match in a module's name is its layer (the
-    default, the first all-digit part, fits model.layers.7.q_proj and blocks.3.0). modules_to_save:
-    modules trained whole beside the adapters (a classifier head), saved in the adapter file."""
-    preset: str = "sharea"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple = ("q", "v")
-    seed: int = 0
-    spec: str = None
-    split: dict = None
-    layer_pattern: str = r"(?<![^.])\d+(?![^.])"
-    modules_to_save: tuple = ()
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
-        for name, ok in (("preset", isinstance(self.preset, str)), ("spec", self.spec is None or isinstance(self.spec, str)),
-                         ("targets", all(isinstance(t, str) for t in self.targets)),
-                         ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-                         ("split", self.split is None or (isinstance(self.split, dict) and all(
-                             isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
-                             for k, v in self.split.items()))),
-                         ("layer_pattern", isinstance(self.layer_pattern, str)),
-                         ("modules_to_save", isinstance(self.modules_to_save, (list, tuple)) and all(
-                             isinstance(m, str) for m in self.modules_to_save))):
-            if not ok:
-                raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(self, name)!r}")
-        self.split = {k: tuple(v) for k, v in (self.split or {}).items()} or None  # tuples: equal after JSON
-        self.modules_to_save = tuple(self.modules_to_save)
-        try:
-            re.compile(self.layer_pattern)
-        except (re.error, TypeError) as e:
-            raise ValueError(f"layer_pattern {self.layer_pattern!r} is not a regular expression: {e}") from None
-        if not self.targets:
-            raise ValueError("targets is empty: name at least one linear layer to adapt, e.g. ('q', 'v')")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the rank, e.g. 8), got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be a finite number (s = alpha / r), got {self.alpha!r}")
-        self.components()  # validates preset and spec now rather than halfway through add_adapters
-
-    @property
-    def scale(self):
-        return 1.0 if self.components()["scale"] == "1" else self.alpha / self.r
-
-    def components(self):
-        """-> {"A": (placement, trainable), "B": ..., "u": ..., "v": ..., "scale": "alpha/r" | "1"}"""
-        if self.spec is None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}, or give a spec")
-        return parse_spec(self.spec if self.spec is not None else PRESETS[self.preset])
-
-    def describe(self):
-        """The resolved spec in canonical form, e.g. 'A=shared/train B=layer/train u=off v=off scale=alpha/r'."""
-        c = self.components()
-        parts = [f"{x}={c[x][0]}" + ("" if c[x][0] == "off" else "/train" if c[x][1] else "/frozen") for x in COMPONENTS]
-        return " ".join(parts + [f"scale={c['scale']}"] + ([f"share={c['share']}"] if c["share"] != "layers" else []))
-
-
-def parse_spec(spec):
-    out = {"A": ("layer", True), "B": ("layer", True), "u": ("off", False), "v": ("off", False), "scale": "alpha/r",
-           "share": "layers"}
-    seen = set()
-    for setting in spec.split():
-        key, _, value = setting.partition("=")
-        if key in seen:
-            raise ValueError(f"spec {spec!r} sets {key} twice")
-        seen.add(key)
-        if (key, value) in {("scale", "alpha/r"), ("scale", "1"), ("share", "layers"), ("share", "targets"),
-                            ("share", "all")}:
-            out[key] = value
-            continue
-        placement, _, training = value.partition("/")
-        ok_placements = ("layer", "shared") if key in ("A", "B") else ("layer", "shared", "off")
-        if key not in COMPONENTS or placement not in ok_placements or training not in ("", "train", "frozen") \
-                or (placement == "off" and training):
-            raise ValueError(f"bad spec setting {setting!r} in {spec!r}: write X=placement[/training] with X in "
-                             "A, B, u, v, placement layer|shared (|off for u, v), training train|frozen; "
-                             "or scale=alpha/r|1, or share=layers|targets|all")
-        out[key] = (placement, placement != "off" and training != "frozen")
-    if not any(out[x][1] for x in COMPONENTS):
-        raise ValueError(f"spec {spec!r} freezes every component: nothing would train")
-    return out
-
-
-# ---- 3. Adding adapters to a model ---------------------------------------------------------------
-
-def add_adapters(model, config):
-    """Freeze the model and wrap every linear map that config.targets names.
-
-    Maps are grouped for sharing (group_maps): a `shared` component is one tensor per group, by
-    default one per target across the layers (transformer.h.7.attn.q is in group
-    transformer.h.*.attn.q). Works on any model built from nn.Linear or transformers' Conv1D layers;
-    section 3b handles the rest of other people's models. Returns the model."""
-    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
-        raise ValueError("this model already has adapters: load a fresh base model to add new ones")
-    comps = config.components()
-    maps = find_targets(model, config)  # {map: (module, rows)}
-    check_supported(model, maps)
-    groups = group_maps(maps, config.layer_pattern, comps["share"])
-    saved = find_modules_to_save(model, config, maps)
-
-    r = config.r
-    d = {n: map_dims(model, n, maps) for n in maps}  # (d_out, d_in)
-    for group, names in groups.items():
-        for n in names:
-            if r > min(d[n]):
-                raise ValueError(f"r = {r} is larger than {n} ({d[n][1]} -> {d[n][0]}) allows: use r <= {min(d[n])}")
-        for x, dim, what in (("A", 1, "inputs"), ("B", 0, "outputs"), ("v", 0, "outputs")):
-            sizes = sorted({d[n][dim] for n in names})
-            if comps[x][0] == "shared" and len(sizes) > 1:
-                raise ValueError(f"cannot share {x} across {group}: its maps have different numbers of {what} "
-                                 f"({sizes}); use {x}=layer or separate targets")
-    for p in model.parameters():  # "mark only the adapters as trainable" (loralib)
-        p.requires_grad_(False)
-    for module in saved.values():  # ... and the modules the user trains whole
-        module.requires_grad_(True)
-
-    zero = _zero_factor(comps)
-    for group, names in groups.items():
-        make = lambda x, n: _initial_value(x, _key(n, x, comps, group), d[n], r, comps, zero, config.seed,
-                                           model.get_submodule(maps[n][0]).weight.device)
-        shared = {x: make(x, names[0]) for x in COMPONENTS if comps[x][0] == "shared"}
-        memos = {}  # maps of one layer that read the same input and share A compute A x once
-        for n in names:
-            module, rows = maps[n]
-            parts = {x: shared[x] if comps[x][0] == "shared" else make(x, n) for x in COMPONENTS if comps[x][0] != "off"}
-            memo = None
-            if comps["share"] != "layers" and comps["A"][0] == "shared":
-                memo = memos.setdefault(module if rows else module.rpartition(".")[0], {"maps": 0})
-                memo["maps"] += 1
-            wrapped = AdaptedLinear(model.get_submodule(module), parts["A"], parts["B"], parts.get("u"),
-                                    parts.get("v"), scale=config.scale, dropout=config.dropout, name=n, group=group,
-                                    config=config, rows=rows, memo=memo)
-            parent_name, _, child = module.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, wrapped)
-    _avoid_fused_paths(model)
-    return model
-
-
-def _avoid_fused_paths(model):
-    """torch's nn.TransformerEncoderLayer has a fused inference path that reads linear1.weight and
-    linear2.weight itself, skipping an adapter there; nn.TransformerEncoder's nested-tensor path reads
-    their biases. The first is not taken when a submodule has a hook (so each adapted map gets one that
-    does nothing), the second not when use_nested_tensor is off. Both are only speed-ups."""
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer):
-            for m in module.modules():
-                if isinstance(m, AdaptedLinear) and not m._forward_pre_hooks:
-                    m.register_forward_pre_hook(lambda module, args: None)
-        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, AdaptedLinear) for m in module.modules()):
-            module.use_nested_tensor = False
-
-
-def _key(name, x, comps, group):
-    """Where component x of the map `name` is saved: under its group for a shared one
-    (transformer.h.*.attn.q.lora_A), under the map for a per-layer one (transformer.h.7.attn.q.lora_B)."""
-    return f"{group if comps[x][0] == 'shared' else name}.lora_{x}"
-
-
-def _zero_factor(comps):
-    """ΔW must be 0 at the start, so one factor starts at zero. It must be a trainable one, and only one:
-    two zero factors in one product give each other zero gradients forever. LoRA's choice is B; with B
-    frozen (VeRA) it is v; then u, then A, for the rarer corners of the spec space."""
-    return next(x for x in ("B", "v", "u", "A") if comps[x][0] != "off" and comps[x][1])
-
-
-def _shape(x, d, r):
-    d_out, d_in = d
-    return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}[x]
-
-
-def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
-    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
-    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
-    matrices, on any machine."""
-    shape = _shape(x, d, r)
-    if x == zero:
-        t = torch.zeros(shape)
-    elif x in ("A", "B"):  # Kaiming-uniform with a = sqrt(5), as nn.Linear and loralib: U(±1/sqrt(fan_in))
-        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16))
-        bound = 1 / math.sqrt(shape[1])
-        t = torch.empty(shape).uniform_(-bound, bound, generator=g)
-    else:  # u and v start at 1, except VeRA's u (λ_d) at 0.1, the paper's d_initial, when v is the zero factor
-        t = torch.full(shape, 0.1 if (x == "u" and zero == "v") else 1.0)
-    # adapters live in float32 even on a bfloat16 base: they are what the optimizer updates
-    return nn.Parameter(t.to(device), requires_grad=comps[x][1])
-
-
-# ---- 3b. Other people's models ------------------------------------------------------------------
-# What add_adapters needs to know about a model it did not write: which modules are the targets
-# (nn.Linear, or transformers' Conv1D; or a part of a fused map), how the maps group for sharing,
-# and which targets cannot work and are refused before any change (each case says why).
+# ---- 9. Other people's models: which modules are the targets, fused maps split into parts --------
 
 def find_targets(model, config):
-    """{map name: (module name, rows)} for every target. A map is a linear module (rows None), or a part
-    of one that config.split divides into equal parts: "c_attn.q" with split {"c_attn": ("q", "k", "v")}
-    is rows 0 .. d_out/3 of every c_attn, named transformer.h.7.attn.c_attn.q."""
+    """{map name: (module name, rows)} for every target: a linear module whose qualified name ends in
+    the target (rows None), or a part of a fused map that config.split names (rows = (start, stop,
+    period), see AdaptedLinear; e.g. transformer.h.7.attn.c_attn.q for the target "c_attn.q")."""
     linears = {n: m for n, m in model.named_modules() if is_linear(m)}
-    split = config.split or {}
     matched = {}
     for t in config.targets:
         found = {n: (n, None) for n in linears if _ends_with(n, t)}
-        head, _, part = t.rpartition(".")
-        for key, parts in split.items():
-            for n in linears:
-                if part in parts and _ends_with(n, key) and _ends_with(n, head):
-                    d_out = dims(linears[n])[0]
-                    if d_out % len(parts):
-                        raise ValueError(f"split {key}: {n} has {d_out} outputs, not divisible into {len(parts)} parts")
-                    size, i = d_out // len(parts), parts.index(part)
-                    found[f"{n}.{part}"] = (n, (i * size, (i + 1) * size))
+        found.update(_split_parts(model, linears, t, config.split or {}))
         if not found:
             raise ValueError(_no_match(model, t, linears))
         for name, where in found.items():
@@ -478,43 +637,153 @@ def _ends_with(name, target):
     return name == target or name.endswith("." + target)
 
 
+def map_dims(model, name, maps):
+    """(d_out, d_in) of a map: its module's, or its part's."""
+    module, rows = maps[name]
+    d_out, d_in = dims(model.get_submodule(module))
+    return ((rows[1] - rows[0]) * (d_out // rows[2]) if rows else d_out), d_in
+
+
+def _split_parts(model, linears, target, split):
+    """{map name: (module name, rows)} for a target "<module>.<part>" that config.split divides.
+    A split names its parts in one of two ways: ("q", "k", "v"), equal parts one after the other
+    (GPT-2's c_attn); or {"q": 64, "k": 64, "v": 64}, each part's rows in one block that repeats
+    until the outputs are filled (GPT-NeoX's query_key_value with head size 64: per head q, k, v;
+    Phi-3's qkv_proj: {"q": 3072, "k": 1024, "v": 1024}, one block). So "c_attn.q" with split
+    {"c_attn": ("q", "k", "v")} is rows (0, d, 3d) of every c_attn, named ....c_attn.q. Where two
+    split keys match a module, the longer one holds ("crossattention.c_attn" beside "c_attn")."""
+    head, _, part = target.rpartition(".")
+    found = {}
+    for n, layer in linears.items():
+        key = max((k for k in split if _ends_with(n, k)), key=len, default=None)
+        if key is None or part not in split[key] or not _ends_with(n, head):
+            continue
+        block = _block(key, n, split[key], dims(layer)[0])
+        _refuse_wrong_layout(model, n, key, block)
+        start = sum(block[p] for p in list(block)[:list(block).index(part)])
+        found[f"{n}.{part}"] = (n, (start, start + block[part], sum(block.values())))
+    return found
+
+
+def _block(key, name, parts, d_out):
+    """{part: rows} of one block of the fused map `name`, of d_out outputs, that split[key] describes."""
+    if not isinstance(parts, dict):  # equal parts, one block
+        if d_out % len(parts):
+            raise ValueError(f"split {key}: {name} has {d_out} outputs, not divisible into "
+                             f"{len(parts)} parts")
+        return {p: d_out // len(parts) for p in parts}
+    if d_out % sum(parts.values()):
+        raise ValueError(f"split {key}: {name} has {d_out} outputs, which blocks of "
+                         f"{sum(parts.values())} rows ({parts}) do not fill: give each part's rows in "
+                         "one block (one head, or the whole map)")
+    return dict(parts)
+
+
+# The fused maps of transformers' attention classes whose layout is not equal thirds, or whose
+# parts are not q, k, v: (class name, map) -> its block, read off the module as its forward reads
+# it (transformers 5.23). A split on such a map must give this layout; equal thirds are refused.
+_per_head = lambda h: {"q": h, "k": h, "v": h}
+_FUSED_LAYOUTS = {
+    ("GPTNeoXAttention", "query_key_value"): lambda a: _per_head(a.head_size),  # (heads, 3, h)
+    ("GPTNeoXJapaneseAttention", "query_key_value"): lambda a: _per_head(a.head_size),
+    ("BloomAttention", "query_key_value"): lambda a: _per_head(a.head_dim),
+    ("PersimmonAttention", "query_key_value"): lambda a: _per_head(a.head_dim),
+    ("FalconAttention", "query_key_value"): lambda a: (  # per kv group: its q heads, one k, one v
+        {"q": a.head_dim * a.num_heads // a.num_kv_heads, "k": a.head_dim, "v": a.head_dim}
+        if a.new_decoder_architecture else  # Falcon-40B/180B
+        {"q": a.head_dim * a.num_heads, "k": a.head_dim, "v": a.head_dim} if a.multi_query  # 7B
+        else _per_head(a.head_dim)),  # Falcon-RW
+    ("Phi3Attention", "qkv_proj"): lambda a: {  # grouped-query: k and v smaller than q
+        "q": a.head_dim * a.config.num_attention_heads, "k": a.head_dim * a.num_key_value_heads,
+        "v": a.head_dim * a.num_key_value_heads},
+    ("CodeGenAttention", "qkv_proj"): lambda a: {  # 4 blocks ("mp_num"), each [q; v; k]
+        p: a.head_dim * a.num_attention_heads // 4 for p in ("q", "v", "k")},
+    ("GPTBigCodeAttention", "c_attn"): lambda a: (
+        {"k": a.embed_dim, "v": a.embed_dim} if a.is_cross_attention else
+        {"q": a.embed_dim, "k": a.kv_dim, "v": a.kv_dim} if a.multi_query else _per_head(a.head_dim)),
+    ("GPT2Attention", "c_attn"): lambda a: (  # a cross-attention's c_attn is [k; v]: q is q_attn
+        {"k": a.embed_dim, "v": a.embed_dim} if a.is_cross_attention else None),
+}
+
+
+def _refuse_wrong_layout(model, name, key, block):
+    """A split that gives a known fused map (_FUSED_LAYOUTS) other parts than its forward reads."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        layout = _FUSED_LAYOUTS.get((type(parent).__name__, child), lambda a: None)(parent)
+    except AttributeError:  # another transformers version, whose class reads differently: not known
+        layout = None
+    if layout is None:
+        return
+    d_out = dims(model.get_submodule(name))[0]
+    labels = lambda b: [p for p, n in b.items() for _ in range(n)] * (d_out // sum(b.values()))
+    mine, true = labels(block), labels(layout)
+    pairs = set(zip(mine, true))
+    if len(mine) == len(true) == d_out and len(pairs) == len(set(mine)) == len(set(true)) \
+            and all(a == b for a, b in pairs if a in layout):
+        return
+    per = "one block" if sum(layout.values()) == d_out else f"{d_out // sum(layout.values())} blocks"
+    raise ValueError(f"split {key!r} cuts {name} ({type(parent).__name__}) into {block}, but its "
+                     f"{d_out} outputs are {layout} in {per}: give split={{{child!r}: {layout}}} "
+                     "for it, or a split key that does not match it")
+
+
+# ---- 10. Other people's models: what cannot work is refused before any change --------------------
+
+def _check_config(c):
+    """AdapterConfig's checks: a ValueError naming the field and what it takes."""
+    strings = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+    count = lambda n: isinstance(n, int) and not isinstance(n, bool) and n > 0
+    parts = lambda v: (strings(v) and len(set(v)) == len(v) > 0) or (isinstance(v, dict) and v and all(
+        isinstance(p, str) and count(n) for p, n in v.items()))
+    for name, ok in (("preset", isinstance(c.preset, str)), ("spec", c.spec is None or isinstance(c.spec, str)),
+                     ("targets", strings(c.targets)),
+                     ("seed", isinstance(c.seed, int) and not isinstance(c.seed, bool)),
+                     ("split", c.split is None or (isinstance(c.split, dict) and all(
+                         isinstance(k, str) and parts(v) for k, v in c.split.items()))),
+                     ("layer_pattern", isinstance(c.layer_pattern, str)),
+                     ("modules_to_save", strings(c.modules_to_save))):
+        if not ok:
+            takes = (": give {module: (part names, ...)} or {module: {part: rows per block}}"
+                     if name == "split" else "")
+            raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(c, name)!r}{takes}")
+    try:
+        re.compile(c.layer_pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"layer_pattern {c.layer_pattern!r} is not a regular expression: {e}") from None
+    if not c.targets:
+        raise ValueError("targets is empty: name at least one linear layer to adapt, e.g. ('q', 'v')")
+    if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r <= 0:
+        raise ValueError(f"r must be a positive integer (the rank, e.g. 8), got {c.r!r}")
+    if not 0 <= c.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if not isinstance(c.alpha, (int, float)) or not math.isfinite(c.alpha):
+        raise ValueError(f"alpha must be a finite number (s = alpha / r), got {c.alpha!r}")
+
+
+def _check_sizes(groups, d, comps, r):
+    """Before any change: r fits every map, and a shared tensor has one shape for all its maps."""
+    for group, names in groups.items():
+        for n in names:
+            if r > min(d[n]):
+                raise ValueError(f"r = {r} is larger than {n} ({d[n][1]} -> {d[n][0]}) allows: use r <= {min(d[n])}")
+        for x, dim, what in (("A", 1, "inputs"), ("B", 0, "outputs"), ("v", 0, "outputs")):
+            sizes = sorted({d[n][dim] for n in names})
+            if comps[x][0] == "shared" and len(sizes) > 1:
+                raise ValueError(f"cannot share {x} across {group}: its maps have different numbers of {what} "
+                                 f"({sizes}); use {x}=layer or separate targets")
+
+
 def _no_match(model, target, linears):
     """Why a target matched nothing, in one sentence."""
     other = next(((n, m) for n, m in model.named_modules() if _ends_with(n, target)), None)
     if other is not None:
         why = f"{other[0]} is a {type(other[1]).__name__}, not a linear layer (nn.Linear or transformers' Conv1D)"
     else:
-        why = f"no module is named so; the linear layers end in: {', '.join(sorted({n.split('.')[-1] for n in linears})[:12])}"
+        ends = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
+        why = f"no module is named so; the linear layers end in: {ends}"
     return f"target {target!r} matches no linear layer: {why}"
-
-
-def map_dims(model, name, maps):
-    """(d_out, d_in) of a map: its module's, or its part's."""
-    module, rows = maps[name]
-    d_out, d_in = dims(model.get_submodule(module))
-    return (rows[1] - rows[0] if rows else d_out), d_in
-
-
-def group_maps(maps, layer_pattern, share):
-    """{group: [map names]}: the maps one shared tensor serves, by the spec's `share`:
-    layers:  the name with its layer index as * (transformer.h.*.attn.q): one tensor per target;
-    targets: sibling maps of one layer together (transformer.h.7.attn.q+k+v);
-    all:     both (transformer.h.*.attn.q+k+v). The layer index is the first match of layer_pattern."""
-    label = {}
-    if share == "layers":
-        label = {n: n for n in maps}
-    else:
-        siblings = {}
-        for n in maps:
-            siblings.setdefault(n.rpartition(".")[0], []).append(n)
-        for prefix, names in siblings.items():
-            for n in names:
-                label[n] = f"{prefix}.{'+'.join(m.rpartition('.')[2] for m in names)}"
-    groups = {}
-    for n in maps:
-        group = label[n] if share == "targets" else re.sub(layer_pattern, "*", label[n], count=1)
-        groups.setdefault(group, []).append(n)
-    return groups
 
 
 def check_supported(model, maps):
@@ -558,120 +827,54 @@ def find_modules_to_save(model, config, maps):
     return found
 
 
-def adapted_layers(model):
-    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+def _avoid_fused_paths(model):
+    """torch's nn.TransformerEncoderLayer has a fused inference path that reads linear1.weight and
+    linear2.weight itself, skipping an adapter there; nn.TransformerEncoder's nested-tensor path reads
+    their biases. The first is not taken when a submodule has a hook (so each adapted map gets one that
+    does nothing), the second not when use_nested_tensor is off. Both are only speed-ups."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for m in module.modules():
+                if isinstance(m, AdaptedLinear) and not m._forward_pre_hooks:
+                    m.register_forward_pre_hook(lambda module, args: None)
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, AdaptedLinear) for m in module.modules()):
+            module.use_nested_tensor = False
 
 
-def _require_adapters(model):
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("this model has no adapters: call add_adapters(model, config) or load_adapter first")
-    return layers
+def _declare_shared_copies(model):
+    """transformers' save_pretrained (and so Trainer's checkpoints) refuses a tensor that several
+    names hold, unless a module declares the other names tied to one, as a tied lm_head is, in its
+    `_tied_weights_keys`. So each wrapper declares its copies of a shared component, and the file
+    holds the tensor once, under its first map's name; loading that name (Trainer resumes with
+    load_state_dict(strict=False)) fills the one tensor that all maps hold. Only saving reads it."""
+    first = {}  # id of a component -> the first name it has in the state dict
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLinear):
+            names = {f"lora_{x}": getattr(m, f"lora_{x}") for x in COMPONENTS}
+            copies = {k: first.setdefault(id(p), f"{name}.{k}") for k, p in names.items() if p is not None}
+            m._tied_weights_keys = {k: v for k, v in copies.items() if v != f"{name}.{k}"} or None
 
 
-# ---- 4. Counting ---------------------------------------------------------------------------------
-
-def count_trainable(model):
-    """Trainable parameters, each tensor counted once (a shared tensor is one tensor)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def trainable_breakdown(model):
-    """One row per target group: {"target", "layers", "A", "B", "u", "v", "total"} (trainable counts)."""
-    rows = {}
-    for m in _require_adapters(model):
-        row = rows.setdefault(m.group, {"target": m.group, "layers": 0, "seen": set(), **{x: 0 for x in COMPONENTS}})
-        row["layers"] += 1
-        for x in COMPONENTS:
-            p = getattr(m, f"lora_{x}")
-            if p is not None and p.requires_grad and id(p) not in row["seen"]:
-                row["seen"].add(id(p))
-                row[x] += p.numel()
-    for row in rows.values():
-        del row["seen"]
-        row["total"] = sum(row[x] for x in COMPONENTS)
-    whole = {}  # so that the table's total is count_trainable(model)
-    for label, p in _other_trainables(model).values():
-        whole[label] = whole.get(label, 0) + p.numel()
-    return list(rows.values()) + [{"target": k, "layers": 1, **{x: 0 for x in COMPONENTS}, "total": n}
-                                  for k, n in whole.items()]
+def check_adapters_run(model, *args, **kwargs):
+    """Run model(*args, **kwargs) once, without gradients, and raise a ValueError naming the adapted
+    maps it never called: a model that multiplies by a layer's .weight itself (MobileBERT's MLM
+    head, cls.predictions.dense) skips that layer's adapter, which would then never train and
+    would change the outputs when merged. Cheap: call it once after add_adapters."""
+    called = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, a: called.add(mod.name)) for m in _require_adapters(model)]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    never = [m.name for m in adapted_layers(model) if m.name not in called]
+    if never:
+        raise ValueError(f"the model never called {len(never)} adapted map(s), e.g. {never[0]}: it reads "
+                         "their weight itself, so their adapter would not train; leave them out of targets")
 
 
-def _other_trainables(model):
-    """{name: (label, parameter)} for what trains besides the adapters: a module of modules_to_save
-    ("classifier (whole)"), or "(other trainable)", unfrozen by hand, which save_adapter refuses to
-    leave behind. A parameter several modules hold appears once."""
-    adapter_ids = {id(p) for m in adapted_layers(model) for p in (m.lora_A, m.lora_B, m.lora_u, m.lora_v) if p is not None}
-    owned = {id(p): name for name, module in saved_modules(model).items() for p in module.parameters()}
-    return {n: (f"{owned[id(p)]} (whole)" if id(p) in owned else "(other trainable)", p)
-            for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
-
-
-def parameter_table(model):
-    """The breakdown as a printable table, with the total and its share of all parameters."""
-    rows = trainable_breakdown(model)
-    width = max(len("target"), *(len(r["target"]) for r in rows))
-    lines = [f"{'target':<{width}} {'layers':>6} " + " ".join(f"{x:>10}" for x in COMPONENTS) + f" {'total':>10}"]
-    for r in rows:
-        lines.append(f"{r['target']:<{width}} {r['layers']:>6} " + " ".join(f"{r[x]:>10,}" for x in COMPONENTS)
-                     + f" {r['total']:>10,}")
-    total = sum(r["total"] for r in rows)
-    everything = sum(p.numel() for p in model.parameters())
-    for name in quantized_maps(model):  # a packed weight holds two 4-bit values per element: count W's
-        layer = model.get_submodule(name)
-        everything += math.prod(dims(layer)) - layer.weight.numel()
-    lines.append(f"trainable: {total:,} of {everything:,} parameters ({100 * total / everything:.3f}%)")
-    return "\n".join(lines)
-
-
-# ---- 5. Merging -----------------------------------------------------------------------------------
-
-@torch.no_grad()
-def merge(model):
-    """Add each layer's ΔW into its W (in float32, then cast back): inference then costs what the base
-    model costs. With a shared A each layer still gets its own ΔW_l = s·diag(v_l)·B_l·diag(u_l)·A.
-    Explicit by design: never a side effect of train()/eval() (loralib's merge-on-eval surprised users)."""
-    layers = _require_adapters(model)
-    q = next((m for m in layers if quantization(m)), None)  # on the adapted maps' bases
-    if q is not None:  # ΔW added to 4-bit W would have to be quantized again: no longer what was trained
-        raise ValueError(f"{q.name} has a quantized base ({quantization(q)}): adding ΔW would mean quantizing "
-                         "W + ΔW again, which is not the model the adapter was trained with; keep the adapter "
-                         "unmerged (it runs as trained), or use export_merged, which writes dequant(W) + ΔW in float32")
-    for m in layers:
-        if not m.merged:
-            w = _delta_view(m, _stored(m).weight)  # its rows of W, laid out (d_out, d_in) even if stored transposed
-            w.copy_((w.float() + m.delta_weight()).to(w.dtype))
-            m.merged = True
-    return model
-
-
-@torch.no_grad()
-def unmerge(model):
-    """Subtract ΔW again, so the adapter can train on. Exact in float32; in bfloat16 the round trip
-    loses the low bits of W, so keep a float32 base if you merge and unmerge repeatedly."""
-    for m in _require_adapters(model):
-        if m.merged:
-            w = _delta_view(m, _stored(m).weight)
-            w.copy_((w.float() - m.delta_weight()).to(w.dtype))
-            m.merged = False
-    return model
-
-
-# ---- 6. Saving and loading -----------------------------------------------------------------------
-
-def adapter_state_dict(model, trainable_only=False):
-    """{key: tensor} with each tensor once: a shared component under its group's key
-    (transformer.h.*.attn.q.lora_A), a per-layer one under its layer's (transformer.h.7.attn.q.lora_B).
-    model.state_dict() would repeat a shared tensor under every layer's name instead."""
-    out = {}
-    for m in _require_adapters(model):
-        cfg = m.config.components()
-        for x in COMPONENTS:
-            p = getattr(m, f"lora_{x}")
-            if p is not None and (p.requires_grad or not trainable_only):
-                out[_key(m.name, x, cfg, m.group)] = p
-    return out
-
+# ---- 11. The adapter file ------------------------------------------------------------------------
 
 def saved_modules(model):
     """{name: module} of the adapter's modules_to_save (trained whole, saved whole)."""
@@ -682,6 +885,17 @@ def saved_modules(model):
 
 def _saved_state_dict(model):
     return {f"{n}.{k}": t for n, module in saved_modules(model).items() for k, t in module.state_dict().items()}
+
+
+def _other_trainables(model):
+    """{name: (label, parameter)} for what trains besides the adapters: a module of modules_to_save
+    ("classifier (whole)"), or "(other trainable)", unfrozen by hand, which save_adapter refuses to
+    leave behind. A parameter several modules hold appears once."""
+    adapter_ids = {id(p) for m in adapted_layers(model) for p in (m.lora_A, m.lora_B, m.lora_u, m.lora_v)
+                   if p is not None}
+    owned = {id(p): name for name, module in saved_modules(model).items() for p in module.parameters()}
+    return {n: (f"{owned[id(p)]} (whole)" if id(p) in owned else "(other trainable)", p)
+            for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
 
 
 def _refuse_unsaved(model):
@@ -722,8 +936,8 @@ def save_adapter(model, path, base=None):
             if torch.equal(fresh.data.to(t.dtype).cpu(), t.detach().cpu()):
                 regenerated[key] = _fingerprint(fresh)
                 continue
-        tensors[key] = t.detach().to("cpu").contiguous()
-    tensors.update({k: t.detach().to("cpu").contiguous() for k, t in _saved_state_dict(model).items()})
+        tensors[key] = t
+    tensors.update(_saved_state_dict(model))
     metadata = {
         "format": "sharelora", "version": "1",
         "config": json.dumps(asdict(config)),
@@ -734,55 +948,132 @@ def save_adapter(model, path, base=None):
         "base_quantized": json.dumps("+".join(sorted({quantization(m) for m in layers} - {None})) or None),
     }
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder: give save_adapter a file name, e.g. {os.path.join(path, 'adapter.safetensors')}")
+        raise ValueError(f"{path} is a folder: give save_adapter a file name, e.g. "
+                         f"{os.path.join(path, 'adapter.safetensors')}")
+    _write_safetensors(path, tensors, metadata)
+
+
+def _write_atomic(path, data):
+    """Write bytes or text to a temporary file, then rename it over path (atomic on POSIX and Windows:
+    a crash leaves the old file or the new one; a failed write, a full disk, leaves nothing behind).
+    Through open(), the file gets the permissions every other file gets (the umask's)."""
     tmp = f"{path}.tmp"
     try:
-        _write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, path)  # atomic on POSIX and Windows: a crash leaves the old file or the new one
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # a failed write (a full disk) leaves nothing behind
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
+# The safetensors format, written and read here with the standard library, byte-compatible with the
+# safetensors package: an 8-byte little-endian header length n, n bytes of JSON header
+# {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}}
+# padded with spaces to a multiple of 8, then the tensors' little-endian bytes back to back.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_MAX_HEADER = 100_000_000  # bytes, the safetensors package's own limit
+
+
 def _write_safetensors(path, tensors, metadata=None):
-    """safetensors' own save_file makes its files readable by their owner alone (0600); written through
-    open() they get the permissions every other file gets (the umask's)."""
-    from safetensors.torch import save
-    with open(path, "wb") as f:
-        f.write(save(tensors, metadata=metadata))
+    """{name: tensor} (+ {str: str} metadata) as one safetensors file, written atomically. Tensors are
+    laid out by element size, largest first, so that each starts aligned, as the package does."""
+    _require_little_endian()
+    flat = {k: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for k, t in tensors.items()}
+    header, offset = {}, 0
+    for k in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[k]
+        if t.dtype not in _DTYPES.values():
+            raise ValueError(f"{k} is {t.dtype}, which sharelora.py does not write: cast it to float32 first")
+        header[k] = {"dtype": next(n for n, d in _DTYPES.items() if d == t.dtype), "shape": list(t.shape),
+                     "data_offsets": [offset, offset + flat[k].numel()]}
+        offset += flat[k].numel()
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out = bytearray(struct.pack("<Q", len(text)) + text) + bytearray(offset)
+    body = torch.frombuffer(out, dtype=torch.uint8)[8 + len(text):]  # a view of out's memory
+    for k, e in header.items():
+        if k != "__metadata__":
+            body[e["data_offsets"][0]:e["data_offsets"][1]].copy_(flat[k])
+    _write_atomic(path, out)
+
+
+def _read_safetensors(path):
+    """({name: tensor}, metadata) of a safetensors file. ValueError, saying what is wrong, for a
+    malformed one; every size is checked against the file's before anything is allocated."""
+    _require_little_endian()
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else None
+    if n is None or n > min(len(data) - 8, _MAX_HEADER):
+        raise ValueError(f"its header (of {n} bytes, it says) does not fit in its {len(data)} bytes")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("its header is not a JSON object with {str: str} metadata")
+    size, spans = len(data) - 8 - n, []
+    for k, e in header.items():
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not (isinstance(e, dict) and e.get("dtype") in _DTYPES and isinstance(e.get("shape"), list)
+                and all(map(is_int, e["shape"])) and isinstance(e.get("data_offsets"), list)
+                and len(e["data_offsets"]) == 2 and all(map(is_int, e["data_offsets"]))):
+            raise ValueError(f"{k!r} lacks a dtype, shape or data_offsets of the format")
+        begin, end = e["data_offsets"]
+        if end > size or end - begin != math.prod(e["shape"]) * _DTYPES[e["dtype"]].itemsize:
+            raise ValueError(f"{k!r} declares bytes {begin}..{end} for its shape, of a {size}-byte body")
+        spans.append((begin, end))
+    spans.sort()
+    if [b for b, _ in spans] != [0] + [e for _, e in spans[:-1]] or (spans[-1][1] if spans else 0) != size:
+        raise ValueError("its tensors overlap, or leave bytes of the file unaccounted for")
+    body = torch.frombuffer(data, dtype=torch.uint8)[8 + n:]
+    return {k: body[e["data_offsets"][0]:e["data_offsets"][1]].clone().view(_DTYPES[e["dtype"]])
+            .reshape(e["shape"]) for k, e in header.items()}, meta
+
+
+def _require_little_endian():
+    if sys.byteorder != "little":  # torch's raw bytes are the machine's; the format's are little-endian
+        raise OSError("sharelora.py writes and reads safetensors files on little-endian machines only")
 
 
 def read_adapter(path):
     """-> (AdapterConfig, metadata dict, {key: tensor}); a ValueError naming the file for anything a
     damaged or foreign file can hold: unreadable bytes, missing or malformed metadata, tensors that are
     not floating point or not finite."""
-    from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+        tensors, meta = _read_safetensors(path)
+    except (ValueError, OSError, RecursionError) as e:  # json's and unicode's errors are ValueErrors too
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {e}") from None
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is a safetensors file but not a sharelora adapter (no sharelora metadata)")
-    try:
-        meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
-        config = AdapterConfig(**meta["config"])
-        pair = lambda v, kind: isinstance(v, list) and len(v) == 2 and all(isinstance(x, kind) for x in v)
-        if not (isinstance(meta["shapes"], dict) and all(pair(v, int) for v in meta["shapes"].values())
-                and isinstance(meta["regenerated"], dict) and all(pair(v, (int, float)) for v in meta["regenerated"].values())
-                and all(meta.get(k) is None or isinstance(meta[k], str) for k in ("base", "base_quantized"))):
-            raise TypeError("shapes, regenerated or base do not have their form")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
-        raise ValueError(f"{path} {what}: save the adapter again, or restore the file") from None
+    config, meta = _parse_metadata(path, meta)
     for key, t in tensors.items():
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise ValueError(f"{path} holds {key} with {'inf or nan values' if t.is_floating_point() else t.dtype}: "
                              "an adapter holds finite floating-point tensors; use an earlier checkpoint")
     return config, meta, tensors
+
+
+def _parse_metadata(path, meta):
+    """(AdapterConfig, {key: value}) of an adapter file's metadata, each value decoded from JSON."""
+    try:
+        meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+        config = AdapterConfig(**meta["config"])
+        pair = lambda v, kind: isinstance(v, list) and len(v) == 2 and all(isinstance(x, kind) for x in v)
+        if not (isinstance(meta["shapes"], dict) and all(pair(v, int) for v in meta["shapes"].values())
+                and isinstance(meta["regenerated"], dict)
+                and all(pair(v, (int, float)) for v in meta["regenerated"].values())
+                and all(meta.get(k) is None or isinstance(meta[k], str) for k in ("base", "base_quantized"))):
+            raise TypeError("shapes, regenerated or base do not have their form")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
+        raise ValueError(f"{path} {what}: save the adapter again, or restore the file") from None
+    return config, meta
 
 
 @torch.no_grad()
@@ -801,28 +1092,52 @@ def load_adapter(model, path):
                          f"({config.describe()}): load it onto a fresh base model")
     # every check comes before the first change to the model. The maps this configuration adapts in
     # this model must be exactly those it was trained on, with the same shapes.
+    d, group_of, saved = _layout(model, config, layers)
+    _check_base(path, meta, d)
     comps = config.components()
-    if layers:
-        d = {m.name: _map_dims(m) for m in layers}
-        group_of = {m.name: m.group for m in layers}
-        saved = _saved_state_dict(model)
-    else:
-        maps = find_targets(model, config)
-        d = {n: map_dims(model, n, maps) for n in maps}
-        group_of = {n: g for g, names in group_maps(maps, config.layer_pattern, comps["share"]).items() for n in names}
-        saved = {f"{n}.{k}": t for n, m in find_modules_to_save(model, config, maps).items() for k, t in m.state_dict().items()}
-    theirs = meta["shapes"]
-    for name in sorted(d.keys() | theirs.keys()):
-        have = list(d[name]) if name in d else None
-        if have != theirs.get(name):
-            size = lambda s: "x".join(map(str, s)) if s else "missing"
-            raise ValueError(f"{path} was made for base {meta.get('base') or '(unnamed)'!r}, where {name} is {size(theirs.get(name))}; "
-                             f"in this model it is {size(have)}: load the adapter onto the base it was trained on")
     expected = {}  # key -> (the dims of a map that holds it, component), as adapter_state_dict will name them
     for name in d:
         for x in COMPONENTS:
             if comps[x][0] != "off":
                 expected.setdefault(_key(name, x, comps, group_of[name]), (d[name], x))
+    _check_tensors(path, config, meta, tensors, expected, saved)
+    if not layers:
+        add_adapters(model, config)
+    for key, p in {**adapter_state_dict(model), **_saved_state_dict(model)}.items():
+        if key in tensors:
+            p.copy_(tensors[key])
+    return model
+
+
+def _layout(model, config, layers):
+    """({map: (d_out, d_in)}, {map: group}, {key: tensor of modules_to_save}) that `config` has or
+    would have in `model`, read off its adapters or, on a fresh base, worked out without a change."""
+    if layers:
+        return ({m.name: _map_dims(m) for m in layers}, {m.name: m.group for m in layers},
+                _saved_state_dict(model))
+    maps = find_targets(model, config)
+    groups = group_maps(maps, config.layer_pattern, config.components()["share"])
+    saved = find_modules_to_save(model, config, maps)
+    return ({n: map_dims(model, n, maps) for n in maps}, {n: g for g, names in groups.items() for n in names},
+            {f"{n}.{k}": t for n, m in saved.items() for k, t in m.state_dict().items()})
+
+
+def _check_base(path, meta, d):
+    """The maps in the model are those the adapter was made for, each of the same shape."""
+    theirs = meta["shapes"]
+    size = lambda s: "x".join(map(str, s)) if s else "missing"
+    for name in sorted(d.keys() | theirs.keys()):
+        have = list(d[name]) if name in d else None
+        if have != theirs.get(name):
+            raise ValueError(f"{path} was made for base {meta.get('base') or '(unnamed)'!r}, where {name} is "
+                             f"{size(theirs.get(name))}; in this model it is {size(have)}: load the adapter "
+                             "onto the base it was trained on")
+
+
+def _check_tensors(path, config, meta, tensors, expected, saved):
+    """The file holds exactly the tensors the configuration makes, in their shapes; the frozen ones it
+    leaves out rebuild from the seed to what was saved."""
+    comps = config.components()
     unknown = sorted(set(tensors) - set(expected) - set(saved))
     if unknown:
         raise ValueError(f"{path} holds tensors this configuration does not have: {unknown[:3]}")
@@ -841,19 +1156,13 @@ def load_adapter(model, path):
                                  "when it was saved (another torch random generator?)")
         else:
             raise ValueError(f"{path} lacks {key}: the file is incomplete")
-    if not layers:
-        add_adapters(model, config)
-    for key, p in {**adapter_state_dict(model), **_saved_state_dict(model)}.items():
-        if key in tensors:
-            p.copy_(tensors[key])
-    return model
 
 
 def _close(a, b, rel=1e-9):
     return all(abs(x - y) <= rel * max(1.0, abs(x), abs(y)) for x, y in zip(a, b))
 
 
-# ---- 7. Leaving this project: merged weights and the PEFT layout ---------------------------------
+# ---- 12. Leaving this project: merged weights and the PEFT layout --------------------------------
 
 @torch.no_grad()
 def base_state_dict(model, add_delta=False):
@@ -880,7 +1189,7 @@ def base_state_dict(model, add_delta=False):
         if sign:
             key = f"{_module_path(name, wrappers)}.weight"
             view = _delta_view(m, changed.setdefault(key, out[key].float().clone()))
-            view += sign * m.delta_weight().to(view.device)
+            view += sign * m.delta_weight().to(view.device).view(view.shape)
     out.update({k: w.to(out[k].dtype) for k, w in changed.items()})
     return out
 
@@ -905,7 +1214,7 @@ def export_merged(model, path):
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(path, state_dict=state)
     else:
-        _write_safetensors(path, {k: v.detach().cpu().clone() for k, v in state.items()})  # clone: tied tensors apart
+        _write_safetensors(path, state)  # tied tensors are written apart: each one's bytes are copied
 
 
 @torch.no_grad()
@@ -922,28 +1231,9 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     None detects it from the adapted layers. task_type: PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS"), or None."""
     layers = _require_adapters(model)
     _refuse_unsaved(model)
-    # their module -> {"rows": its d_out, "parts": [(start, A', B', s)]}
-    modules = {}
-    wrappers = {n: w for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
-    for name, m in wrappers.items():
-        B, A = m.folded_factors()
-        target, start, height = _their_module(model, m, _module_path(name, wrappers), fused)
-        entry = modules.setdefault(target, {"rows": height, "parts": []})
-        entry["parts"].append((start, A, B, m.scale))
-    tensors, ranks, alphas = {}, {}, {}
-    for name, entry in modules.items():
-        parts = sorted(entry["parts"], key=lambda p: p[0])
-        A = torch.cat([p[1] for p in parts])  # (n·r, d_in)
-        B = torch.zeros(entry["rows"], A.size(0))  # block-diagonal: part i's rows, its own r columns
-        col = 0
-        for start, a, b, _ in parts:
-            B[start:start + b.size(0), col:col + a.size(0)] = b
-            col += a.size(0)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.clone()  # clone: a shared A is one tensor per layer here
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-        ranks[name], alphas[name] = A.size(0), parts[0][3] * A.size(0)
+    tensors, ranks, alphas = _peft_tensors(_peft_modules(model, fused))
     for key, t in _saved_state_dict(model).items():
-        tensors[f"base_model.model.{key}"] = t.detach().cpu().clone()
+        tensors[f"base_model.model.{key}"] = t
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     a0 = max(set(alphas.values()), key=list(alphas.values()).count)
     if fan_in_fan_out is None:
@@ -951,7 +1241,7 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r0, "lora_alpha": a0, "lora_dropout": layers[0].config.dropout, "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out, "target_modules": sorted(modules), "use_rslora": False,
+        "fan_in_fan_out": fan_in_fan_out, "target_modules": sorted(ranks), "use_rslora": False,
         "rank_pattern": {n: k for n, k in ranks.items() if k != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
         "modules_to_save": sorted(saved_modules(model)) or None,
@@ -959,19 +1249,48 @@ def export_peft(model, path, base_model_name_or_path=None, fused=None, fan_in_fa
     }
     os.makedirs(path, exist_ok=True)
     _write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    _write_atomic(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
+
+
+def _peft_modules(model, fused):
+    """{the module PEFT adapts: {"rows": its d_out, "parts": [(output rows, A', B', s), ...]}}."""
+    modules = {}
+    wrappers = {n: w for n, w in model.named_modules() if isinstance(w, AdaptedLinear)}
+    for name, m in wrappers.items():
+        B, A = m.folded_factors()
+        target, rows, height = _their_module(model, m, _module_path(name, wrappers), fused)
+        modules.setdefault(target, {"rows": height, "parts": []})["parts"].append((rows, A, B, m.scale))
+    return modules
+
+
+def _peft_tensors(modules):
+    """PEFT's lora_A / lora_B tensors, and each module's rank and alpha, of _peft_modules' parts."""
+    tensors, ranks, alphas = {}, {}, {}
+    for name, entry in modules.items():
+        parts = sorted(entry["parts"], key=lambda p: int(p[0][0]))
+        A = torch.cat([p[1] for p in parts])  # (n·r, d_in)
+        B = torch.zeros(entry["rows"], A.size(0))  # block-diagonal: part i's rows, its own r columns
+        col = 0
+        for rows, a, b, _ in parts:
+            B[rows, col:col + a.size(0)] = b
+            col += a.size(0)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A  # a shared A is written once per layer here
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+        ranks[name], alphas[name] = A.size(0), parts[0][3] * A.size(0)
+    return tensors, ranks, alphas
 
 
 def _their_module(model, m, path, fused):
-    """(the module PEFT adapts for our map m, the first of its output rows that m changes, its d_out);
-    path: the name of the module m adapts."""
+    """(the module PEFT adapts for our map m, the indices of its output rows that m changes, its
+    d_out); path: the name of the module m adapts."""
+    d_out = dims(_stored(m))[0]
     if m.rows is not None:  # a part of a fused map of this model
-        return path, m.rows[0], dims(_stored(m))[0]
+        start, stop, period = m.rows
+        return path, torch.arange(d_out).view(-1, period)[:, start:stop].reshape(-1), d_out
     for theirs, ours in (fused or {}).items():  # a map that the other framework fuses with its siblings
         for i, o in enumerate(ours):
             if _ends_with(path, o):
                 root = path[: len(path) - len(o)]
                 heights = [dims(model.get_submodule(root + x))[0] for x in ours]
-                return root + theirs, sum(heights[:i]), sum(heights)
-    return path, 0, dims(_stored(m))[0]
+                return root + theirs, torch.arange(sum(heights[:i]), sum(heights[:i + 1])), sum(heights)
+    return path, torch.arange(d_out), d_out

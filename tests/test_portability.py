@@ -390,3 +390,323 @@ def test_a_tied_module_to_save_and_an_unsaved_tensor_in_export_are_refused(tmp_p
     with pytest.raises(ValueError, match="modules_to_save"):
         sl.export_peft(model, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+# ---- fused maps whose parts are not equal thirds (issue 24) --------------------------------------
+# Each model's fused map, its true row layout written out from its forward (the part of every output
+# row, by hand, independently of sharelora's _FUSED_LAYOUTS) and the split that says it.
+
+def _per_head(labels, head, d_out):
+    return [labels[(i % (len(labels) * head)) // head] for i in range(d_out)]
+
+
+def _blocks(sizes, d_out):  # [(part, rows), ...] repeated until d_out rows
+    block = [p for p, n in sizes for _ in range(n)]
+    return block * (d_out // len(block))
+
+
+def _fused_model(family):
+    """(model, fused map name, hand labels of its rows, split layout of sharelora)."""
+    import transformers as tr
+    torch.manual_seed(0)
+    small = dict(vocab_size=64)
+    if family == "neox":  # GPT-NeoX/Pythia: (heads, 3, head size 8)
+        cfg = tr.GPTNeoXConfig(**small, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64)
+        return tr.GPTNeoXForCausalLM(cfg), "query_key_value", _per_head("qkv", 8, 96), {"q": 8, "k": 8, "v": 8}
+    if family == "bloom":  # BLOOM: (heads, 3, head_dim 8)
+        model = tr.BloomForCausalLM(tr.BloomConfig(**small, hidden_size=32, n_layer=2, n_head=4))
+        return model, "query_key_value", _per_head("qkv", 8, 96), {"q": 8, "k": 8, "v": 8}
+    if family.startswith("falcon"):
+        arch = {"falcon-rw": dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=False),
+                "falcon-7b": dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=True),
+                "falcon-40b": dict(num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True)}[family]
+        model = tr.FalconForCausalLM(tr.FalconConfig(**small, hidden_size=32, num_hidden_layers=2, **arch))
+        d_out, labels, layout = {  # 7B: [q (4 heads); k; v]; 40B: per kv group [q q; k; v]
+            "falcon-rw": (96, _per_head("qkv", 8, 96), {"q": 8, "k": 8, "v": 8}),
+            "falcon-7b": (48, _blocks([("q", 32), ("k", 8), ("v", 8)], 48), {"q": 32, "k": 8, "v": 8}),
+            "falcon-40b": (64, _blocks([("q", 16), ("k", 8), ("v", 8)], 64), {"q": 16, "k": 8, "v": 8})}[family]
+        return model, "query_key_value", labels, layout
+    if family == "phi3":  # grouped-query: 6 heads of 8, 3 key/value heads: [q 48; k 24; v 24]
+        cfg = tr.Phi3Config(**small, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                            num_key_value_heads=3, max_position_embeddings=64, pad_token_id=0)
+        return tr.Phi3ForCausalLM(cfg), "qkv_proj", _blocks([("q", 48), ("k", 24), ("v", 24)], 96), \
+            {"q": 48, "k": 24, "v": 24}
+    if family == "codegen":  # 4 blocks ("mp_num"), each [q; v; k] of 8 rows
+        cfg = tr.CodeGenConfig(**small, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)
+        return tr.CodeGenForCausalLM(cfg), "qkv_proj", _per_head("qvk", 8, 96), {"q": 8, "v": 8, "k": 8}
+    if family == "bigcode-mqa":  # GPT-BigCode multi-query: [q 32; k 8; v 8]
+        cfg = tr.GPTBigCodeConfig(**small, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True)
+        return tr.GPTBigCodeForCausalLM(cfg), "c_attn", _blocks([("q", 32), ("k", 8), ("v", 8)], 48), \
+            {"q": 32, "k": 8, "v": 8}
+    if family == "bigcode-mha":  # without multi-query: (heads, 3 · head_dim) per head
+        cfg = tr.GPTBigCodeConfig(**small, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=False)
+        return tr.GPTBigCodeForCausalLM(cfg), "c_attn", _per_head("qkv", 8, 96), {"q": 8, "k": 8, "v": 8}
+    raise KeyError(family)
+
+
+FUSED = ["neox", "bloom", "falcon-rw", "falcon-7b", "falcon-40b", "phi3", "codegen", "bigcode-mqa", "bigcode-mha"]
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_a_fused_layout_adapts_exactly_the_real_q_and_v_rows(family, one_thread):
+    model, fused, labels, layout = _fused_model(family)
+    randomize_(model, 7)
+    model.eval()
+    base = copy.deepcopy(model)
+    inputs = (torch.randint(0, 64, (2, 8)),)
+    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, targets=(f"{fused}.q", f"{fused}.v"),
+                                            split={fused: layout}))
+    perturb(model)
+    # which output rows of the fused map change: exactly those of q and v
+    wrapper = next(m for n, m in model.named_modules() if n.endswith(fused) and isinstance(m, sl.AdaptedLinear))
+    x = torch.randn(3, wrapper.weight.shape[1])
+    with torch.no_grad():
+        changed = (wrapper(x) - wrapper.base.base(x)).abs().amax(0) > 0
+    assert changed.tolist() == [label in "qv" for label in labels]
+    # the logits are those of the base with each part's ΔW added by hand to the real rows
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, sl.AdaptedLinear):
+                module, _, part = m.name.rpartition(".")
+                rows = [i for i, label in enumerate(labels) if label == part]
+                by_hand.get_submodule(module).weight[rows] += m.delta_weight()
+        torch.testing.assert_close(out(model, inputs), out(by_hand, inputs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out(base, inputs), out(copy.deepcopy(base), inputs))  # by_hand is apart
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_equal_thirds_on_a_known_fused_layout_are_refused_before_any_change(family):
+    model, fused, _, _ = _fused_model(family)  # none of them is equal thirds
+    with pytest.raises(ValueError, match=rf"split .*{fused}") as e:
+        sl.add_adapters(model, sl.AdapterConfig(preset="lora", r=2, targets=(f"{fused}.q",),
+                                                split={fused: ("q", "k", "v")}))
+    assert "\n" not in str(e.value) and not sl.adapted_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _gpt2_with_cross_attention():
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = hf_config(vocab_size=64)
+    cfg.add_cross_attention = True
+    return randomize_(GPT2LMHeadModel(cfg), 7).eval()
+
+
+def test_the_gpt2_recipe_on_a_decoder_with_cross_attention_is_refused_then_fits():
+    """crossattention.c_attn is [k; v] (its q is q_attn): equal thirds there would adapt two thirds of
+    k as "q". Refused; a split for it (or a key that does not match it) then adapts the right rows."""
+    model = _gpt2_with_cross_attention()
+    recipe = dict(targets=("c_attn.q", "c_attn.v"), split={"c_attn": ("q", "k", "v")})
+    with pytest.raises(ValueError, match=r"crossattention.c_attn .*\{'k': 48, 'v': 48\}"):
+        sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, **recipe))
+    assert not sl.adapted_layers(model)
+    base = copy.deepcopy(model)
+    split = {"c_attn": ("q", "k", "v"), "crossattention.c_attn": {"k": 48, "v": 48}}
+    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, targets=recipe["targets"], split=split))
+    names = sorted(m.name for m in sl.adapted_layers(model))
+    assert names == [f"transformer.h.{i}.{a}.c_attn.{p}" for i in (0, 1) for a, p in
+                     (("attn", "q"), ("attn", "v"), ("crossattention", "v"))]
+    perturb(model)
+    ids, enc = torch.randint(0, 64, (2, 6)), torch.randn(2, 5, 48)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in sl.adapted_layers(model):
+            module, _, part = m.name.rpartition(".")
+            start = {"q": 0, "k": 48, "v": 96}[part] if ".attn." in m.name else 48  # cross: v is rows 48..95
+            by_hand.get_submodule(module).weight[:, start:start + 48] += m.delta_weight().t()  # Conv1D: W^T
+        torch.testing.assert_close(model(ids, encoder_hidden_states=enc).logits,
+                                   by_hand(ids, encoder_hidden_states=enc).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("split", [{"c_attn": {"q": 0}}, {"c_attn": {"q": True}}, {"c_attn": ("q", "q")},
+                                   {"c_attn": {}}, {"c_attn": "qkv"}])
+def test_a_malformed_split_says_what_it_takes(split):
+    with pytest.raises(ValueError, match=r"AdapterConfig.split .*part: rows per block"):
+        sl.AdapterConfig(targets=("c_attn.q",), split=split)
+
+
+def test_a_split_with_sizes_is_saved_and_loaded_and_exported(tmp_path):
+    from peft import PeftModel
+    model, fused, _, layout = _fused_model("neox")
+    randomize_(model, 7)
+    model.eval()
+    base = copy.deepcopy(model)
+    inputs = (torch.randint(0, 64, (2, 8)),)
+    sl.add_adapters(model, sl.AdapterConfig(preset="tied", r=2, targets=(f"{fused}.q", f"{fused}.v"),
+                                            split={fused: layout}))
+    perturb(model)
+    with torch.no_grad():
+        want = out(model, inputs)
+        sl.save_adapter(model, tmp_path / "a.safetensors")
+        config, _, _ = sl.read_adapter(tmp_path / "a.safetensors")
+        assert config.split == {fused: layout}
+        fresh = sl.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")
+        torch.testing.assert_close(out(fresh, inputs), want, atol=0, rtol=0)
+        sl.export_peft(model, tmp_path / "peft", task_type="CAUSAL_LM")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        torch.testing.assert_close(out(theirs, inputs), want, atol=1e-5, rtol=0)
+        plain = copy.deepcopy(base)
+        plain.load_state_dict(sl.merged_state_dict(model))
+        torch.testing.assert_close(out(plain, inputs), want, atol=1e-5, rtol=0)
+        sl.merge(model)
+        torch.testing.assert_close(out(model, inputs), want, atol=1e-5, rtol=0)
+
+
+# ---- the Shareqkv memo never outlives the call that made it ----------------------------------------
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return randomize_(T5ForConditionalGeneration(cfg), 7)
+
+
+def test_shareqkv_memo_holds_nothing_after_a_step_so_the_model_deepcopies(one_thread):
+    """T5's cross-attention reads two inputs (q the decoder's, k and v the encoder's) and o a third:
+    the memo of each layer must be empty once its call is over, whatever its maps read."""
+    import io
+    model = _t5()
+    sl.add_adapters(model, sl.AdapterConfig(preset="shareqkv", r=2, targets=("q", "k", "v", "o")))
+    perturb(model)
+    ids, labels = torch.randint(1, 64, (2, 7)), torch.randint(1, 64, (2, 5))
+    model.train()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    memos = {id(m.memo): m.memo for m in sl.adapted_layers(model)}
+    assert len(memos) == 6 and all(not memo for memo in memos.values())  # one per attention module
+    best = copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user" while a memo held
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():  # the memo is an optimisation only: without it, the same loss
+        want = model(input_ids=ids, labels=labels).loss
+        for m in sl.adapted_layers(best):
+            m.memo = None
+        torch.testing.assert_close(best(input_ids=ids, labels=labels).loss, want, atol=1e-6, rtol=0)
+    # a call that fails halfway (after q filled the memo) leaves it empty too
+    k = model.decoder.block[0].layer[1].EncDecAttention.k
+    hook = k.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        model(input_ids=ids, labels=labels)
+    hook.remove()
+    assert all(not m.memo for m in sl.adapted_layers(model))
+
+
+def test_a_copy_or_pickle_of_a_memo_is_empty():
+    import pickle
+    memo = sl._Memo(x=torch.ones(2), h=torch.ones(2, requires_grad=True) * 2)
+    assert copy.deepcopy(memo) == {} and pickle.loads(pickle.dumps(memo)) == {} and memo
+
+
+# ---- transformers' Trainer and save_pretrained with shared tensors --------------------------------
+
+def _tiny_llama_with(preset):
+    model, _, kwargs, _, _ = llama()
+    randomize_(model, 7)
+    return sl.add_adapters(model, sl.AdapterConfig(preset=preset, r=2, **kwargs))
+
+
+def _lora_tensors(path):
+    return {k: v for k, v in sl._read_safetensors(path)[0].items() if ".lora_" in k}
+
+
+@pytest.mark.parametrize("preset", ["sharea", "vera"])
+def test_trainer_checkpoints_and_resumes_a_shared_adapter_exactly(tmp_path, preset, one_thread):
+    from transformers import Trainer, TrainingArguments
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12), generator=g).tolist()]
+    args = lambda out: TrainingArguments(output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=2,
+                                         learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                                         dataloader_num_workers=0, logging_strategy="no")
+    straight = _tiny_llama_with(preset)
+    Trainer(model=straight, args=args(tmp_path / "straight"), train_dataset=data).train()
+    # the checkpoint holds each shared tensor once, under its first map's name
+    saved = _lora_tensors(tmp_path / "straight" / "checkpoint-1" / "model.safetensors")
+    assert sorted(saved) == sorted(k.replace("*", "0") for k in sl.adapter_state_dict(straight))
+    resumed = _tiny_llama_with(preset)
+    Trainer(model=resumed, args=args(tmp_path / "resumed"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
+    mine, theirs = sl.adapter_state_dict(straight), sl.adapter_state_dict(resumed)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    start = sl.adapter_state_dict(_tiny_llama_with(preset))
+    assert not all(torch.equal(mine[k], start[k]) for k in mine)  # the two steps did train
+    # save_pretrained too; loading its file back into an adapted model restores the shared tensors
+    straight.save_pretrained(tmp_path / "pretrained")
+    again = _tiny_llama_with(preset)
+    from transformers.modeling_utils import load_state_dict
+    again.load_state_dict(load_state_dict(str(tmp_path / "pretrained" / "model.safetensors")), strict=False)
+    again_state = sl.adapter_state_dict(again)
+    assert all(torch.equal(mine[k], again_state[k]) for k in mine)
+
+
+# ---- an adapted map that the model never calls -----------------------------------------------------
+
+def test_an_adapter_the_model_never_calls_is_reported_by_name():
+    """MobileBERT's MLM head multiplies by cls.predictions.dense.weight itself (no bias to trip on)."""
+    from transformers import MobileBertConfig, MobileBertForMaskedLM
+    torch.manual_seed(0)
+    cfg = MobileBertConfig(vocab_size=64, hidden_size=32, embedding_size=16, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intra_bottleneck_size=16, true_hidden_size=16,
+                           num_feedforward_networks=1)
+    model = MobileBertForMaskedLM(cfg).eval()
+    sl.add_adapters(model, sl.AdapterConfig(preset="lora", r=2, targets=("dense",)))
+    ids = torch.randint(0, 64, (1, 6))
+    with pytest.raises(ValueError, match=r"never called 1 adapted map\(s\), e.g. cls.predictions.dense:"):
+        sl.check_adapters_run(model, ids)
+    fresh = MobileBertForMaskedLM(cfg).eval()
+    sl.add_adapters(fresh, sl.AdapterConfig(preset="lora", r=2, targets=("attention.self.query", "attention.self.value")))
+    sl.check_adapters_run(fresh, ids)  # every one called: no error
+    assert not any(m._forward_pre_hooks for m in sl.adapted_layers(fresh))  # the check left no hook behind
+
+
+# ---- layer_pattern for two numbered levels -----------------------------------------------------------
+
+class Experts(nn.Module):
+    """A mixture-of-experts stack named as Mixtral's: layers.<layer>.experts.<expert>.w1."""
+
+    def __init__(self, layers=2, experts=3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Module() for _ in range(layers))
+        for layer in self.layers:
+            layer.experts = nn.ModuleList(nn.Module() for _ in range(experts))
+            for e in layer.experts:
+                e.w1 = nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("pattern,groups", [
+    (None, ["layers.*.experts.0.w1", "layers.*.experts.1.w1", "layers.*.experts.2.w1"]),  # expert i across layers
+    (r"(?<=experts\.)\d+", ["layers.0.experts.*.w1", "layers.1.experts.*.w1"]),  # a layer's experts share
+    (r"\d+\.experts\.\d+", ["layers.*.w1"]),  # one for every expert of every layer
+])
+def test_layer_pattern_for_mixture_of_experts(pattern, groups):
+    model = Experts()
+    kwargs = {"layer_pattern": pattern} if pattern else {}
+    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, targets=("w1",), **kwargs))
+    assert [r["target"] for r in sl.trainable_breakdown(model)] == groups
+
+
+def test_layer_pattern_for_funnel_two_level_blocks(one_thread):
+    from transformers import FunnelConfig, FunnelModel
+    torch.manual_seed(0)
+    model = FunnelModel(FunnelConfig(vocab_size=64, block_sizes=[2, 2], d_model=32, n_head=4, d_head=8, d_inner=64,
+                                     num_decoder_layers=1))
+    default = copy.deepcopy(model)
+    sl.add_adapters(default, sl.AdapterConfig(preset="sharea", r=2, targets=("q_head",)))
+    assert len(sl.trainable_breakdown(default)) == 3  # blocks.*.0, blocks.*.1, decoder: 3 A's for 5 maps
+    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, targets=("q_head",),
+                                            layer_pattern=r"(?<=blocks\.)\d+\.\d+|(?<=layers\.)\d+"))
+    assert [r["target"] for r in sl.trainable_breakdown(model)] == ["encoder.blocks.*.attention.q_head",
+                                                                     "decoder.layers.*.attention.q_head"]
+    sl.check_adapters_run(model, torch.randint(0, 64, (1, 8)))
+
+
+def test_adapters_added_to_a_model_in_eval_mode_are_in_eval_mode():
+    model, inputs, kwargs, _, _ = build("nanogpt")  # build() leaves it in eval mode
+    sl.add_adapters(model, sl.AdapterConfig(preset="lora", r=2, dropout=0.5, **kwargs))
+    perturb(model)
+    assert not any(m.training for m in sl.adapted_layers(model))
+    torch.testing.assert_close(out(model, inputs), out(model, inputs), atol=0, rtol=0)  # no dropout
+    sl.merge(model)
+    out(model, inputs)  # merged and in eval mode: no "before training" error, gradients enabled or not

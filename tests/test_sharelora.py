@@ -5,7 +5,9 @@ stored once), initialisation (the model starts as the base, every component lear
 merging, saving and loading, configuration errors, a model that is not GPT-2, and adapter dropout.
 """
 import copy
+import json
 import os
+import struct
 
 import pytest
 import torch
@@ -530,6 +532,73 @@ def test_unreadable_files(base, tmp_path):
     with pytest.raises(FileNotFoundError):
         sl.load_adapter(copy.deepcopy(base), tmp_path / "missing.safetensors")
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+# ---- the safetensors format, written and read without the safetensors package -----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_our_safetensors_files_and_the_packages_read_each_other(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.lora_A": torch.randn(3, 5, generator=g).to(dtype), "b": torch.randn(7, generator=g).to(dtype),
+               "scalar": torch.tensor(2.5, dtype=dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+               "ints": torch.arange(6, dtype=torch.int64).reshape(2, 3)}  # a wider element after narrower ones
+    meta = {"format": "sharelora", "config": '{"r": 8}'}
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    sl._write_safetensors(ours, tensors, meta)
+    with safe_open(ours, framework="pt") as f:
+        assert f.metadata() == meta
+        back = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, theirs, metadata=meta)
+    read, read_meta = sl._read_safetensors(theirs)
+    assert read_meta == meta
+    for got in (back, read):
+        assert sorted(got) == sorted(tensors)
+        for k, t in tensors.items():
+            assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    assert ours.read_bytes()[8:9] == b"{" and int.from_bytes(ours.read_bytes()[:8], "little") % 8 == 0
+
+
+def _safetensors_file(path, header, body=b"", length=None):
+    if header is None:  # no header at all, only these bytes
+        return path.write_bytes(body) and path
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + body)
+    return path
+
+
+MALFORMED = {  # name -> (header, body, declared header length or None)
+    "shorter than the length field": (None, b"\x01\x02", None),
+    "header longer than the file": (b"{}", b"", 1000),
+    "huge declared header": (b"{}", b"", 2 ** 62),
+    "header not JSON": (b"{not json", b"", None),
+    "header not UTF-8": (b'{"\xff": 1}', b"", None),
+    "header nested too deep": (b"[" * 100_000, b"", None),
+    "header a list": ([1, 2], b"", None),
+    "metadata not strings": ({"__metadata__": {"format": 5}}, b"", None),
+    "entry without dtype": ({"t": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), None),
+    "unknown dtype": ({"t": {"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), None),
+    "negative shape": ({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), None),
+    "offsets out of range": ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), None),
+    "offsets backwards": ({"t": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, bytes(8), None),
+    "offsets not the shape's size": ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), None),
+    "huge declared shape": ({"t": {"dtype": "F32", "shape": [2 ** 40, 2 ** 40], "data_offsets": [0, 8]}},
+                            bytes(8), None),
+    "overlapping tensors": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), None),
+    "bytes left unaccounted for": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8), None),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_safetensors_headers_give_one_sentence(base, tmp_path, case):
+    header, body, length = MALFORMED[case]
+    path = _safetensors_file(tmp_path / "bad.safetensors", header, body, length)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="is not a readable adapter file") as e:
+        sl.load_adapter(fresh, path)
+    assert "\n" not in str(e.value) and not _has_adapters(fresh)
 
 
 # ---- bad configurations -----------------------------------------------------------------------------

@@ -66,9 +66,12 @@ def train(cfg):
         model = build_model(cfg, ckpt, dtype)
         fit_data_to_model(cfg, batches, model)
         runtime.place(model, device, dtype).train()
+        ctx = runtime.autocast(device, dtype)
+        if cfg.adapter != "none":  # an adapted map the model never calls would never train: name it now
+            with ctx:
+                sharelora.check_adapters_run(model, torch.zeros((1, 1), dtype=torch.long, device=device))
         optimizer = make_optimizer(model, cfg, device)
         scaler = runtime.grad_scaler(device, dtype)
-        ctx = runtime.autocast(device, dtype)
         step, best_val = 0, float("inf")
         torch.manual_seed(cfg.seed + group.rank)  # dropout: each process draws its own masks
         if ckpt:

@@ -19,7 +19,7 @@ parameters (section 4 of the paper).
 Tied-LoRA (Renduchintala et al. 2024, arXiv 2311.09578) ties A and B across layers and gives each
 layer two cheap scaling vectors back, u (r) and v (d_out), each part trainable or frozen:
 
-        y = W x + s · v ⊙ (B (u ⊙ (A dropout(x))))          (METHOD.md's formula; ⊙ is elementwise)
+        y = W x + s · v ⊙ (B (u ⊙ (A dropout(x))))      (docs/METHOD.md's formula; ⊙: elementwise)
 
 The Tied-LoRA paper names a configuration by its factors, marking those tied across layers with ®:
 vB®uA® is A and B tied (one for all layers), u and v per layer: the preset `tied` below.
@@ -392,9 +392,9 @@ def _shape(x, d, r):
 
 
 def _initial_value(x, key, d, r, comps, zero, seed, device="cpu"):
-    """METHOD.md's initialisation, for a map of dims d = (d_out, d_in). Random values come from a
-    generator seeded by (seed, key), so the same configuration rebuilds the same frozen random
-    matrices, on any machine."""
+    """docs/METHOD.md's initialisation (its section 5), for a map of dims d = (d_out, d_in). Random
+    values come from a generator seeded by (seed, key), so the same configuration rebuilds the same
+    frozen random matrices, on any machine."""
     shape = _shape(x, d, r)
     if x == zero:
         t = torch.zeros(shape)

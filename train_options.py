@@ -40,7 +40,7 @@ class TrainConfig:
     # data: data_dir defaults to data/<dataset>, written by data/<dataset>/prepare.py
     dataset: str = "shakespeare"
     data_dir: str = ""
-    # the adapter (see sharelora.py and METHOD.md); adapter=none trains the whole model
+    # the adapter (see sharelora.py and docs/METHOD.md); adapter=none trains the whole model
     adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | none
     spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
     r: int = 8

@@ -2,7 +2,7 @@
 # ShareLoRA's GPT-2 experiments follow. Needs the real weights (network or a local copy) and a GPU:
 #   python data/e2e/prepare.py
 #   python train.py config/e2e_gpt2m_lora.py
-# trainable: 393,216 parameters (METHOD.md: 24 layers x r 4 x (1024 + 1024) x 2 targets)
+# trainable: 393,216 parameters (docs/METHOD.md: 24 layers x r 4 x (1024 + 1024) x 2 targets)
 init_from = "gpt2-medium"
 dataset = "e2e"
 out_dir = "out-e2e-gpt2m-lora"

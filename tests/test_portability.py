@@ -3,10 +3,10 @@ on tiny models built here (transformers' Llama, Roberta classifier and GPT-2 wit
 nanoGPT-style block with a fused c_attn, torch's nn.TransformerEncoder).
 
 For every preset on every model: the adapted model starts as the base; only adapters (and
-modules_to_save) get gradients; a shared component is one object; the trainable count is METHOD.md's
-formula; merge and unmerge are exact; save and load onto a fresh base is exact; PEFT loads the export
-with the same outputs; the merged weights, loaded into a plain copy of the model, give the same
-outputs. And the cases that cannot work are refused at add_adapters with one sentence."""
+modules_to_save) get gradients; a shared component is one object; the trainable count is
+docs/METHOD.md's formula; merge and unmerge are exact; save and load onto a fresh base is exact; PEFT
+loads the export with the same outputs; the merged weights, loaded into a plain copy of the model, give
+the same outputs. And the cases that cannot work are refused at add_adapters with one sentence."""
 import copy
 
 import pytest
@@ -109,7 +109,7 @@ def out(model, inputs):
 
 
 def expected_count(preset, dims, r):
-    """METHOD.md's formulas, per target: (L, d_in, d_out)."""
+    """docs/METHOD.md's formulas, per target: (L, d_in, d_out)."""
     total = 0
     for L, d_in, d_out in dims.values():
         total += {"lora": L * r * (d_in + d_out), "sharea": r * d_in + L * r * d_out, "shareb": L * r * d_in + r * d_out,
@@ -166,7 +166,7 @@ def test_every_preset_on_other_peoples_models(family, preset, tmp_path, one_thre
         if comps[x][0] == "shared":
             for m in layers:
                 assert getattr(m, f"lora_{x}") is next(getattr(o, f"lora_{x}") for o in layers if o.group == m.group)
-    # METHOD.md's count, plus what modules_to_save trains
+    # docs/METHOD.md's count, plus what modules_to_save trains
     extra = sum(p.numel() for n in saved for p in [model.get_parameter(n)])
     assert sl.count_trainable(model) == expected_count(preset, dims, 4) + extra
     assert sum(r["total"] for r in sl.trainable_breakdown(model)) == sl.count_trainable(model)

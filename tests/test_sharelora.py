@@ -1,8 +1,8 @@
 """
-sharelora.py against METHOD.md: parameter counts (the table's formulas and its worked numbers), that a
-shared component really is one tensor (one object, one optimizer entry, the sum of the layers' gradients,
-stored once), initialisation (the model starts as the base, every component learns within two steps),
-merging, saving and loading, configuration errors, a model that is not GPT-2, and adapter dropout.
+sharelora.py against docs/METHOD.md: parameter counts (the table's formulas and its worked numbers),
+that a shared component really is one tensor (one object, one optimizer entry, the sum of the layers'
+gradients, stored once), initialisation (the model starts as the base, every component learns within two
+steps), merging, saving and loading, configuration errors, a model that is not GPT-2, and adapter dropout.
 """
 import copy
 import json
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
 PRESET_NAMES = ["lora", "sharea", "shareb", "shareab", "tied", "vera"]
 ALL_TARGETS = ("q", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
-# METHOD.md's table: trainable parameters per target, from L, d_in, d_out, r
+# docs/METHOD.md's table: trainable parameters per target, from L, d_in, d_out, r
 FORMULAS = {
     "lora": lambda L, i, o, r: L * r * (i + o),
     "sharea": lambda L, i, o, r: r * i + L * r * o,
@@ -166,7 +166,7 @@ def test_counts_on_a_real_tiny_model(base):
         assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad), preset
 
 
-# ---- the update is METHOD.md's formula ----------------------------------------------------------------
+# ---- the update is docs/METHOD.md's formula ------------------------------------------------------
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_adapted_linear_computes_the_method_formula(base, preset):
@@ -499,9 +499,9 @@ def test_loading_into_a_shallower_base_raises(base, tmp_path):
 
 @pytest.mark.parametrize("preset", ["sharea", "shareab"])
 def test_loading_into_a_deeper_base_raises_and_leaves_it_untouched(base, tmp_path, preset):
-    """A 3-layer adapter on a 4-layer base of the same width is the wrong base too (METHOD.md: the file
-    records the base's identity; load_adapter's docstring: "leaving the model untouched if the adapter
-    was made for another one")."""
+    """A 3-layer adapter on a 4-layer base of the same width is the wrong base too
+    (docs/METHOD.md: the file records the base's identity; load_adapter's docstring: "leaving the model
+    untouched if the adapter was made for another one")."""
     model = _randomize_adapters(_adapted(base, preset), 13)
     path = tmp_path / "a.safetensors"
     sl.save_adapter(model, path)

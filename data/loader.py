@@ -37,6 +37,8 @@ class Batches:
         how = (f"python data/{name}/prepare.py" if name in shipped else
                " or ".join(f"python data/{d}/prepare.py --out {data_dir}" for d in shipped))
         self.redo = f"run {how} again"
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):  # (a FileNotFoundError, as for the .bin files)
+            raise FileNotFoundError(f"no prepared data in {data_dir}: run {how} first")
         self.meta = read_meta(data_dir, f"run {how}")
         self.data_dir, self.kind = data_dir, self.meta["kind"]  # Shakespeare is a stream, E2E is examples
         self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length

@@ -1096,6 +1096,13 @@ def load_adapter(model, path):
     adapters of the same configuration. Checks the base's shapes first, leaving the model untouched if
     the adapter was made for another one. Returns the model."""
     config, meta, tensors = read_adapter(path)
+    try:
+        return _load_checked(model, path, config, meta, tensors)
+    except ValueError as e:  # whatever does not fit (targets, split, frozen tensors): the file is named
+        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _load_checked(model, path, config, meta, tensors):
     layers = adapted_layers(model)
     if any(m.merged for m in layers):  # ΔW of the adapter in the model is inside W: it would stay there
         raise ValueError(f"the model's adapter is merged into its weights: call sharelora.unmerge(model) "

@@ -26,7 +26,7 @@ import sample
 import sharelora
 import train_options
 from conftest import ROOT, TINY, load_script, run
-from data.common import UserError, check_record, read_meta, read_metrics
+from data.common import UserError, read_meta, read_metrics
 from data.common import run as run_early
 from test_faults import Case, call
 from tools import analyze, compare, demo, evaluate_e2e, export
@@ -254,3 +254,138 @@ def test_adapter_rank_is_bounded_before_any_allocation(adapter_file, tmp_path, r
     path = rewritten(adapter_file, tmp_path, lambda m: m["config"].update(r=r))
     with pytest.raises(ValueError, match=phrase):
         sharelora.load_adapter(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64)), path)
+
+
+# ---- the cases issue 23 listed, each once, through the scripts' main() ---------------------------------
+
+def one_error(code, err, phrase):
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and phrase in errors[0], err
+
+
+LISTED = {  # name: (script, lambda case: argv, a phrase the message must hold)
+    "n_layer=10**23": ("train.py", lambda c: c.train("--n_layer=" + "1" + "0" * 23), "n_layer must be a whole number in [1, 1,024]"),
+    "grad_accum=7.8e18": ("train.py", lambda c: c.train("--grad_accum=7800000000000000000"), "grad_accum must be"),
+    "n_embd=2**62": ("train.py", lambda c: c.train(f"--n_embd={2**62}"), "n_embd must be"),
+    "batch_size=10**23": ("train.py", lambda c: c.train("--batch_size=1" + "0" * 23), "batch_size must be"),
+    "batch larger than the data": ("train.py", lambda c: [*c.train(f"--data_dir={c.data['e2e']}", "--batch_size=60000")],
+                                   "fewer than batch_size 60000"),
+    "eval_prompt beyond the context": ("train.py", lambda c: c.train("--eval_prompt=" + "hello " * 40, "--sample_tokens=4"),
+                                       "shorten eval_prompt or lower sample_tokens"),
+    "beam_size=30000": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--beam_size=30000"], "--beam_size must be"),
+    "length_penalty=1e308": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--length_penalty=1e308"],
+                             "--length_penalty must be"),
+    "length_penalty=-1e308": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", "--length_penalty=-1e308"],
+                              "--length_penalty must be"),
+    "temperature=1e-45": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--temperature=1e-45"], "--temperature must be"),
+    "top_p=1e-300": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--top_p=1e-300"], "--top_p must be"),
+    "empty --start": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--start="], "--start must be"),
+    "empty --start file": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", f"--start=FILE:{c.file('p.txt', '')}"],
+                           "gives an empty prompt"),
+    "prompt longer than the context": ("sample.py", lambda c: [f"--out_dir={c.trained / 'adapted'}", "--start=" + "word " * 80],
+                                       "leaves no room to generate: shorten --start"),
+    "meta.json separator 5": ("tools/evaluate_e2e.py", lambda c: [f"--adapter={c.adapter}", f"--data_dir={_meta_with(c, separator=5)}"],
+                              "has separator = 5"),
+    "compare --presets=sharea -- --adapter=lora": ("tools/compare.py", lambda c: [
+        f"--init_from={c.base}", "--presets=sharea", "--", "--adapter=lora"], "sets adapter, which compare.py sets"),
+    "compare -- --seed=7": ("tools/compare.py", lambda c: [f"--init_from={c.base}", "--", "--seed=7"], "sets seed"),
+    "adapter r=2**60": ("sample.py", lambda c: [f"--adapter={_adapter_r(c, 2**60)}"], "r must be a whole number in [1, 65536]"),
+    "adapter r=2**40": ("sample.py", lambda c: [f"--adapter={_adapter_r(c, 2**40)}"], "r must be a whole number in [1, 65536]"),
+}
+
+
+def _meta_with(c, **fields):
+    d = c.e2e_copy()
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, **fields}))
+    return d
+
+
+def _adapter_r(c, r):
+    return rewritten(c.adapter, c.tmp, lambda m: m["config"].update(r=r))
+
+
+@pytest.mark.parametrize("name", list(LISTED))
+def test_listed_cases_are_one_sentence_and_exit_2(name, trained, data, tmp_path, monkeypatch, capsys, one_thread):
+    script, make_argv, phrase = LISTED[name]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SHARELORA_TRACEBACK", raising=False)
+    started = time.perf_counter()
+    code, err = call(script, make_argv(Case(trained, data, tmp_path)), monkeypatch, capsys)
+    one_error(code, err, phrase)
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("lines, phrase", [
+    (['{"step": 1, "loss": 2.0}', "5"], "metrics.jsonl line 2 is int 5, not a JSON object"),
+    (['{"step": "x"}'], "metrics.jsonl line 1 has step = 'x'"),
+    (["\x00\xff\xfe binary"], "metrics.jsonl line 1 is not a JSON record (damaged or binary)"),
+])
+def test_a_damaged_metrics_line_is_named_and_compare_rewrites_nothing(lines, phrase, trained, data, tmp_path,
+                                                                        monkeypatch, capsys, one_thread):
+    """compare.py over a finished run whose metrics.jsonl is damaged: one sentence naming the file and the
+    line, and results.json (of an earlier comparison) unchanged."""
+    out = tmp_path / "cmp"
+    argv = [f"--init_from={trained / 'base'}", f"--data_dir={data['e2e']}", "--presets=lora", "--max_iters=1", "--r=2",
+            "--batch_size=2", "--eval_mrs=0", f"--out={out}", "--device=cpu", "--", "--eval_iters=1", "--dtype=float32"]
+    run_dir = out / "lora" / "seed1"
+    run_dir.mkdir(parents=True)
+    cmd = compare.train_command(compare.options(argv)[0], "lora", 1, str(run_dir), ["--eval_iters=1", "--dtype=float32"])
+    (run_dir / compare.COMMAND_FILE).write_text(json.dumps(cmd[2:]))
+    data_lines = [*lines, '{"done": 1, "best_val_loss": 1.0, "peak_memory_mb": 5}']
+    (run_dir / "metrics.jsonl").write_bytes(("\n".join(data_lines) + "\n").encode("latin-1"))
+    (out / "results.json").write_text('[{"preset": "lora", "seed": 1}]\n')
+    before = (out / "results.json").read_bytes()
+    code, err = call("tools/compare.py", argv, monkeypatch, capsys)
+    one_error(code, err, phrase)
+    assert str(run_dir / "metrics.jsonl") in err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_rank_without_torchrun_does_not_silence_errors():
+    p = subprocess.run([sys.executable, "train.py", "--n_layer=0"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "RANK": "1"}, timeout=60)
+    one_error(p.returncode, p.stderr, "n_layer must be")
+    p = subprocess.run([sys.executable, "sample.py", "--init_from=gpt2", "--top_k=0"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "RANK": "3"}, timeout=60)
+    one_error(p.returncode, p.stderr, "--top_k must be")
+
+
+def test_a_run_records_its_data_and_refuses_other_data_on_resume(data, tmp_path):
+    """A run trained on E2E through a relative --data_dir: resumed from another folder it finds the
+    same data (the path is recorded relative to the run folder); swapped for Shakespeare it is refused;
+    sample.py --format=auto reads from the run that it trained on examples."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(data["e2e"], work / "mydata")
+    opts = [*TINY, "--adapter=lora", "--r=2", "--eval_interval=1"]
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *opts, "--data_dir=mydata", "--out_dir=run", "--max_iters=1"],
+                       cwd=work, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ckpt = torch.load(work / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["data"]["kind"] == "examples" and ckpt["data"]["path"] == "../mydata"
+    assert set(ckpt["data"]["files"]) == {"train.bin", "val.bin", "train_examples.bin", "val_examples.bin"}
+    resume = [sys.executable, str(ROOT / "train.py"), "--init_from=resume", f"--out_dir={work / 'run'}"]
+    p = subprocess.run([*resume, "--max_iters=2"], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr  # from another folder: the same data, found through the run folder
+    assert sample._trained_on(str(work / "run")) == "examples"
+    shutil.rmtree(work / "mydata")
+    shutil.copytree(data["shakespeare"], work / "mydata")  # the folder now holds other data
+    p = subprocess.run([*resume, "--max_iters=3"], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    one_error(p.returncode, p.stderr, "is not what the run in")
+
+
+def test_a_clock_that_does_not_advance_gives_finite_rates(data, tmp_path, monkeypatch, one_thread):
+    import train
+    monkeypatch.setattr(time, "perf_counter", lambda: 1000.0)
+    out = tmp_path / "run"
+    train.main([*TINY, "--adapter=lora", "--r=2", f"--data_dir={data['shakespeare']}", f"--out_dir={out}", "--max_iters=3",
+                "--log_interval=1"])
+    steps = [r for r in read_metrics(str(out / "metrics.jsonl")) if "tokens_per_s" in r]
+    assert len(steps) == 3 and all(0 < r["tokens_per_s"] < 1e12 for r in steps)
+
+
+def test_demo_out_is_relative_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert demo.options(["--out", "rel"]).out == str(tmp_path / "rel")

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import sample
 import sharelora
 import train_options
-from conftest import ROOT, TINY, load_script, run
+from conftest import ROOT, TINY, load_script
 from data.common import UserError, read_meta, read_metrics
 from data.common import run as run_early
 from test_faults import Case, call

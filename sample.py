@@ -10,48 +10,52 @@ costs); --no_merge keeps it separate. For an adapter trained on E2E, --start is 
 representation: the separator " ||" is appended and the reply ends at <|endoftext|>.
 """
 import argparse
-import math
 import os
 import sys
 
-from data.common import Parser, quiet_ctrl_c
+from data.common import TEXT, Bound, Parser, check, quiet_ctrl_c
+from train_options import BOUNDS
 
 # torch, the model and the tokenizer are imported after the options are read (a mistake shows at once)
 
 
-def main(argv=None):
+# the most samples, tokens and candidates one command takes: far beyond a GPT-2 context (1,024 tokens) or
+# vocabulary (50,257), so that only typos are refused
+TEMPERATURE = Bound(float, 0, 100, test=lambda t: t == 0 or t >= 1e-3,
+                    what="0 (greedy) or a number in [0.001, 100]: below 0.001 sampling is greedy but for float "
+                         "rounding, above 100 it is noise")
+
+
+def options(argv=None):
+    """The command line, checked before torch loads: every option has a type and a range."""
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors, or its whole model)")
-    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
-    p.add_argument("--init_from", help="the base model; default: the one the adapter names")
-    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", type=TEXT, help="a training run's folder (its adapter.safetensors, or its whole model)")
+    p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
+    p.add_argument("--init_from", type=TEXT, help="the base model; default: the one the adapter names")
+    p.add_argument("--start", type=Bound(str, test=lambda v: v not in ("", "FILE:"), what="a non-empty prompt"),
+                   default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--format", choices=("auto", "e2e", "text"), default="auto",
-                   help="e2e: the prompt is an MR (auto: e2e when out_dir's run trained on e2e)")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+                   help="e2e: the prompt is an MR (auto: e2e when out_dir's run trained on examples, as E2E)")
+    p.add_argument("--num_samples", type=Bound(int, 1, 4096), default=1)
+    p.add_argument("--max_new_tokens", type=Bound(int, 1, 2**20), default=100)
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=Bound(int, 1, 2**20), default=None)
+    p.add_argument("--top_p", type=Bound(float, 0, 1, open_lo=True), default=None)
+    p.add_argument("--seed", type=Bound(int, 0, 2**63 - 1), default=1337)
+    p.add_argument("--device", type=BOUNDS["device"], default="auto")
+    p.add_argument("--dtype", type=BOUNDS["dtype"], default="auto")
     p.add_argument("--no_merge", action="store_true", help="keep the adapter unmerged")
     p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
                    help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.adapter is None and args.init_from is None:
         p.error("give --out_dir, --adapter or --init_from")
-    for ok, message in (
-            (args.num_samples >= 1, f"--num_samples must be at least 1, not {args.num_samples}"),
-            (args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}"),
-            (math.isfinite(args.temperature) and args.temperature >= 0,
-             f"--temperature must be a finite number >= 0 (0 is greedy), not {args.temperature}"),
-            (args.top_k is None or args.top_k >= 1, f"--top_k must be at least 1, not {args.top_k}"),
-            (args.top_p is None or 0 < args.top_p <= 1, f"--top_p must be in (0, 1], not {args.top_p}"),
-            (0 <= args.seed < 2**63, f"--seed must be in [0, 2**63), not {args.seed}")):
-        if not ok:
-            p.error(message)
+    return args
+
+
+def main(argv=None):
+    args = options(argv)
     import runtime
     runtime.run(generate, args)
 
@@ -70,12 +74,16 @@ def generate(args):
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
             runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
-    e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "e2e")
+    check(start != "", f"--start {args.start[:40]!r} gives an empty prompt: give some text to continue")
+    e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "examples")
     if e2e and not start.rstrip().endswith("||"):
         start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
     torch.manual_seed(args.seed)
     idx = torch.tensor([encode(start)] * args.num_samples, device=info["device"])
-    max_new = min(args.max_new_tokens, model.config.block_size - idx.size(1))
+    room = model.config.block_size - idx.size(1)
+    check(room >= 1, f"the prompt is {idx.size(1)} tokens, and the model's context of {model.config.block_size} "
+                     "leaves no room to generate: shorten --start")
+    max_new = min(args.max_new_tokens, room)
     with runtime.autocast(info["device"], info["dtype"]):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
@@ -88,11 +96,16 @@ def generate(args):
 
 
 def _trained_on(out_dir):
-    """The dataset of the run in out_dir, if its checkpoint says."""
+    """The kind of data (stream or examples) the run in out_dir trained on, as its checkpoint records
+    (older checkpoints: examples when their dataset was e2e)."""
     import runtime
     if out_dir is None or not os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)):
         return None
-    return runtime.read_checkpoint(out_dir)["config"].get("dataset")
+    ckpt = runtime.read_checkpoint(out_dir)
+    data = ckpt.get("data")
+    if isinstance(data, dict) and data.get("kind") in ("stream", "examples"):
+        return data["kind"]
+    return "examples" if ckpt["config"].get("dataset") == "e2e" else "stream"
 
 
 if __name__ == "__main__":

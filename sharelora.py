@@ -239,6 +239,11 @@ def _forget(module, args, output):
 
 # ---- 3. The configuration ------------------------------------------------------------------------
 
+DEFAULT_LAYER_PATTERN = r"(?<![^.])\d+(?![^.])"  # the first all-digit part of a name: h.7, layers.12
+MAX_RANK = 2**16  # r beyond any map's width here (GPT-2 XL: 6,400): refused before any shape is computed
+MAX_PATTERN = 1000  # characters of a layer_pattern: compiling stays instant
+
+
 @dataclass
 class AdapterConfig:
     """preset: one of PRESETS; spec: a spec string that overrides the preset (grammar above); r: the
@@ -262,7 +267,7 @@ class AdapterConfig:
     seed: int = 0
     spec: str = None
     split: dict = None
-    layer_pattern: str = r"(?<![^.])\d+(?![^.])"
+    layer_pattern: str = DEFAULT_LAYER_PATTERN
     modules_to_save: tuple = ()
 
     def __post_init__(self):
@@ -298,19 +303,20 @@ class AdapterConfig:
 
 # ---- 4. Adding adapters to a model ---------------------------------------------------------------
 
-def add_adapters(model, config):
+def add_adapters(model, config, groups=None):
     """Freeze the model and wrap every linear map that config.targets names.
 
     Maps are grouped for sharing (group_maps): a `shared` component is one tensor per group, by
     default one per target across the layers (transformer.h.7.attn.q is in group
     transformer.h.*.attn.q). Works on any model built from nn.Linear or transformers' Conv1D layers;
-    part 2 handles the rest of other people's models. Returns the model."""
+    part 2 handles the rest of other people's models. `groups` ({group: [map names]}) replaces that
+    grouping: load_adapter passes the one an adapter file recorded (see _file_groups). Returns the model."""
     if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise ValueError("this model already has adapters: load a fresh base model to add new ones")
     comps = config.components()
     maps = find_targets(model, config)  # {map name: (module name, rows)}
     check_supported(model, maps)
-    groups = group_maps(maps, config.layer_pattern, comps["share"])
+    groups = groups or group_maps(maps, config.layer_pattern, comps["share"])
     saved = find_modules_to_save(model, config, maps)
     d = {n: map_dims(model, n, maps) for n in maps}  # (d_out, d_in)
     _check_sizes(groups, d, comps, config.r)
@@ -739,23 +745,24 @@ def _check_config(c):
         isinstance(p, str) and count(n) for p, n in v.items()))
     for name, ok in (("preset", isinstance(c.preset, str)), ("spec", c.spec is None or isinstance(c.spec, str)),
                      ("targets", strings(c.targets)),
-                     ("seed", isinstance(c.seed, int) and not isinstance(c.seed, bool)),
+                     ("seed", isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed < 2**63),
                      ("split", c.split is None or (isinstance(c.split, dict) and all(
                          isinstance(k, str) and parts(v) for k, v in c.split.items()))),
-                     ("layer_pattern", isinstance(c.layer_pattern, str)),
+                     ("layer_pattern", isinstance(c.layer_pattern, str) and len(c.layer_pattern) <= MAX_PATTERN),
                      ("modules_to_save", strings(c.modules_to_save))):
         if not ok:
             takes = (": give {module: (part names, ...)} or {module: {part: rows per block}}"
                      if name == "split" else "")
-            raise ValueError(f"AdapterConfig.{name} has the wrong type: {getattr(c, name)!r}{takes}")
+            raise ValueError(f"AdapterConfig.{name} has the wrong type{' or range' if name in ('seed', 'layer_pattern') else ''}: "
+                             f"{getattr(c, name)!r:.200}{takes}")
     try:
         re.compile(c.layer_pattern)
     except (re.error, TypeError) as e:
         raise ValueError(f"layer_pattern {c.layer_pattern!r} is not a regular expression: {e}") from None
     if not c.targets:
         raise ValueError("targets is empty: name at least one linear layer to adapt, e.g. ('q', 'v')")
-    if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r <= 0:
-        raise ValueError(f"r must be a positive integer (the rank, e.g. 8), got {c.r!r}")
+    if isinstance(c.r, bool) or not isinstance(c.r, int) or not 0 < c.r <= MAX_RANK:
+        raise ValueError(f"r must be a whole number in [1, {MAX_RANK}] (the rank, e.g. 8), got {c.r!r}")
     if not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
     if not isinstance(c.alpha, (int, float)) or not math.isfinite(c.alpha):
@@ -943,6 +950,7 @@ def save_adapter(model, path, base=None):
         "config": json.dumps(asdict(config)),
         "base": json.dumps(base if base is not None else getattr(model, "name_or_path", None)),
         "shapes": json.dumps({m.name: list(_map_dims(m)) for m in layers}),  # (d_out, d_in) of each map
+        "groups": json.dumps({m.name: m.group for m in layers}),  # what layer_pattern grouped: never re-run from a file
         "regenerated": json.dumps(regenerated),
         # trained on a quantized base (QLoRA, QShareA): the adapter learned against dequant(W)
         "base_quantized": json.dumps("+".join(sorted({quantization(m) for m in layers} - {None})) or None),
@@ -1064,12 +1072,17 @@ def _parse_metadata(path, meta):
     try:
         meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
         config = AdapterConfig(**meta["config"])
-        pair = lambda v, kind: isinstance(v, list) and len(v) == 2 and all(isinstance(x, kind) for x in v)
-        if not (isinstance(meta["shapes"], dict) and all(pair(v, int) for v in meta["shapes"].values())
+        # every number bounded before any is used to size a tensor: a width is at most 2**31
+        size = lambda x: type(x) is int and 0 < x < 2**31
+        number = lambda x: type(x) in (int, float) and math.isfinite(x)
+        pair = lambda v, ok: isinstance(v, list) and len(v) == 2 and all(map(ok, v))
+        if not (isinstance(meta["shapes"], dict) and all(pair(v, size) for v in meta["shapes"].values())
                 and isinstance(meta["regenerated"], dict)
-                and all(pair(v, (int, float)) for v in meta["regenerated"].values())
+                and all(pair(v, number) for v in meta["regenerated"].values())
+                and (isinstance(meta.get("groups", {}), dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in meta.get("groups", {}).items()))
                 and all(meta.get(k) is None or isinstance(meta[k], str) for k in ("base", "base_quantized"))):
-            raise TypeError("shapes, regenerated or base do not have their form")
+            raise TypeError("shapes, regenerated, groups or base do not have their form")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has damaged metadata ({e})"
         raise ValueError(f"{path} {what}: save the adapter again, or restore the file") from None
@@ -1083,6 +1096,13 @@ def load_adapter(model, path):
     adapters of the same configuration. Checks the base's shapes first, leaving the model untouched if
     the adapter was made for another one. Returns the model."""
     config, meta, tensors = read_adapter(path)
+    try:
+        return _load_checked(model, path, config, meta, tensors)
+    except ValueError as e:  # whatever does not fit (targets, split, frozen tensors): the file is named
+        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _load_checked(model, path, config, meta, tensors):
     layers = adapted_layers(model)
     if any(m.merged for m in layers):  # ΔW of the adapter in the model is inside W: it would stay there
         raise ValueError(f"the model's adapter is merged into its weights: call sharelora.unmerge(model) "
@@ -1092,8 +1112,12 @@ def load_adapter(model, path):
                          f"({config.describe()}): load it onto a fresh base model")
     # every check comes before the first change to the model. The maps this configuration adapts in
     # this model must be exactly those it was trained on, with the same shapes.
-    d, group_of, saved = _layout(model, config, layers)
+    d, group_of, saved = _layout(model, config, layers, _file_groups(path, meta, config))
     _check_base(path, meta, d)
+    narrowest = min((min(v) for v in d.values()), default=config.r)
+    if config.r > narrowest:  # before any tensor of r rows is made
+        raise ValueError(f"{path} has r = {config.r}, more than its narrowest map ({narrowest}) allows: "
+                         "it is damaged; save the adapter again")
     comps = config.components()
     expected = {}  # key -> (the dims of a map that holds it, component), as adapter_state_dict will name them
     for name in d:
@@ -1102,21 +1126,44 @@ def load_adapter(model, path):
                 expected.setdefault(_key(name, x, comps, group_of[name]), (d[name], x))
     _check_tensors(path, config, meta, tensors, expected, saved)
     if not layers:
-        add_adapters(model, config)
+        grouped = {}
+        for name, group in group_of.items():
+            grouped.setdefault(group, []).append(name)
+        add_adapters(model, config, groups=grouped)
     for key, p in {**adapter_state_dict(model), **_saved_state_dict(model)}.items():
         if key in tensors:
             p.copy_(tensors[key])
     return model
 
 
-def _layout(model, config, layers):
+def _file_groups(path, meta, config):
+    """{map: group} as the adapter file recorded it. A layer_pattern is a regular expression, and one
+    read from a file could be crafted to backtrack for hours on a module name (515 s was measured on
+    one name): so the grouping it made is stored when the file is written, and loading never runs a
+    pattern from a file. A file written before "groups" was stored is grouped by the default pattern
+    (a fixed one of ours) alone."""
+    if "groups" in meta:
+        return meta["groups"]
+    if config.layer_pattern != DEFAULT_LAYER_PATTERN:
+        raise ValueError(f"{path} has a custom layer_pattern but no recorded grouping (an older file): "
+                         "save the adapter again with this sharelora.py")
+    return None
+
+
+def _layout(model, config, layers, file_groups=None):
     """({map: (d_out, d_in)}, {map: group}, {key: tensor of modules_to_save}) that `config` has or
-    would have in `model`, read off its adapters or, on a fresh base, worked out without a change."""
+    would have in `model`, read off its adapters or, on a fresh base, worked out without a change
+    (with the grouping an adapter file recorded, when given)."""
     if layers:
         return ({m.name: _map_dims(m) for m in layers}, {m.name: m.group for m in layers},
                 _saved_state_dict(model))
     maps = find_targets(model, config)
-    groups = group_maps(maps, config.layer_pattern, config.components()["share"])
+    if file_groups is not None:  # (a map the file does not know is its own group: _check_base refuses it)
+        groups = {}
+        for name in maps:
+            groups.setdefault(file_groups.get(name, name), []).append(name)
+    else:
+        groups = group_maps(maps, config.layer_pattern, config.components()["share"])
     saved = find_modules_to_save(model, config, maps)
     return ({n: map_dims(model, n, maps) for n in maps}, {n: g for g, names in groups.items() for n in names},
             {f"{n}.{k}": t for n, m in saved.items() for k, t in m.state_dict().items()})

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict
 
-from data.common import check, fail, quiet_ctrl_c
+from data.common import check, data_fingerprint, fail, quiet_ctrl_c
 from data.common import run as run_early
 from train_options import (RESUME_OPTIONS, TrainConfig, check_options, early_options,  # noqa: F401
                            parse_args, resumed_config)
@@ -61,8 +61,9 @@ def train(cfg):
         torch.manual_seed(cfg.seed)  # the same in every process: a model from scratch is built alike everywhere
         random.seed(cfg.seed)
 
-        batches = Batches(cfg.data_dir or os.path.join(HERE, "data", cfg.dataset), cfg.batch_size, cfg.block_size,
-                          seed=cfg.seed, group_by_length=cfg.group_by_length)
+        batches = Batches(data_folder(cfg, ckpt), cfg.batch_size, cfg.block_size, seed=cfg.seed,
+                          group_by_length=cfg.group_by_length)
+        cfg.data_record = data_record(cfg, ckpt, batches)
         model = build_model(cfg, ckpt, dtype)
         fit_data_to_model(cfg, batches, model)
         runtime.place(model, device, dtype).train()
@@ -157,13 +158,44 @@ def validate(cfg):
         adapter_config(cfg)
 
 
+def data_folder(cfg, ckpt):
+    """The run's data folder. A new run's data_dir (default data/<dataset> here) is resolved from the
+    current folder; a resumed run's from the path its checkpoint recorded (relative to the run folder,
+    like its base), so that a resume from any current folder reads the same data."""
+    if ckpt is not None and isinstance(ckpt.get("data"), dict) and isinstance(ckpt["data"].get("path"), str):
+        return runtime.resolve_base(ckpt["data"]["path"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
+                                    fix="put the data back there, or move the run folder back beside it")
+    return os.path.abspath(cfg.data_dir or os.path.join(HERE, "data", cfg.dataset))
+
+
+def data_record(cfg, ckpt, batches):
+    """What the checkpoint records of the data: its path (relative to the run folder when local) and
+    fingerprint (kind, separator, each file's size and sha256). A resumed run refuses other data."""
+    found = data_fingerprint(batches.data_dir, batches.meta)
+    recorded = ckpt.get("data") if ckpt is not None else None
+    if isinstance(recorded, dict) and "files" in recorded:
+        theirs = {k: recorded.get(k) for k in found}
+        changed = [k for k in found if k != "files" and found[k] != theirs[k]] + sorted(
+            n for n in found["files"].keys() | (theirs["files"] or {}).keys()
+            if found["files"].get(n) != (theirs["files"] or {}).get(n))
+        check(not changed, f"the data in {batches.data_dir} is not what the run in {cfg.out_dir} trained on "
+                           f"({changed[0] if changed else ''} differs): put that data back, or start a new run in "
+                           "another out_dir")
+    return {"path": runtime.base_reference(batches.data_dir, cfg.out_dir), **found}
+
+
 def fit_data_to_model(cfg, batches, model):
-    """Refuse data the model cannot read; train on sequences no longer than its context."""
+    """Refuse data the model cannot read; train on sequences no longer than its context; an eval_prompt
+    must leave room for its sample_tokens."""
     if batches.max_token() >= model.config.vocab_size:
         fail(f"the data in {batches.data_dir} holds token id {batches.max_token()}, beyond the model's "
              f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     batches.set_block_size(cfg.block_size)
+    prompt = len(encode(cfg.eval_prompt)) if cfg.eval_prompt else 0
+    check(prompt + cfg.sample_tokens <= model.config.block_size or not cfg.eval_prompt,
+          f"eval_prompt ({prompt} tokens) plus sample_tokens ({cfg.sample_tokens}) is more than the model's "
+          f"context of {model.config.block_size} tokens: shorten eval_prompt or lower sample_tokens")
 
 
 def describe(model, cfg, device, dtype, batches, group):
@@ -352,7 +384,8 @@ def checkpoint(model, cfg, state, step, best_val):
     in), step, config. Plus adapter.safetensors, the file to share and sample from; or, when the whole
     model trains, the model in the Hugging Face layout (out_dir is then a base). All of it as one set
     (runtime.write_checkpoint): a crash leaves the old set or the new one."""
-    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg), **state}
+    ckpt = {"format": "sharelora-train", "step": step, "best_val": best_val, "config": asdict(cfg), **state,
+            "data": getattr(cfg, "data_record", None)}
     if cfg.init_from != "scratch":
         ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
@@ -528,7 +561,7 @@ class Log:
 
     def __init__(self, out_dir, main, resumed_at=None):
         self.path, self.main, self.resumed_at = os.path.join(out_dir, "metrics.jsonl"), main, resumed_at
-        self.pending, self.losses, self.since = [], [], time.time()
+        self.pending, self.losses, self.since = [], [], time.perf_counter()
         if main and resumed_at is not None:
             runtime.trim_log(self.path, resumed_at)
 
@@ -543,7 +576,7 @@ class Log:
         if self.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)
             tqdm.write(" ".join(f"{k} {v!r}" if k == "sample" else f"{k} {v}" for k, v in record.items()))
         self.write(record)
-        self.since = time.time()  # the evaluation's time is not the training steps'
+        self.since = time.perf_counter()  # the evaluation's time is not the training steps'
 
     def step(self, step, loss, lr, n_tokens, n_loss_tokens):
         self.pending.append((step, loss, lr, n_tokens, n_loss_tokens))
@@ -556,7 +589,7 @@ class Log:
         """Log the pending steps with their losses (summed over the processes). The speed is the mean over
         them: a GPU runs steps asynchronously, so only a read tells when they were done. Raises NonFinite
         at a non-finite loss."""
-        elapsed = max(time.time() - self.since, 1e-9)
+        elapsed = max(time.perf_counter() - self.since, 1e-6)  # a clock that did not advance: no division by 0
         tokens, loss_tokens = (sum(p[i] for p in self.pending) / elapsed for i in (3, 4))
         for (step, _, lr, _, _), loss in zip(self.pending, losses):
             if not math.isfinite(loss):
@@ -566,7 +599,7 @@ class Log:
                         "loss_tokens_per_s": round(loss_tokens)})
         if self.pending:
             bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.pending[-1][2]:.2e}", tok_s=f"{tokens:,.0f}")
-        self.pending, self.since = [], time.time()
+        self.pending, self.since = [], time.perf_counter()
 
 
 def main(argv=None):

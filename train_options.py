@@ -13,7 +13,7 @@ import runpy
 import sys
 from dataclasses import dataclass, fields
 
-from data.common import check, fail
+from data.common import FLOAT32_MAX, SEED, TEXT, Bound, check, fail
 
 USAGE = """usage:
     python train.py config/e2e_gpt2m_sharea.py                 # a recipe from config/
@@ -78,8 +78,6 @@ class TrainConfig:
     seed: int = 1337
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # the optimizer works in float32: larger values overflow to inf
-
 # what init_from=resume takes from the command line; everything else comes from the checkpoint
 RESUME_OPTIONS = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "eval_iters", "device", "compile")
 
@@ -143,39 +141,55 @@ def _check(key, value, kind, where):
     return value
 
 
+# Every option's type and range, upper bounds included. The upper bounds are far beyond any model here
+# (GPT-2 XL: 48 layers of width 1,600, 25 heads, a context of 1,024) and what one machine can hold, so
+# that a typo such as --n_layer=10**23 is refused at once instead of filling memory for minutes, and a
+# step always ends (a stop signal is honoured between steps: --grad_accum=7.8e18 would never end one).
+# tools/compare.py, sample.py and evaluate_e2e.py use these same bounds for the options they share.
+UNIT = Bound(float, 0, 1, open_hi=True)
+ITERS = Bound(int, 0, 10**9)
+NUMBER = Bound(float, 0, FLOAT32_MAX)
+BOUNDS = {
+    "n_layer": Bound(int, 1, 1024), "n_head": Bound(int, 1, 1024), "n_embd": Bound(int, 1, 2**16),
+    "block_size": Bound(int, 1, 2**20), "dropout": UNIT, "adapter_dropout": UNIT,
+    "r": Bound(int, 1, 2**16), "alpha": Bound(float, -FLOAT32_MAX, FLOAT32_MAX),
+    "batch_size": Bound(int, 1, 2**16), "grad_accum": Bound(int, 1, 2**12), "max_iters": ITERS,
+    "learning_rate": NUMBER, "min_lr": NUMBER, "warmup_iters": ITERS, "lr_decay_iters": ITERS,
+    "weight_decay": NUMBER, "beta1": UNIT, "beta2": UNIT, "grad_clip": NUMBER, "label_smoothing": UNIT,
+    "eval_interval": Bound(int, 1, 10**9), "log_interval": Bound(int, 1, 10**9), "eval_iters": Bound(int, 1, 10**6),
+    "sample_tokens": Bound(int, 1, 2**20), "seed": SEED, "adapter_seed": SEED,
+    "out_dir": TEXT, "init_from": TEXT, "dataset": TEXT, "targets": TEXT,
+    "adapter": Bound(str, test=lambda v: v.strip() != "", what="a preset name or none"),
+    "decay": Bound(str, test=lambda v: v in ("linear", "cosine", "constant"), what="linear, cosine or constant"),
+    "quantize": Bound(str, test=lambda v: v in ("none", "nf4", "int8"), what="none, nf4 or int8"),
+    "device": Bound(str, test=lambda v: v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()),
+                    what="auto, cpu, cuda, cuda:N or mps"),
+    "dtype": Bound(str, test=lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+                   what="auto, float32, bfloat16 or float16"),
+}  # data_dir, spec, eval_prompt and init_adapter may be empty (none); bools are checked by their type
+MAX_SCRATCH_PARAMETERS = 10**10  # a model from scratch: ~7x GPT-2 XL, 40 GB in float32 before any training
+
+
 def check_options(cfg):
-    """Refuse every value that cannot train, naming the option, before anything is loaded or written."""
-    unit = lambda x: 0 <= x < 1
+    """Refuse every value that cannot train, naming the option, before anything is loaded or written:
+    each option against BOUNDS, then the rules that tie options together."""
+    for name, bound in BOUNDS.items():
+        why = bound.problem(getattr(cfg, name))
+        check(why is None, f"{name} must be {why}, not {getattr(cfg, name)!r}")
+    width = 12 * cfg.n_layer * cfg.n_embd ** 2 + (50304 + cfg.block_size) * cfg.n_embd  # blocks + embeddings
     rules = [
-        ("n_layer", cfg.n_layer >= 1, "at least 1"), ("n_head", cfg.n_head >= 1, "at least 1"),
-        ("n_embd", cfg.n_embd >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+        ("n_embd", cfg.n_embd % cfg.n_head == 0,
          f"a positive multiple of n_head ({cfg.n_head}): each head gets n_embd / n_head channels"),
-        ("block_size", cfg.block_size >= 1, "at least 1 (tokens per training sequence)"),
-        ("dropout", unit(cfg.dropout), "in [0, 1)"), ("adapter_dropout", unit(cfg.adapter_dropout), "in [0, 1)"),
-        ("r", cfg.r >= 1, "at least 1 (the rank, e.g. 8)"), ("alpha", abs(cfg.alpha) <= FLOAT32_MAX, "a float32 number (e.g. 16)"),
-        ("batch_size", cfg.batch_size >= 1, "at least 1"), ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
-        ("max_iters", cfg.max_iters >= 0, "at least 0"),
-        ("learning_rate", 0 <= cfg.learning_rate <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 2e-4)"),
-        ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
-        ("warmup_iters", cfg.warmup_iters >= 0, "at least 0"), ("lr_decay_iters", cfg.lr_decay_iters >= 0, "at least 0"),
-        ("decay", cfg.decay in ("linear", "cosine", "constant"), "linear, cosine or constant"),
-        ("weight_decay", 0 <= cfg.weight_decay <= FLOAT32_MAX, "a float32 number >= 0 (e.g. 0.01)"),
-        ("beta1", unit(cfg.beta1), "in [0, 1) (e.g. 0.9)"), ("beta2", unit(cfg.beta2), "in [0, 1) (e.g. 0.999)"),
-        ("grad_clip", 0 <= cfg.grad_clip <= FLOAT32_MAX, "a float32 number >= 0 (0 disables clipping)"),
-        ("label_smoothing", unit(cfg.label_smoothing), "in [0, 1)"),
-        ("eval_interval", cfg.eval_interval >= 1, "at least 1 (steps between evaluations)"),
-        ("log_interval", cfg.log_interval >= 1, "at least 1 (steps between reads of the loss)"),
-        ("eval_iters", cfg.eval_iters >= 1, "at least 1"), ("sample_tokens", cfg.sample_tokens >= 1, "at least 1"),
-        ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("adapter_seed", 0 <= cfg.adapter_seed < 2**32, "in [0, 2**32)"),
-        ("quantize", cfg.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+        ("n_layer", cfg.init_from != "scratch" or width <= MAX_SCRATCH_PARAMETERS,
+         f"smaller together with n_embd={cfg.n_embd}: a model from scratch of {width:.2g} parameters is beyond "
+         f"{MAX_SCRATCH_PARAMETERS:.0e}"),
+        ("min_lr", cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
         ("quantize", cfg.quantize == "none" or cfg.adapter != "none",
          "none when adapter=none: a quantized base is frozen, so only an adapter can train on it"),
         # a base from scratch is saved as dequant(W) beside its adapter, and NF4 with double quantization
         # does not give the same 4-bit weights twice (5e-6 apart): resume would not be exact
         ("quantize", cfg.quantize == "none" or cfg.init_from != "scratch",
          "none with init_from=scratch: quantize a base that was loaded (a hub name or a path)"),
-        ("out_dir", cfg.out_dir.strip() != "", "a folder name"), ("init_from", cfg.init_from.strip() != "",
-                                                                  "gpt2 ... gpt2-xl, a path, scratch or resume"),
     ]
     for name, ok, what in rules:
         check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")

@@ -17,10 +17,11 @@ random, so that a few of them estimate the loss over all lengths, and runs with 
 are measured on the same batches. Packing several examples into one row with a block-diagonal mask
 would waste nothing at all, but needs a mask in the attention, which the padded batches do not.
 """
-import json
 import os
 
 import torch
+
+from data.common import read_meta
 
 EOT = 50256
 GROUP_WINDOW = 100  # batches sorted together: larger windows pad less but make batches less random
@@ -29,7 +30,6 @@ GROUP_WINDOW = 100  # batches sorted together: larger windows pad less but make 
 class Batches:
 
     def __init__(self, data_dir, batch_size, block_size, seed=0, group_by_length=True):
-        meta_path = os.path.join(data_dir, "meta.json")
         name = os.path.basename(os.path.normpath(data_dir))
         here = os.path.dirname(os.path.abspath(__file__))
         shipped = sorted(d for d in os.listdir(here) if os.path.isfile(os.path.join(here, d, "prepare.py")))
@@ -37,17 +37,10 @@ class Batches:
         how = (f"python data/{name}/prepare.py" if name in shipped else
                " or ".join(f"python data/{d}/prepare.py --out {data_dir}" for d in shipped))
         self.redo = f"run {how} again"
-        if not os.path.exists(meta_path):
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):  # (a FileNotFoundError, as for the .bin files)
             raise FileNotFoundError(f"no prepared data in {data_dir}: run {how} first")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                self.meta = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{meta_path} is not valid JSON ({e}): {self.redo}") from None
-        self.data_dir = data_dir
-        self.kind = self.meta.get("kind") if isinstance(self.meta, dict) else None
-        if self.kind not in ("stream", "examples"):  # Shakespeare is a stream, E2E is examples
-            raise ValueError(f"{meta_path} has no valid kind (stream or examples): {self.redo}")
+        self.meta = read_meta(data_dir, f"run {how}")
+        self.data_dir, self.kind = data_dir, self.meta["kind"]  # Shakespeare is a stream, E2E is examples
         self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length
         self.tokens, self.examples, self.orders, self.groups = {}, {}, {}, {}
         for split in ("train", "val"):
@@ -60,6 +53,9 @@ class Batches:
                 if len(rows) == 0 or bad.any():
                     raise ValueError(f"{path} does not fit {split}.bin (empty, truncated or from another "
                                      f"preparation): {self.redo}")
+                if len(rows) < batch_size:  # validation batches are whole batches: none would fit
+                    raise ValueError(f"the {split} split of {data_dir} has {len(rows)} examples, fewer than "
+                                     f"batch_size {batch_size}: give a batch_size of at most {len(rows)}")
                 self.examples[split] = rows
         self.set_block_size(block_size)
 

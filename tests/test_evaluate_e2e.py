@@ -254,7 +254,7 @@ def data_dir(tmp_path):
     d = tmp_path / "e2e"
     d.mkdir()
     (d / "test_refs.json").write_text(json.dumps(GROUPS))
-    (d / "meta.json").write_text(json.dumps({"separator": " ||"}))
+    (d / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))
     return d
 
 

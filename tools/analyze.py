@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import Parser, quiet_ctrl_c, write_binary
+from data.common import TEXT, Parser, quiet_ctrl_c, write_binary
 
 # torch, runtime and sharelora are imported where they are used, so that a mistake in the options
 # shows at once, not after the seconds that importing torch takes
@@ -48,12 +48,22 @@ def table(name, svs):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def options(argv=None):
+    """The command line, checked before torch loads."""
     p = Parser(prog="analyze.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out_dir", action="append", default=[], help="a training run's folder (repeat to compare)")
-    p.add_argument("--adapter", action="append", default=[], help="an adapter file (repeat to compare)")
-    p.add_argument("--png", help="write a plot here (needs matplotlib)")
+    p.add_argument("--out_dir", type=TEXT, action="append", default=[], help="a training run's folder (repeat to compare)")
+    p.add_argument("--adapter", type=TEXT, action="append", default=[], help="an adapter file (repeat to compare)")
+    p.add_argument("--png", type=TEXT, help="write a plot here (needs matplotlib)")
     args = p.parse_args(argv)
+    if not args.out_dir and not args.adapter:
+        p.error("give at least one --out_dir or --adapter")
+    if args.png and (os.path.isdir(args.png) or not args.png.endswith(".png")):
+        p.error(f"--png {args.png} must be a file name ending in .png")
+    return args
+
+
+def main(argv=None):
+    args = options(argv)
     import runtime
     runtime.run(analyze, args)
 
@@ -63,10 +73,6 @@ def analyze(args):
 
     import runtime
     runs = [(d, dict(out_dir=d)) for d in args.out_dir] + [(a, dict(adapter=a)) for a in args.adapter]
-    if not runs:
-        runtime.fail("give at least one --out_dir or --adapter")
-    if args.png and (os.path.isdir(args.png) or not args.png.endswith(".png")):
-        runtime.fail(f"--png {args.png} must be a file name ending in .png")
     curves = {}
     for name, where in runs:
         model, info = runtime.load_model(**where, device="cpu", dtype="float32", merge=False)

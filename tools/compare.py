@@ -23,33 +23,38 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
 from tools import e2e_metrics  # torch-free: its packages load only when it scores
-from data.common import Parser, quiet_ctrl_c, write_binary
+from data.common import SEED, TEXT, Bound, Parser, check_record, quiet_ctrl_c, read_metrics, write_binary
+from train_options import BOUNDS
 from data.common import run as run_early
 
 NAMES = {"val_loss": "val loss", **e2e_metrics.NAMES}
+OWN_ARGUMENTS = ("init_from", "data_dir", "r", "alpha", "targets", "max_iters", "batch_size", "learning_rate",
+                 "device", "quantize")  # compare.py's own options, passed to every run
+PER_RUN = ("adapter", "seed", "out_dir", "dataset", "init_from", "data_dir")  # each run's, or the same for all
+OWN_OPTIONS = OWN_ARGUMENTS + PER_RUN
 
 
 def options(argv):
     """-> (the options, what follows `--` for every train.py run); checked before torch loads."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = Parser(prog="compare.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True, help="the base: hub name or local path (the same for every preset)")
-    p.add_argument("--presets", default="lora,sharea,shareb,shareab,tied,vera",
+    p.add_argument("--init_from", type=TEXT, required=True, help="the base: hub name or local path (the same for every preset)")
+    p.add_argument("--presets", type=TEXT, default="lora,sharea,shareb,shareab,tied,vera",
                    help="presets of sharelora.py, comma-separated (default: the papers' six)")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--targets", default="q,v")
-    p.add_argument("--max_iters", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3: every preset trains once per seed")
-    p.add_argument("--eval_mrs", type=int, default=630, help="the first N of the 630 test MRs (0: skip decoding)")
-    p.add_argument("--beam_size", type=int, default=1, help="1: greedy (batched); 10: the papers' beam search")
-    p.add_argument("--data_dir", default="data/e2e")
-    p.add_argument("--out", default="out-compare", help="one folder per preset and seed in here, compare.md, results.json")
-    p.add_argument("--override", action="append", default=[], metavar="PRESET:KEY=VALUE")
+    p.add_argument("--r", type=BOUNDS["r"], default=8)
+    p.add_argument("--alpha", type=BOUNDS["alpha"], default=16.0)
+    p.add_argument("--targets", type=TEXT, default="q,v")
+    p.add_argument("--max_iters", type=Bound(int, 1, 10**9), default=300)
+    p.add_argument("--batch_size", type=BOUNDS["batch_size"], default=8)
+    p.add_argument("--learning_rate", type=BOUNDS["learning_rate"], default=2e-3)
+    p.add_argument("--seeds", type=TEXT, default="1", help="comma-separated, e.g. 1,2,3: every preset trains once per seed")
+    p.add_argument("--eval_mrs", type=Bound(int, 0, 10**6), default=630, help="the first N of the 630 test MRs (0: skip decoding)")
+    p.add_argument("--beam_size", type=Bound(int, 1, 100), default=1, help="1: greedy (batched); 10: the papers' beam search")
+    p.add_argument("--data_dir", type=TEXT, default="data/e2e")
+    p.add_argument("--out", type=TEXT, default="out-compare", help="one folder per preset and seed in here, compare.md, results.json")
+    p.add_argument("--override", type=TEXT, action="append", default=[], metavar="PRESET:KEY=VALUE")
     p.add_argument("--png", action="store_true", help="also write OUT/loss.png and OUT/quality.png (needs matplotlib)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=BOUNDS["device"], default="auto")
     p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"),
                    help="the frozen base of every run in 4 or 8 bits (QShareA vs QLoRA: quantize.py)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -59,8 +64,19 @@ def options(argv):
         p.error(f"--seeds must be whole numbers separated by commas, like 1,2,3, not {args.seeds!r}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds names a seed twice: {args.seeds}")
-    if args.eval_mrs < 0 or args.max_iters < 1 or args.beam_size < 1:
-        p.error("--eval_mrs must be at least 0, --max_iters and --beam_size at least 1")
+    bad = [x for x in args.seeds if SEED.problem(x)]
+    if bad:
+        p.error(f"--seeds must be whole numbers in [0, 2**32), not {bad[0]}")
+    # what compare.py sets for each run itself cannot also come from `--` or --override: train.py would take
+    # the later value, and the row labelled sharea (or seed 2, or r = 8) would hold another run
+    # (--override may change a shared setting for one preset, say vera:learning_rate=1e-2: the table names it)
+    for where, option, own in [("after --", a, OWN_OPTIONS) for a in extra] + [
+            (f"--override {o}", "--" + o.partition(":")[2], PER_RUN) for o in args.override]:
+        key = option[2:].partition("=")[0] if option.startswith("--") else None
+        if key in own:
+            p.error(f"{where} sets {key}, which compare.py sets for every run itself: "
+                    + (f"give --{key} to compare.py" if key in OWN_ARGUMENTS and own is OWN_OPTIONS else
+                       "every preset and seed gets its own, or all the same one (leave it out)"))
     if args.png:
         try:
             import matplotlib  # noqa: F401
@@ -76,7 +92,7 @@ if __name__ == "__main__":
 import runtime  # noqa: E402  (after the options were checked)
 import sharelora  # noqa: E402
 import train  # noqa: E402
-from tools.evaluate_e2e import decode_mrs, room_to_generate, write_official_layout  # noqa: E402
+from tools.evaluate_e2e import decode_mrs, read_references, room_to_generate, write_official_layout  # noqa: E402
 
 PRESETS = list(sharelora.PRESETS)
 ROW_FILE = "compare_row.json"  # a finished run's measurements, next to its adapter
@@ -101,9 +117,7 @@ def compare(args, extra):
         if preset not in presets or "=" not in setting:
             runtime.fail(f"--override {o!r} should look like vera:learning_rate=1e-2, for a preset being run")
         overrides.setdefault(preset, []).append(f"--{setting}")
-    refs = os.path.join(args.data_dir, "test_refs.json")
-    runtime.check(os.path.exists(refs), f"{refs} does not exist: run python data/e2e/prepare.py first (or pass --data_dir)")
-    groups = runtime.read_json(refs, "references file")[:args.eval_mrs]
+    groups = read_references(args.data_dir, "test")[:args.eval_mrs]
     commands = {}
     for preset in presets:
         for seed in args.seeds:
@@ -135,8 +149,8 @@ def compare(args, extra):
             row = measure(preset, seed, out_dir, groups, args)
             runtime.write_text(os.path.join(out_dir, ROW_FILE), json.dumps({**row, "command": cmd[2:]}, indent=1) + "\n")
         rows.append({k: v for k, v in row.items() if k != "command"})
+    table = format_table(rows, args, extra, overrides, len(groups))  # every row is read before results.json changes
     runtime.write_text(os.path.join(args.out, "results.json"), json.dumps(rows, indent=1) + "\n")
-    table = format_table(rows, args, extra, overrides, len(groups))
     print("\n" + table)
     runtime.write_text(os.path.join(args.out, "compare.md"), table + "\n")
     if args.png:
@@ -162,7 +176,7 @@ def plan(out_dir, cmd, args, n_mrs):
     if not os.path.exists(out_dir):
         return None, "train"
     path = os.path.join(out_dir, ROW_FILE)
-    row = runtime.read_json(path, "comparison row") if os.path.exists(path) else None
+    row = check_row(runtime.read_json(path, "comparison row"), path) if os.path.exists(path) else None
     marker = os.path.join(out_dir, COMMAND_FILE)
     made_by = row.get("command") if isinstance(row, dict) else (
         runtime.read_json(marker, "comparison command") if os.path.exists(marker) else None)
@@ -171,24 +185,42 @@ def plan(out_dir, cmd, args, n_mrs):
     if row is not None:
         return row, "reuse" if (row.get("mrs"), row.get("beam_size")) == (n_mrs, args.beam_size) else "measure"
     if trained(out_dir, args.max_iters):
+        finished(out_dir)  # its log is read now, before anything is written
         return None, "measure"
     return None, "resume" if os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)) else "train"
 
 
 def trained(out_dir, max_iters):
     """Whether train.py finished this run: its metrics.jsonl ends it with {"done": max_iters, ...}."""
-    try:
-        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            if json.loads(line).get("done") == max_iters:
-                return True
-        except (ValueError, AttributeError):
-            continue  # a line cut short by a crash
-    return False
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return os.path.exists(path) and any(r.get("done") == max_iters for r in read_metrics(path))
+
+
+def finished(out_dir):
+    """(the step records, the final record) of a finished run's metrics.jsonl, checked."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    log = read_metrics(path)
+    done = [r for r in log if "done" in r]
+    runtime.check(done and all(k in done[-1] for k in ("best_val_loss", "peak_memory_mb")),
+                  f"{path} has no final record with best_val_loss and peak_memory_mb: train the run again")
+    return log, done[-1]
+
+
+NUMBER = Bound(float, 0, 3.4e38)
+ROW_FIELDS = {"preset": TEXT, "seed": SEED, "trainable": Bound(int, 0, 2**53), "mrs": Bound(int, 0, 10**6),
+              "beam_size": Bound(int, 1, 100), "file_bytes": Bound(int, 0, 2**53), "val_loss": NUMBER,
+              "tokens_per_s": NUMBER, "peak_memory_mb": NUMBER,
+              "val_curve": Bound(list, test=lambda v: all(isinstance(p, list) and len(p) == 2 and
+                                                             not any(NUMBER.problem(x) for x in p) for p in v),
+                                 what="a list of [step, loss] pairs"),
+              "command": Bound(list, test=lambda v: all(isinstance(x, str) for x in v), what="a list of options"),
+              **{m: Bound(float, -3.4e38, 3.4e38) for m in e2e_metrics.METRICS}}
+
+
+def check_row(row, path):
+    """A compare_row.json, checked field by field before any of it is used or anything is written."""
+    return check_record(row, ROW_FIELDS, path, "delete it to measure the run again",
+                        required=[k for k in ROW_FIELDS if k not in e2e_metrics.METRICS])
 
 
 def check_summary(out, commands):
@@ -208,9 +240,8 @@ def check_summary(out, commands):
 
 
 def measure(preset, seed, out_dir, groups, args):
-    log = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    log, done = finished(out_dir)
     steps = [r for r in log if "tokens_per_s" in r]
-    done = next(r for r in log if "done" in r)
     adapter = os.path.join(out_dir, runtime.ADAPTER_FILE)
     model, info = runtime.load_model(adapter=adapter, device=args.device)
     row = {"preset": preset, "seed": seed, "trainable": sharelora.count_trainable(model), "mrs": len(groups),

@@ -10,8 +10,6 @@ The whole method, offline, on a CPU: `make demo` runs this in the project's .ven
 Every step is reused when a previous run finished it, so a second `make demo` takes a fraction of the
 first. Everything goes to out-demo/ (override with --out).
 """
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +17,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
+from data.common import TEXT, Parser, read_metrics, run  # noqa: E402
 BASE = ["config/e2e_base.py", "--max_iters=300", "--eval_interval=100"]  # the stand-in base, at half budget
 ADAPTER = ["--dataset=e2e", "--targets=q,v", "--r=8", "--alpha=16", "--max_iters=300", "--batch_size=8",
            "--learning_rate=2e-3", "--warmup_iters=15", "--eval_interval=75", "--device=cpu"]
@@ -26,10 +25,18 @@ PRESETS = ("sharea", "lora")
 MRS = 100  # scored; the first 4 are shown
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--out", default="out-demo", help="where the base, the adapters and the plot go")
-    args = p.parse_args()
+def options(argv=None):
+    """The command line: --out is resolved from the current folder, before the demo works in ROOT."""
+    p = Parser(prog="tools/demo.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--out", type=TEXT, default=os.path.join(ROOT, "out-demo"),
+                   help="where the base, the adapters and the plot go (default: out-demo in the repository)")
+    args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    return args
+
+
+def main(argv=None):
+    args = options(argv)
     os.chdir(ROOT)
     started = time.time()
     say(1, "data: E2E and its reference sentences, from the shipped copies")
@@ -71,7 +78,7 @@ def step(argv):
 def train_once(out_dir, options):
     """train.py, unless out_dir holds the finished run already. Returns the seconds it took (then or now)."""
     log = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(log) and any('"done"' in line for line in open(log)):
+    if os.path.exists(log) and any("done" in r for r in read_metrics(log)):
         print(f"   {out_dir} is trained already (delete it to train again)")
     else:
         t0 = time.time()
@@ -83,8 +90,7 @@ def train_once(out_dir, options):
 
 
 def records(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(os.path.join(out_dir, "metrics.jsonl"))
 
 
 def best_val(out_dir):
@@ -139,4 +145,4 @@ def plot(out):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a damaged metrics.jsonl or an unwritable --out: one sentence

@@ -17,38 +17,39 @@ three with Java. Files in the official layout, written anywhere, are scored the 
     python tools/evaluate_e2e.py --predictions predictions.txt --references references.txt
 """
 import json
-import math
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import Parser, check, quiet_ctrl_c, write_text
+from data.common import TEXT, Bound, Parser, check, quiet_ctrl_c, read_meta, write_text
+from train_options import BOUNDS
 from data.common import run as run_early
 
 
 def options(argv):
     """The command line, checked before torch loads (a mistake shows at once)."""
     p = Parser(prog="evaluate_e2e.py", description="Decode the E2E test MRs and score them with the official metrics.")
-    p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors or model)")
-    p.add_argument("--predictions", help="score this file (one text per line) instead of decoding; needs --references")
-    p.add_argument("--references", help="with --predictions: each MR's references on consecutive lines, a blank line between MRs")
-    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
-    p.add_argument("--data_dir", default="data/e2e", help="where data/e2e/prepare.py wrote its files")
+    p.add_argument("--out_dir", type=TEXT, help="a training run's folder (its adapter.safetensors or model)")
+    p.add_argument("--predictions", type=TEXT, help="score this file (one text per line) instead of decoding; needs --references")
+    p.add_argument("--references", type=TEXT, help="with --predictions: each MR's references on consecutive lines, a blank line between MRs")
+    p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
+    p.add_argument("--data_dir", type=TEXT, default="data/e2e", help="where data/e2e/prepare.py wrote its files")
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--beam_size", type=int, default=10, help="1: greedy decoding, batched")
-    p.add_argument("--length_penalty", type=float, default=0.9, help="beam search only (greedy ignores it)")
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4,
+    p.add_argument("--beam_size", type=Bound(int, 1, 100, what="a whole number in [1, 100] (the papers use 10; "
+                   "beams beyond 100 cost memory for nothing, and it must be at most the vocabulary size)"), default=10, help="1: greedy decoding, batched")
+    p.add_argument("--length_penalty", type=Bound(float, -10, 10), default=0.9, help="beam search only (greedy ignores it)")
+    p.add_argument("--no_repeat_ngram_size", type=Bound(int, 0, 1024), default=4,
                    help="0: allow repeats; beam search only (greedy ignores it)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="99%% of the test references are under 50 tokens")
-    p.add_argument("--limit", type=int, help="only the first N MRs (a quick look)")
-    p.add_argument("--batch_size", type=int, default=32,
+    p.add_argument("--max_new_tokens", type=Bound(int, 1, 2**20), default=64, help="99%% of the test references are under 50 tokens")
+    p.add_argument("--limit", type=Bound(int, 1, 10**7), help="only the first N MRs (a quick look)")
+    p.add_argument("--batch_size", type=Bound(int, 1, 2**16), default=32,
                    help="prompts decoded together (beam search: each with beam_size rows in the batch)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", type=BOUNDS["device"], default="auto")
+    p.add_argument("--dtype", type=BOUNDS["dtype"], default="auto")
     p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
                    help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
-    p.add_argument("--results_dir", help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
+    p.add_argument("--results_dir", type=TEXT, help="where to write the files (default: OUT_DIR/e2e_SPLIT)")
     args = p.parse_args(argv)
     check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
           "pass both files to score them, or neither to decode a model's")
@@ -58,12 +59,6 @@ def options(argv):
           f"--results_dir {args.results_dir} is a file, not a folder: choose a folder name")
     check(args.predictions is not None or args.out_dir is not None or args.adapter is not None,
           "pass --out_dir (a training run's folder) or --adapter FILE, or --predictions and --references to score files")
-    check(args.beam_size >= 1, f"--beam_size must be at least 1 (1 is greedy), not {args.beam_size}")
-    check(args.limit is None or args.limit >= 1, f"--limit must be at least 1, not {args.limit}")
-    check(args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
-    check(args.batch_size >= 1, f"--batch_size must be at least 1, not {args.batch_size}")
-    check(args.no_repeat_ngram_size >= 0, f"--no_repeat_ngram_size must be at least 0, not {args.no_repeat_ngram_size}")
-    check(math.isfinite(args.length_penalty), f"--length_penalty must be a finite number, not {args.length_penalty}")
     return args
 
 
@@ -361,24 +356,28 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
     return [one_line(decode(o)) for o in outs]
 
 
+def read_references(data_dir, split, with_separator=False):
+    """The {"mr", "refs"} groups of data_dir/<split>_refs.json, checked, (and the separator between MR
+    and reference). meta.json is written last by prepare.py: without it the references may be a stale
+    half of two preparations, so it is required."""
+    meta = read_meta(data_dir, "run `python data/e2e/prepare.py` (or pass --data_dir)")
+    path = os.path.join(data_dir, f"{split}_refs.json")
+    if not os.path.exists(path):
+        fail(f"{path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
+    groups = read_json(path, "references file")
+    check(isinstance(groups, list) and groups and all(
+        isinstance(g, dict) and isinstance(g.get("mr"), str) and isinstance(g.get("refs"), list) and g["refs"]
+        and all(isinstance(r, str) for r in g["refs"]) for g in groups),
+        f"{path} is not a list of {{\"mr\": text, \"refs\": [text, ...]}}: run `python data/e2e/prepare.py` again")
+    return (groups, meta.get("separator", " ||")) if with_separator else groups
+
+
 def main(argv=None):
     args = options(argv)
     if args.predictions is not None:
         return score_files(args)
-    refs_path = os.path.join(args.data_dir, f"{args.split}_refs.json")
-    if not os.path.exists(refs_path):
-        fail(f"{refs_path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
-    groups = read_json(refs_path, "references file")
-    check(isinstance(groups, list) and groups and all(
-        isinstance(g, dict) and isinstance(g.get("mr"), str) and isinstance(g.get("refs"), list) and g["refs"]
-        and all(isinstance(r, str) for r in g["refs"]) for g in groups),
-        f"{refs_path} is not a list of {{\"mr\": text, \"refs\": [text, ...]}}: run `python data/e2e/prepare.py` again")
+    groups, sep = read_references(args.data_dir, args.split, with_separator=True)
     groups = groups[:args.limit]
-    sep = " ||"  # data/e2e/prepare.py's separator, also recorded in its meta.json
-    meta_path = os.path.join(args.data_dir, "meta.json")
-    if os.path.exists(meta_path):
-        meta = read_json(meta_path, "data description")
-        sep = meta.get("separator", sep) if isinstance(meta, dict) else sep
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
                                                    f"e2e_{args.split}")
     with no_empty_folder_left(results_dir):  # a failure before the files are written leaves no trace

@@ -17,19 +17,24 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import Parser, quiet_ctrl_c
+from data.common import TEXT, Parser, quiet_ctrl_c
 
 # torch and the model are imported after the options are read (a mistake shows at once)
 
 
-def main(argv=None):
+def options(argv=None):
+    """The command line, checked before torch loads."""
     p = Parser(prog="export.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out_dir", help="a training run's folder")
-    p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
-    p.add_argument("--init_from", help="the base model; default: the one the adapter names")
+    p.add_argument("--out_dir", type=TEXT, help="a training run's folder")
+    p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
+    p.add_argument("--init_from", type=TEXT, help="the base model; default: the one the adapter names")
     p.add_argument("--to", choices=("hf", "peft"), required=True)
-    p.add_argument("--dest", required=True, help="the folder to write")
-    args = p.parse_args(argv)
+    p.add_argument("--dest", type=TEXT, required=True, help="the folder to write")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = options(argv)
     import runtime
     runtime.run(export, args)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import Parser, checked, decode_utf8, fail, run, shipped, start_output, write_bin, write_json
+from data.common import TEXT, Bound, Parser, checked, decode_utf8, fail, run, shipped, start_output, write_bin, write_json
 from data.common import download as download_url  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -110,15 +110,18 @@ def group_refs(rows):
     return [{"mr": mr, "refs": r} for mr, r in refs.items()]
 
 
-def main():
+def options(argv=None):
+    """The command line, checked before anything is read."""
     p = Parser(prog="data/e2e/prepare.py", description=__doc__.split("\n")[1])
-    p.add_argument("--src", help=f"a folder with {NEED}, instead of the copy shipped in data/e2e/source")
+    p.add_argument("--src", type=TEXT, help=f"a folder with {NEED}, instead of the copy shipped in data/e2e/source")
     p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
-    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
-    p.add_argument("--limit", type=int, help="keep only the first N rows of each CSV (quick tests)")
-    args = p.parse_args()
-    if args.limit is not None and args.limit < 1:
-        fail(f"--limit must be at least 1, not {args.limit}")
+    p.add_argument("--out", type=TEXT, default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    p.add_argument("--limit", type=Bound(int, 1, 10**9), help="keep only the first N rows of each CSV (quick tests)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = options(argv)
 
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first

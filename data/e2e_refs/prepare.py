@@ -18,18 +18,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.common import Parser, run, start_output, write_bin, write_json  # noqa: E402
+from data.common import TEXT, Parser, run, start_output, write_bin, write_json  # noqa: E402
 from data.e2e.prepare import CSVS, read_rows, read_sources  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
-def main():
+def options(argv=None):
+    """The command line, checked before anything is read."""
     p = Parser(prog="data/e2e_refs/prepare.py", description=__doc__.split("\n")[1])
-    p.add_argument("--src", help="a folder with the E2E CSVs, instead of the copy shipped in data/e2e/source")
+    p.add_argument("--src", type=TEXT, help="a folder with the E2E CSVs, instead of the copy shipped in data/e2e/source")
     p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
-    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
-    args = p.parse_args()
+    p.add_argument("--out", type=TEXT, default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = options(argv)
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(sources[split], CSVS[split]) for split in ("train", "val")}  # all checked first
     enc = get_tokenizer()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import Parser, checked, decode_utf8, download, fail, run, shipped, start_output, write_bin, write_json  # noqa: E402
+from data.common import TEXT, Parser, checked, decode_utf8, download, fail, run, shipped, start_output, write_bin, write_json  # noqa: E402
 from tokenizer import VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -41,12 +41,17 @@ def read_text(src=None, fetch=False):
     return decode_utf8(checked(shipped(str(SHIPPED)), SHA256, f"{SHIPPED}.xz", "git checkout it again"), str(SHIPPED))
 
 
-def main():
+def options(argv=None):
+    """The command line, checked before anything is read."""
     p = Parser(prog="data/shakespeare/prepare.py", description=__doc__.split("\n")[1])
-    p.add_argument("--src", help="a local input.txt, instead of the copy shipped in data/shakespeare/source")
+    p.add_argument("--src", type=TEXT, help="a local input.txt, instead of the copy shipped in data/shakespeare/source")
     p.add_argument("--download", action="store_true", help="fetch input.txt from its upstream address (network)")
-    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: this script's)")
-    args = p.parse_args()
+    p.add_argument("--out", type=TEXT, default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = options(argv)
 
     text = read_text(args.src, args.download)
     n = int(0.9 * len(text))

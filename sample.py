@@ -90,7 +90,7 @@ def generate(args):
 def _trained_on(out_dir):
     """The dataset of the run in out_dir, if its checkpoint says."""
     import runtime
-    if out_dir is None or not os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)):
+    if out_dir is None or not runtime.has_checkpoint(out_dir):
         return None
     return runtime.read_checkpoint(out_dir)["config"].get("dataset")
 

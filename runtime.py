@@ -12,8 +12,9 @@ import threading
 import torch
 
 import sharelora
-from data.common import (COMMITTED, STAGING, Parser, UserError, check, committed_path, fail, finish_set,  # noqa: F401
-                         own_folder, report, run_child, write_folder, write_set, write_text)  # torch-free: data/ and train.py use them too
+from data.common import (COMMITTED, STAGING, Parser, UserError, check, check_folder_target, committed_path,  # noqa: F401
+                         fail, finish_set, own_folder, report, run_child, write_folder, write_set,
+                         write_text)  # torch-free: data/ and train.py use them too
 from model import GPT
 from quantize import check_kind, quantize as quantize_base
 

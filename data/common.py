@@ -65,6 +65,9 @@ def run(main, *args):
         report(f"cannot write {e.filename or 'the output'} ({e.strerror or e}): choose an --out folder "
                "you can write to, on a disk with space", same_everywhere=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; files are only ever replaced whole, so what is on disk is complete", file=sys.stderr)
+        sys.exit(130)
 
 
 class Parser(argparse.ArgumentParser):
@@ -327,7 +330,8 @@ def write_folder(dest, write, option, ours, marker):
 
 
 def check_folder_target(dest, option, ours, marker):
-    """Refuse, in one sentence, a destination folder that holds anything this command did not write."""
+    """Refuse, in one sentence, a destination folder that holds anything this command did not write, or
+    one that cannot be made; called before the work (decoding, merging), and by write_folder again."""
     if os.path.exists(dest) and not os.path.isdir(dest):
         fail(f"{option} {dest} is a file, not a folder: choose a folder name")
     names = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
@@ -335,6 +339,11 @@ def check_folder_target(dest, option, ours, marker):
     if names and (foreign or marker not in names):
         fail(f"{option} {dest} holds {', '.join((foreign or names)[:3])}, which this command did not write "
              "there, and would replace it: choose a new or empty folder")
+    above = os.path.dirname(os.path.abspath(dest))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not (os.path.isdir(above) and os.access(above, os.W_OK | os.X_OK)):
+        fail(f"cannot write {option} {dest}: {above} is not a folder you can write in; choose another place")
 
 
 def write_failed(e, path, kept, fix=None, what=None):

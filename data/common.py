@@ -324,7 +324,7 @@ def write_folder(dest, write, option, ours, marker):
             os.rename(tmp, dest)
         _fsync(parent)
     except Exception as e:
-        failed = _newest_file(tmp, e)
+        failed = _newest_file(tmp, e).replace(tmp, dest)  # named as the file it was to become
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(e, failed, f"{dest} is kept as it was" if os.path.exists(dest) else None, what=dest) from None
 
@@ -352,32 +352,47 @@ def write_failed(e, path, kept, fix=None, what=None):
     safetensors' SafetensorError. kept: what is left as it was, in words (None: nothing was written).
     -> a UserError naming the file; any other exception is returned as it is (a bug: its traceback is
     what a report needs)."""
+    if isinstance(e, WriteFailed):  # a file of a set (write_file inside write_set): the set's words
+        e = e.error
     if isinstance(e, UserError) or not (isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"):
         return e
-    reason = (e.strerror if isinstance(e, OSError) and e.strerror else None) or _write_limit(path) \
-        or " ".join(str(e).split())[:160]
-    target = f"{what} ({path})" if what and path and what != path else (path or what)
-    return UserError(f"could not write {target}: {reason}; {kept or 'nothing was written'}: "
-                     + (fix or "free disk space, or write to another folder, and run the command again"))
+    limit = _write_limit(path)  # torch's and safetensors' own writers name no cause: say which limit was hit
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else None
+    reason = f"{cause or 'the write failed'} ({limit})" if limit else cause or " ".join(str(e).split())[:160]
+    target = f"{what} ({path})" if what and path and os.path.abspath(what) != os.path.abspath(path) else (path or what)
+    return WriteFailed(f"could not write {target}: {reason}; {kept or 'nothing was written'}: "
+                       + (fix or "free disk space, or write to another folder, and run the command again"), e, path)
+
+
+class WriteFailed(UserError):
+    """write_failed's sentence, keeping the error and the file, so that a set can say it in its own words."""
+
+    def __init__(self, message, error, path):
+        super().__init__(message)
+        self.error, self.path = error, path
 
 
 def _write_limit(path):
-    """What stopped a write that raised no OSError: a full disk, or a file size limit (ulimit -f)."""
+    """What stops writes that name no cause (torch's and safetensors' own writers): a file size limit
+    (ulimit -f), or a full disk; None when neither is the case."""
     import resource
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
-        return f"file size limit exceeded (ulimit -f allows {limit:,} bytes)"
+        return f"ulimit -f allows {limit:,} bytes a file"
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(path)) if path else ".")
         if st.f_bavail * st.f_frsize < 2**20:
-            return "no space left on device"
+            return "the disk is full"
     except OSError:
         pass
     return None
 
 
 def _newest_file(folder, e):
-    """The file a failed write was writing: the one the error names, else the newest one in folder."""
+    """The file a failed write was writing: the one the error names, else the newest one in folder, else
+    folder (safetensors removes the file it could not finish)."""
+    if isinstance(e, WriteFailed) and e.path:
+        return str(e.path)
     if isinstance(e, OSError) and e.filename:
         return str(e.filename)
     try:

@@ -296,3 +296,29 @@ run(write_set, sys.argv[1], files, "weights")
     message = assert_refused_in_one_sentence(p.returncode, p.stderr, str(folder))
     assert "ulimit -f" in message, message
     assert sorted(os.listdir(folder)) == ["weights"] and (folder / "weights").read_text() == "previous"
+
+
+# ---- class 10: what a message promises works --------------------------------------------------------
+
+def test_the_demo_run_again_after_ctrl_c_continues_the_interrupted_run(data, tmp_path):
+    """demo.py's training step after a Ctrl-C: the next `make demo` resumes the run the Ctrl-C saved
+    (it used to say the folder "holds a training run already"), then reuses it; a run finished without
+    demo_seconds.txt (a kill just after training) shows its time as unknown instead of a traceback."""
+    from tools import demo
+    out = tmp_path / "demo" / "base"
+    options = [*TINY, "--adapter=none", f"--data_dir={data['shakespeare']}", "--eval_interval=100000",
+               "--max_iters=100000"]
+    p = start("train.py", *options, f"--out_dir={out}")
+    wait_for(lambda: (out / "metrics.jsonl").exists() and sum(1 for _ in open(out / "metrics.jsonl")) >= 3,
+             "a few steps")
+    p.send_signal(signal.SIGINT)
+    assert finish(p)[0] == 130
+    stopped = runtime.read_checkpoint(out)["step"]
+    options[-1] = f"--max_iters={stopped + 2}"
+    seconds = demo.train_once(str(out), options)  # resumes: a new run there would be refused
+    assert seconds is not None and runtime.read_checkpoint(out)["step"] == stopped + 2
+    before = digest(out)
+    assert demo.train_once(str(out), options) == seconds  # finished: reused, nothing trained or written
+    assert digest(out) == before
+    (out / "demo_seconds.txt").unlink()
+    assert demo.train_once(str(out), options) is None and demo.seconds(None) == "?"

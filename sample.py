@@ -11,7 +11,6 @@ representation: the separator " ||" is appended and the reply ends at <|endoftex
 """
 import argparse
 import math
-import os
 import sys
 
 from data.common import Parser, quiet_ctrl_c

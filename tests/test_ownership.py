@@ -18,7 +18,6 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import runtime

@@ -5,7 +5,6 @@ device and precision choices, atomic checkpoint files, and loading a base model 
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -13,7 +12,9 @@ import threading
 import torch
 
 import sharelora
-from data.common import Parser, UserError, check, fail, report, write_text  # noqa: F401  (torch-free: data/ and train.py use them too)
+from data.common import (COMMITTED, STAGING, Parser, UserError, check, check_folder_target, committed_path,  # noqa: F401
+                         fail, finish_set, own_folder, report, run_child, write_folder, write_set,
+                         write_text)  # torch-free: data/ and train.py use them too
 from model import GPT
 from quantize import check_kind, quantize as quantize_base
 
@@ -174,98 +175,65 @@ def reset_peak_memory(device):
 
 # ---- files: a checkpoint is a set of files that change together --------------------------------
 
-STAGING, COMMITTED = ".staging", ".committed"  # in a run folder: the next checkpoint, before and after it counts
-
-
 def write_checkpoint(out_dir, ckpt, write_files):
     """Write ckpt.pt and the files that go with it (`write_files(folder)` writes them: the adapter file,
-    or the model) so that a crash, a kill or a full disk at any moment leaves the previous checkpoint's
-    set or this one's, never a mix:
-
-    1. everything is written into out_dir/.staging and flushed to the disk;
-    2. .staging is renamed to .committed: this one rename is the commit (renames are atomic);
-    3. the files are moved from .committed into out_dir, one rename each.
-    A crash in 1 leaves .staging, which is deleted; a crash in 3 is finished by finish_checkpoint, which
-    everything that reads a run folder calls first. A failure in 1 (a full disk) deletes .staging and
-    says what is kept."""
-    finish_checkpoint(out_dir)  # a set a crash left behind comes first
-    stage = os.path.join(out_dir, STAGING)
-    try:
-        shutil.rmtree(stage, ignore_errors=True)
-        os.makedirs(stage)
-        write_files(stage)
-        with open(os.path.join(stage, CKPT_FILE), "wb") as f:
+    or the model) as one set (data.common.write_set): a crash, a kill or a full disk at any moment
+    leaves the previous checkpoint's set or this one's, never a mix; a failure says what is kept. Only
+    the run's owner (train.py, holding own_folder) calls this."""
+    def files(folder):
+        write_files(folder)
+        with open(os.path.join(folder, CKPT_FILE), "wb") as f:
             torch.save(ckpt, f)
-        for name in os.listdir(stage):
-            _fsync(os.path.join(stage, name))
-        _fsync(stage)
-    except BaseException as e:  # a full disk, or a second Ctrl-C: the staged files go, the last set stays
-        shutil.rmtree(stage, ignore_errors=True)
-        if not isinstance(e, OSError):
-            raise
-        kept = _committed_step(out_dir)
-        fail(f"could not write the checkpoint of step {ckpt['step']} to {out_dir} ({e.strerror or e}); "
-             + (f"the checkpoint of step {kept} there is kept" if kept is not None else "no checkpoint was written")
-             + ": free disk space or choose another out_dir, then continue with --init_from=resume")
-    os.replace(stage, os.path.join(out_dir, COMMITTED))  # the commit
-    _fsync(out_dir)
-    finish_checkpoint(out_dir)
+
+    def kept():
+        step = _committed_step(out_dir)
+        return f"the checkpoint of step {step} there is kept" if step is not None else "no checkpoint was written"
+
+    write_set(out_dir, files, last=CKPT_FILE, what=f"the checkpoint of step {ckpt['step']} to {out_dir}", kept=kept,
+              fix="free disk space or choose another out_dir, then continue with --init_from=resume")
 
 
 def finish_checkpoint(out_dir):
-    """Complete what a crash interrupted in out_dir: move the files of a committed checkpoint into place,
-    delete an uncommitted one. Cheap when there is nothing to do (two stat calls)."""
-    committed, stage = os.path.join(out_dir, COMMITTED), os.path.join(out_dir, STAGING)
-    if not os.path.isdir(committed) and not os.path.isdir(stage):
-        return
-    try:
-        if os.path.isdir(committed):
-            for name in sorted(os.listdir(committed), key=lambda n: n == CKPT_FILE):  # ckpt.pt last
-                os.replace(os.path.join(committed, name), os.path.join(out_dir, name))
-            os.rmdir(committed)
-            _fsync(out_dir)
-        shutil.rmtree(stage, ignore_errors=True)
-    except OSError as e:
-        fail(f"{out_dir} holds a checkpoint that a crash left unfinished, and it cannot be completed "
-             f"({e.strerror or e}): make the folder writable and run the command again")
+    """As the run's owner, complete a checkpoint a crash left committed but not moved into place."""
+    finish_set(out_dir, CKPT_FILE)
+
+
+def has_checkpoint(out_dir):
+    return os.path.exists(committed_path(out_dir, CKPT_FILE))
 
 
 def _committed_step(out_dir):
-    path = os.path.join(out_dir, CKPT_FILE)
+    path = committed_path(out_dir, CKPT_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else None
     except Exception:
         return None
 
 
-def _fsync(path):
-    """Flush a file (or a folder's list of names) to the disk, so that a power cut after a rename
-    cannot leave the new name pointing at data that never reached the disk. Not every system lets a
-    folder be opened (Windows): there a rename is already durable enough."""
+def _reread(path, read, folder):
+    """read(path); when path is in folder/.committed and the owner moved it into place just before we
+    opened it, read it there (an open file stays readable whatever its owner renames)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return read(path)
+    except FileNotFoundError:
+        moved = os.path.join(folder, os.path.basename(path))
+        if os.path.dirname(path) != os.path.join(folder, COMMITTED) or not os.path.exists(moved):
+            raise
+        return read(moved)
 
 
 CKPT_KEYS = ("format", "step", "best_val", "config", "optimizer", "scaler", "rng")
 
 
 def read_checkpoint(out_dir):
-    """The training checkpoint in out_dir, after finishing a checkpoint a crash interrupted there."""
-    path = os.path.join(out_dir, CKPT_FILE)
-    if os.path.isdir(out_dir):
-        finish_checkpoint(out_dir)
+    """The last committed training checkpoint in out_dir; reading changes nothing there (a set its
+    owner is still moving into place is read where it is: committed_path)."""
+    path = committed_path(out_dir, CKPT_FILE)
     if not os.path.exists(path):
+        path = os.path.join(out_dir, CKPT_FILE)
         fail(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir}) or fix out_dir")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _reread(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), out_dir)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint (truncated, corrupt, or holding more than tensors): "
              f"{type(e).__name__}")
@@ -322,13 +290,22 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
     names, else out_dir itself when train.py wrote a whole model there. quantize: none, nf4, int8, or
     auto: as the adapter was trained (its file records it), so that it runs against the base it
     learned on; a quantized base keeps the adapter unmerged (sharelora.merge explains why).
-    Returns (model, info); info["quantize"] says what the base is."""
-    if out_dir is not None:
-        if not os.path.isdir(out_dir):
-            fail(f"out_dir {out_dir} is not a folder: give the folder of a training run")
-        finish_checkpoint(out_dir)
-    if adapter is None and out_dir is not None and os.path.exists(os.path.join(out_dir, ADAPTER_FILE)):
-        adapter = os.path.join(out_dir, ADAPTER_FILE)
+    Returns (model, info); info["quantize"] says what the base is. A run folder is only read: its
+    last committed checkpoint (committed_path), whatever its owner is writing meanwhile."""
+    if out_dir is not None and not os.path.isdir(out_dir):
+        fail(f"out_dir {out_dir} is not a folder: give the folder of a training run")
+    try:
+        return _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize)
+    except (FileNotFoundError, ValueError, UserError) as e:
+        if out_dir is None or COMMITTED not in str(e):
+            raise
+        # the run's owner moved the newest checkpoint out of .committed while we read it: read it where it is now
+        return _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize)
+
+
+def _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize):
+    if adapter is None and out_dir is not None and os.path.exists(committed_path(out_dir, ADAPTER_FILE)):
+        adapter = committed_path(out_dir, ADAPTER_FILE)
     info = {"adapter": adapter}
     if adapter is not None:
         config, meta, _ = sharelora.read_adapter(adapter)
@@ -337,8 +314,8 @@ def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype=
         info.update(config=config, base=init_from or resolve_base(meta["base"], os.path.dirname(adapter), adapter))
     elif init_from is not None:
         info["base"] = init_from
-    elif out_dir is not None and os.path.exists(os.path.join(out_dir, "model.safetensors")):
-        info["base"] = out_dir
+    elif out_dir is not None and os.path.exists(committed_path(out_dir, "model.safetensors")):
+        info["base"] = os.path.dirname(committed_path(out_dir, "model.safetensors"))
     else:
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")

@@ -10,7 +10,6 @@ costs); --no_merge keeps it separate. For an adapter trained on E2E, --start is 
 representation: the separator " ||" is appended and the reply ends at <|endoftext|>.
 """
 import argparse
-import os
 import sys
 
 from data.common import TEXT, Bound, Parser, check, quiet_ctrl_c
@@ -99,7 +98,7 @@ def _trained_on(out_dir):
     """The kind of data (stream or examples) the run in out_dir trained on, as its checkpoint records
     (older checkpoints: examples when their dataset was e2e)."""
     import runtime
-    if out_dir is None or not os.path.exists(os.path.join(out_dir, runtime.CKPT_FILE)):
+    if out_dir is None or not runtime.has_checkpoint(out_dir):
         return None
     ckpt = runtime.read_checkpoint(out_dir)
     data = ckpt.get("data")

@@ -10,6 +10,7 @@ step, log). The options and their checks are in train_options.py; below train() 
 training step, the model and its optimizer, checkpoints (what they hold; runtime.py writes the files),
 stopping on a signal, and the log.
 """
+import contextlib
 import math
 import os
 import random
@@ -47,14 +48,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def train(cfg):
     """Run training as configured; returns the list of training losses (one per optimizer step). A start
     that fails before anything is written leaves no empty out_dir behind."""
-    with runtime.no_empty_folder_left(cfg.out_dir):
-        group = distributed.setup()  # one process, or one of torchrun's
-        group.start()
+    with runtime.no_empty_folder_left(cfg.out_dir), own_run(cfg) as group:
         cfg, ckpt = start_or_resume(cfg, group)
         validate(cfg)
         group.check_batch(cfg.batch_size)
-        if group.main:
-            runtime.writable_folder(cfg.out_dir, "out_dir")  # before minutes of loading, not after
         group.barrier()  # process 0 has made out_dir: the others may not find a training run there as it starts
         device = group.device(runtime.pick_device(cfg.device))
         dtype = runtime.pick_dtype(cfg.dtype, device)
@@ -123,13 +120,34 @@ def train(cfg):
 
 # ---- setting a run up ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def own_run(cfg):
+    """Set up the process group (one process, or torchrun's) and, in process 0, own out_dir for the whole
+    run (runtime.own_folder: a second train.py, a resume while this one trains, or a compare.py rerun is
+    refused, naming this process); as the owner, first complete a checkpoint a crash left half moved.
+    out_dir is made here, before minutes of loading, so that a folder we cannot write shows at once.
+    Yields the group."""
+    group = distributed.setup()
+    group.start()
+    if not group.main:
+        yield group
+        return
+    runtime.writable_folder(cfg.out_dir, "out_dir")
+    with runtime.own_folder(cfg.out_dir):
+        runtime.finish_checkpoint(cfg.out_dir)
+        yield group
+
+
 def start_or_resume(cfg, group):
     """-> (the run's options, its checkpoint or None). A new run must find no run in out_dir (nothing is
     ever overwritten unasked); a resumed one continues the run stored there, as it was configured."""
     if cfg.init_from != "resume":
-        if os.path.exists(os.path.join(cfg.out_dir, runtime.CKPT_FILE)):
+        if runtime.has_checkpoint(cfg.out_dir):
             fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
                  "or choose another out_dir (delete that one to start over)")
+        models = [f for f in ("model.safetensors", runtime.ADAPTER_FILE) if os.path.exists(os.path.join(cfg.out_dir, f))]
+        check(not models, f"out_dir {cfg.out_dir} holds {models[0] if models else ''} but no checkpoint to resume, and a "
+                          "new run would overwrite it: choose another out_dir (or move that file away)")
         return cfg, None
     if group.main:  # process 0 first: it completes a checkpoint a crash left unfinished
         ckpt = runtime.read_checkpoint(cfg.out_dir)
@@ -557,13 +575,13 @@ class Log:
     """metrics.jsonl, one JSON record a line (process 0 writes it), the progress bar's figures and the
     evaluation lines printed. A step's loss stays on the device until read() (every log_interval
     steps, before an evaluation, at a stop and at the end); a resumed run first drops the lines after
-    its checkpoint (runtime.trim_log)."""
+    its checkpoint (runtime.trim_log), a new run those of one that never saved a checkpoint."""
 
     def __init__(self, out_dir, main, resumed_at=None):
         self.path, self.main, self.resumed_at = os.path.join(out_dir, "metrics.jsonl"), main, resumed_at
         self.pending, self.losses, self.since = [], [], time.perf_counter()
-        if main and resumed_at is not None:
-            runtime.trim_log(self.path, resumed_at)
+        if main:  # a new run starts its log afresh (a run that never saved a checkpoint left its lines)
+            runtime.trim_log(self.path, resumed_at if resumed_at is not None else -1)
 
     def write(self, record):
         if self.main:

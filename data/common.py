@@ -1,14 +1,22 @@
 """
-Small helpers shared by the data/*/prepare.py scripts: user errors without tracebacks, downloads with a
-timeout, and little-endian binary arrays written with the stdlib (no numpy needed to read or write them).
+Small helpers shared by the data/*/prepare.py scripts and, through runtime.py, by every other script, all
+torch-free: user errors without tracebacks, downloads with a timeout, little-endian binary arrays written
+with the stdlib (no numpy needed to read or write them), and the three mechanisms that keep outputs
+whole (docs/reliability.md): one owner per folder (own_folder), one writer for files, sets of files and
+folders (write_file, write_set, write_folder) that turns any write error into one sentence, and child
+processes that end with their parent (run_child).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import lzma
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -67,6 +75,9 @@ def run(main, *args):
         report(f"cannot write {e.filename or 'the output'} ({e.strerror or e}): choose an --out folder "
                "you can write to, on a disk with space", same_everywhere=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; files are only ever replaced whole, so what is on disk is complete", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---- bounds: every number or text a user or a file gives has a type and a range ----------------
@@ -268,14 +279,16 @@ def decode_utf8(data, name):
         fail(f"{name} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}): convert it to UTF-8 first")
 
 
-def start_output(out):
-    """Make the output folder and remove its meta.json, which is written last: a run that stops
-    halfway leaves a folder that the loader calls unprepared, never a mix of old and new files."""
+def write_prepared(out, write_files):
+    """The prepare scripts' output: write_files(folder) writes the data set's files, meta.json among
+    them, and they appear in `out` as one set (write_set: the previous data stays until the new set is
+    complete; meta.json, which the loader needs, goes last), by one prepare at a time (own_folder)."""
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder: choose a folder name")
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))
+    with own_folder(out, "--out"):
+        write_set(out, write_files, last="meta.json", what=f"the prepared data in {out}",
+                  fix="free disk space, or prepare into another --out, and run the command again")
 
 
 def download(url, hint, timeout=20):
@@ -304,13 +317,91 @@ def shipped(path):
         fail(f"the shipped copy {path}.xz cannot be read ({e}): restore it with git checkout, or use --download")
 
 
+
+# ---- one owner per folder ----------------------------------------------------------------------
+
+LOCK_FILE = ".lock"  # in a folder being written: the pid and command of the process that owns it
+
+
+@contextlib.contextmanager
+def own_folder(folder, option="out_dir"):
+    """Hold `folder` (which must exist) for this process alone while the block runs: an exclusive
+    fcntl.flock on folder/.lock, which holds our pid and command. A second writer is refused in one
+    sentence naming the holder. The operating system releases the lock when the process dies, however
+    it dies (kill -9 included), so a lock is never stale; the file is removed on a normal release.
+    Readers take no lock: they read only what a writer committed. Without fcntl (Windows) nothing is
+    locked."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process (EWOULDBLOCK)
+            holder = _lock_holder(fd)
+            os.close(fd)
+            fail(f"{option} {folder} is being written by process {holder}: wait until it ends, or stop it "
+                 "(kill PID: a training run saves a checkpoint first), then run this command again")
+        try:  # the previous owner may have removed the file between our open and our lock: lock the one there
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join([os.path.basename(sys.executable), *sys.argv])}).encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still held: a waiting process then finds the file gone and opens a new one
+        os.close(fd)
+
+
+def _lock_holder(fd):
+    """'PID (COMMAND)' from a lock file another process holds."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        return f"{int(holder['pid'])} ({str(holder['command'])[:200]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "PID unknown (its lock file is being written)"
+
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
+# ---- every output complete or absent, and every write error one sentence -------------------------
+
+def write_file(path, write, mode="wb"):
+    """Write the file `path` whole: write(f) fills a temporary file beside it, which is flushed to the disk
+    and renamed over path (a rename is atomic), so that a crash, a kill or a full disk leaves the old
+    file or the new one, never a part."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        raise write_failed(e, path, f"the previous {path} is kept" if os.path.exists(path) else None) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bin(path, typecode, values):
     """Write values as a raw little-endian array: typecode 'H' = uint16 tokens, 'i' = int32 rows."""
     a = array(typecode, values)
     assert a.itemsize == {"H": 2, "i": 4}[typecode]  # true on every platform CPython supports today
     if sys.byteorder == "big":
         a.byteswap()
-    _atomic(path, "wb", a.tofile)
+    write_file(path, a.tofile)
 
 
 def write_json(path, obj):
@@ -318,22 +409,240 @@ def write_json(path, obj):
 
 
 def write_text(path, text):
-    """A text file, written atomically (runtime re-exports it for the scripts)."""
-    _atomic(path, "w", lambda f: f.write(text))
+    """A text file, written whole (runtime re-exports it for the scripts)."""
+    write_file(path, lambda f: f.write(text), mode="w")
 
 
 def write_binary(path, write):
-    """A binary file that write(f) fills (a plot's savefig, say), written atomically."""
-    _atomic(path, "wb", write)
+    """A binary file that write(f) fills (a plot's savefig, say), written whole."""
+    write_file(path, write)
 
 
-def _atomic(path, mode, write):
-    """Write through a temporary file and a rename: a file is either the old one or the new one."""
-    tmp = f"{path}.tmp"
+STAGING, COMMITTED = ".staging", ".committed"  # in a folder: the next set of files, before and after it counts
+
+
+def write_set(folder, write_files, last, what="the files", kept=None, fix=None):
+    """Write a set of files that belong together into `folder` (a run folder: the checkpoint; a data
+    folder: the prepared data), so that a crash, a kill or a full disk at any moment leaves the previous
+    set or the new one, never a mix. Only the folder's owner (own_folder) calls this.
+
+    1. write_files(folder/.staging) writes the set there, and each file is flushed to the disk;
+    2. .staging is renamed to .committed: this one rename is the commit;
+    3. finish_set moves the files into folder, `last` (ckpt.pt, meta.json: the file whose presence says
+       the set is there) removed first and moved last.
+    Readers that find .committed read the set there (committed_path). A failure in 1 deletes .staging
+    and says, in one sentence, which file could not be written and what is kept (`kept`, words or a
+    function giving them; default: the previous set); a crash in 1 leaves .staging, which the next write_set deletes; a crash in 3 is
+    completed by the owner's next finish_set."""
+    finish_set(folder, last)  # a set a crash left committed comes first
+    stage = os.path.join(folder, STAGING)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
+        shutil.rmtree(stage, ignore_errors=True)
+        os.makedirs(stage)
+        write_files(stage)
+        _fsync_tree(stage)
+    except BaseException as e:  # a full disk, or a second Ctrl-C: the staged files go, the last set stays
+        failed = _newest_file(stage, e).replace(stage, folder)  # named as the file it was to become
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, Exception):
+            kept = kept() if callable(kept) else kept  # (a callable: what is kept costs a read, only now)
+            raise write_failed(e, failed, kept or f"the previous {what} in {folder} are kept", fix, what=what) from None
+        raise
+    os.replace(stage, os.path.join(folder, COMMITTED))  # the commit
+    _fsync(folder)
+    finish_set(folder, last)
+
+
+def finish_set(folder, last):
+    """Complete what a crash interrupted in folder, as its owner: move the files of a committed set into
+    place (`last` last), delete an uncommitted one. Cheap when there is nothing to do (two stat calls)."""
+    committed, stage = os.path.join(folder, COMMITTED), os.path.join(folder, STAGING)
+    if not os.path.isdir(committed) and not os.path.isdir(stage):
+        return
+    try:
+        if os.path.isdir(committed):
+            names = sorted(os.listdir(committed), key=lambda n: n == last)
+            if last in names and os.path.exists(os.path.join(folder, last)):
+                os.remove(os.path.join(folder, last))  # until it is back, the folder holds no complete set
+            for name in names:
+                os.replace(os.path.join(committed, name), os.path.join(folder, name))
+            os.rmdir(committed)
+            _fsync(folder)
+        shutil.rmtree(stage, ignore_errors=True)
+    except OSError as e:
+        fail(f"{folder} holds a set of files that a crash left unfinished, and it cannot be completed "
+             f"({e.strerror or e}): make the folder writable and run the command again")
+
+
+def committed_path(folder, name):
+    """Where a reader finds the newest committed `name` of folder: in .committed while its owner moves
+    that set into place (or after a crash there, until the owner comes back), else in folder. Readers
+    never move or delete anything."""
+    inside = os.path.join(folder, COMMITTED, name)
+    return inside if os.path.exists(inside) else os.path.join(folder, name)
+
+
+def write_folder(dest, write, option, ours, marker):
+    """Write the folder `dest` whole: write(tmp) fills a temporary folder beside it, which is flushed and
+    renamed to dest, so that dest is the previous version until the rename and the new one after it,
+    never a part of either. dest may be new, empty, or this command's own earlier output (it holds
+    `marker` and only names in `ours`); anything else is refused before anything is written
+    (check_folder_target)."""
+    check_folder_target(dest, option, ours, marker)
+    parent, name = os.path.split(os.path.abspath(dest))
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        write(tmp)
+        _fsync_tree(tmp)
+        if os.path.exists(dest):  # a folder cannot be renamed over a non-empty one: the old one steps aside first
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        _fsync(parent)
+    except Exception as e:
+        failed = _newest_file(tmp, e).replace(tmp, dest)  # named as the file it was to become
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(e, failed, f"{dest} is kept as it was" if os.path.exists(dest) else None, what=dest) from None
+
+
+def check_folder_target(dest, option, ours, marker):
+    """Refuse, in one sentence, a destination folder that holds anything this command did not write, or
+    one that cannot be made; called before the work (decoding, merging), and by write_folder again."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        fail(f"{option} {dest} is a file, not a folder: choose a folder name")
+    names = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
+    foreign = [n for n in names if n not in ours]
+    if names and (foreign or marker not in names):
+        fail(f"{option} {dest} holds {', '.join((foreign or names)[:3])}, which this command did not write "
+             "there, and would replace it: choose a new or empty folder")
+    above = os.path.dirname(os.path.abspath(dest))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not (os.path.isdir(above) and os.access(above, os.W_OK | os.X_OK)):
+        fail(f"cannot write {option} {dest}: {above} is not a folder you can write in; choose another place")
+
+
+def write_failed(e, path, kept, fix=None, what=None):
+    """The one sentence for a write that failed, whichever library raised it: an OSError (a full disk,
+    a file size limit, permissions), torch.save's RuntimeError on a full disk ("unexpected pos ..."),
+    safetensors' SafetensorError. kept: what is left as it was, in words (None: nothing was written).
+    -> a UserError naming the file; any other exception is returned as it is (a bug: its traceback is
+    what a report needs)."""
+    if isinstance(e, WriteFailed):  # a file of a set (write_file inside write_set): the set's words
+        e = e.error
+    if isinstance(e, UserError) or not (isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"):
+        return e
+    limit = _write_limit(path)  # torch's and safetensors' own writers name no cause: say which limit was hit
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else None
+    reason = f"{cause or 'the write failed'} ({limit})" if limit else cause or " ".join(str(e).split())[:160]
+    target = f"{what} ({path})" if what and path and os.path.abspath(what) != os.path.abspath(path) else (path or what)
+    return WriteFailed(f"could not write {target}: {reason}; {kept or 'nothing was written'}: "
+                       + (fix or "free disk space, or write to another folder, and run the command again"), e, path)
+
+
+class WriteFailed(UserError):
+    """write_failed's sentence, keeping the error and the file, so that a set can say it in its own words."""
+
+    def __init__(self, message, error, path):
+        super().__init__(message)
+        self.error, self.path = error, path
+
+
+def _write_limit(path):
+    """What stops writes that name no cause (torch's and safetensors' own writers): a file size limit
+    (ulimit -f), or a full disk; None when neither is the case."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"ulimit -f allows {limit:,} bytes a file"
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) if path else ".")
+        if st.f_bavail * st.f_frsize < 2**20:
+            return "the disk is full"
+    except OSError:
+        pass
+    return None
+
+
+def _newest_file(folder, e):
+    """The file a failed write was writing: the one the error names, else the newest one in folder, else
+    folder (safetensors removes the file it could not finish)."""
+    if isinstance(e, WriteFailed) and e.path:
+        return str(e.path)
+    if isinstance(e, OSError) and e.filename:
+        return str(e.filename)
+    try:
+        files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
+        return max(files, key=os.path.getmtime) if files else folder
+    except OSError:
+        return folder
+
+
+def _fsync_tree(folder):
+    for d, _, names in os.walk(folder):
+        for n in names:
+            _fsync(os.path.join(d, n))
+        _fsync(d)
+
+
+def _fsync(path):
+    """Flush a file (or a folder's list of names) to the disk, so that a power cut after a rename
+    cannot leave the new name pointing at data that never reached the disk. Not every system lets a
+    folder be opened (Windows): there a rename is already durable enough."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.close(fd)
+
+
+# ---- child processes end with their parent -----------------------------------------------------
+
+def run_child(argv):
+    """Run a project script (compare.py's and demo.py's train.py runs) as a child that cannot outlive
+    this process: on Linux the kernel sends it SIGTERM when we die, even by kill -9 (PR_SET_PDEATHSIG);
+    SIGTERM or Ctrl-C sent to us is passed on once, and we wait for the child to save and exit before
+    exiting ourselves, with its exit code. The child runs in its own process group, so that a Ctrl-C
+    in the terminal reaches it once (through us), not twice (a second one means: quit at once).
+    -> the child's exit code."""
+    child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                             start_new_session=sys.platform != "win32")
+    forwarded = []
+
+    def forward(signum, frame):
+        if not forwarded:
+            forwarded.append(signum)
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # an exception here: never leave it running
+            child.terminate()
+            child.wait()
+    if forwarded:
+        sys.exit(128 + forwarded[0])
+    return code
+
+
+def _die_with_parent():
+    """In the child, before it runs: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the prctl: go now
+        os.kill(os.getpid(), signal.SIGTERM)

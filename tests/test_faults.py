@@ -397,12 +397,18 @@ def adapter_run(c, out, *extra):
 
 
 def assert_consistent(out):
-    """ckpt.pt and adapter.safetensors hold the same adapter; no temporary file is left."""
-    ckpt = runtime.read_checkpoint(out)  # finishes a checkpoint that a kill interrupted
-    saved = load_file(out / "adapter.safetensors")
+    """ckpt.pt and adapter.safetensors hold the same adapter, as a reader finds them (reading changes
+    nothing) and after the run's owner completed what the kill interrupted (no temporary file is left;
+    the lock file of the killed owner may stay: it is no lock once its process is gone)."""
+    before = snapshot(out)
+    ckpt = runtime.read_checkpoint(out)
+    saved = load_file(runtime.committed_path(out, "adapter.safetensors"))
     assert saved.keys() == ckpt["adapter"].keys()
     assert all(torch.equal(saved[k], ckpt["adapter"][k]) for k in saved)
-    assert sorted(os.listdir(out)) == ["adapter.safetensors", "ckpt.pt", "metrics.jsonl"], os.listdir(out)
+    assert snapshot(out) == before  # a reader leaves .staging and .committed to the owner
+    runtime.finish_checkpoint(str(out))  # what train.py does first when it owns the folder again
+    assert runtime.read_checkpoint(out)["step"] == ckpt["step"]
+    assert sorted(set(os.listdir(out)) - {".lock"}) == ["adapter.safetensors", "ckpt.pt", "metrics.jsonl"], os.listdir(out)
     return ckpt["step"]
 
 

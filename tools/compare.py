@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
@@ -125,9 +124,17 @@ def compare(args, extra):
             cmd = train_command(args, preset, seed, out_dir, extra + overrides.get(preset, []))
             train.validate(train.parse_args(cmd[2:]))  # every option checked before the first run starts
             commands[preset, seed] = cmd, out_dir
-    if os.path.exists(args.out):
-        check_summary(args.out, commands)
     runtime.writable_folder(args.out, "--out")
+    with runtime.own_folder(args.out, "--out"):  # one comparison at a time in --out; each run's train.py owns its folder
+        runtime.finish_set(args.out, "results.json")  # a summary a crash left half moved, completed first
+        check_summary(args.out, commands)
+        rows = run_all(args, commands, groups)
+        runtime.write_set(args.out, lambda folder: write_summary(folder, rows, args, extra, overrides, len(groups)),
+                          last="results.json", what=f"the summary in {args.out}")
+
+
+def run_all(args, commands, groups):
+    """Train, decode and score every run that needs it (plan says which); -> their rows."""
     plans = {key: plan(out_dir, cmd, args, len(groups)) for key, (cmd, out_dir) in commands.items()}  # all checked first
     rows = []
     for (preset, seed), (cmd, out_dir) in commands.items():
@@ -138,24 +145,32 @@ def compare(args, extra):
             if todo in ("train", "resume"):
                 print(f"== {preset}, seed {seed}: {'continuing ' if todo == 'resume' else ''}{' '.join(cmd[2:])}", flush=True)
                 os.makedirs(out_dir, exist_ok=True)
-                runtime.write_text(os.path.join(out_dir, COMMAND_FILE), json.dumps(cmd[2:]) + "\n")  # whose run this is
+                with runtime.own_folder(out_dir):  # released before train.py starts: it takes the folder then
+                    runtime.write_text(os.path.join(out_dir, COMMAND_FILE), json.dumps(cmd[2:]) + "\n")  # whose run this is
                 run = cmd if todo == "train" else [*cmd[:2], "--init_from=resume", f"--out_dir={out_dir}",
                                                    f"--max_iters={args.max_iters}"]
-                if subprocess.run(run).returncode != 0:
+                if runtime.run_child(run) != 0:  # the child ends with us, and a stop signal reaches it once
                     print(f"compare.py: training {preset} (seed {seed}) failed; its error is above", file=sys.stderr)
                     sys.exit(2)
             else:
                 print(f"== {preset}, seed {seed}: trained earlier in {out_dir}, decoding and scoring", flush=True)
-            row = measure(preset, seed, out_dir, groups, args)
-            runtime.write_text(os.path.join(out_dir, ROW_FILE), json.dumps({**row, "command": cmd[2:]}, indent=1) + "\n")
+            with runtime.own_folder(out_dir):
+                row = measure(preset, seed, out_dir, groups, args)
+                # the row comes last: a run whose predictions were written but not its row is measured again
+                runtime.write_text(os.path.join(out_dir, ROW_FILE), json.dumps({**row, "command": cmd[2:]}, indent=1) + "\n")
         rows.append({k: v for k, v in row.items() if k != "command"})
-    table = format_table(rows, args, extra, overrides, len(groups))  # every row is read before results.json changes
-    runtime.write_text(os.path.join(args.out, "results.json"), json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def write_summary(folder, rows, args, extra, overrides, n_mrs):
+    """results.json, compare.md and the plots, into `folder` (write_set's staging: they appear together)."""
+    table = format_table(rows, args, extra, overrides, n_mrs)  # every row is read before anything is written
+    runtime.write_text(os.path.join(folder, "results.json"), json.dumps(rows, indent=1) + "\n")
     print("\n" + table)
-    runtime.write_text(os.path.join(args.out, "compare.md"), table + "\n")
+    runtime.write_text(os.path.join(folder, "compare.md"), table + "\n")
     if args.png:
-        for path in (plot_loss(rows, args), plot_quality(rows, args)):
-            print(f"wrote {path}")
+        for path in (plot_loss(rows, args, folder), plot_quality(rows, args, folder)):
+            print(f"wrote {os.path.join(args.out, os.path.basename(path))}")
 
 
 def train_command(args, preset, seed, out_dir, extra):
@@ -326,7 +341,7 @@ def save(fig, path):
     return path
 
 
-def plot_loss(rows, args):
+def plot_loss(rows, args, folder):
     """Validation loss against step, one line per preset: the mean over seeds, and a band of ± one
     standard deviation around it."""
     plt = pyplot()
@@ -344,10 +359,10 @@ def plot_loss(rows, args):
     ax.set_title(f"{args.init_from}, {len(args.seeds)} seed(s): mean ± std")
     ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * min(r["val_loss"] for r in rows)))  # step 0 would flatten the rest
     ax.legend()
-    return save(fig, os.path.join(args.out, "loss.png"))
+    return save(fig, os.path.join(folder, "loss.png"))
 
 
-def plot_quality(rows, args):
+def plot_quality(rows, args, folder):
     """The papers' figure: quality against trainable parameters (log scale), mean ± std over seeds,
     one panel for BLEU (when decoded) and one for the validation loss."""
     plt = pyplot()
@@ -369,7 +384,7 @@ def plot_quality(rows, args):
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(NAMES[column] + (" (lower is better)" if column == "val_loss" else ""))
     fig.suptitle(f"{args.init_from}: quality against parameters, {len(args.seeds)} seed(s)")
-    return save(fig, os.path.join(args.out, "quality.png"))
+    return save(fig, os.path.join(folder, "quality.png"))
 
 
 if __name__ == "__main__":

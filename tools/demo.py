@@ -11,13 +11,12 @@ Every step is reused when a previous run finished it, so a second `make demo` ta
 first. Everything goes to out-demo/ (override with --out).
 """
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import TEXT, Parser, read_metrics, run  # noqa: E402
+from data.common import TEXT, Parser, committed_path, own_folder, read_metrics, run, run_child, write_text  # noqa: E402
 BASE = ["config/e2e_base.py", "--max_iters=300", "--eval_interval=100"]  # the stand-in base, at half budget
 ADAPTER = ["--dataset=e2e", "--targets=q,v", "--r=8", "--alpha=16", "--max_iters=300", "--batch_size=8",
            "--learning_rate=2e-3", "--warmup_iters=15", "--eval_interval=75", "--device=cpu"]
@@ -38,6 +37,12 @@ def options(argv=None):
 def main(argv=None):
     args = options(argv)
     os.chdir(ROOT)
+    os.makedirs(args.out, exist_ok=True)
+    with own_folder(args.out, "--out"):  # one demo at a time here; each train.py owns its own folder inside
+        demo(args)
+
+
+def demo(args):
     started = time.time()
     say(1, "data: E2E and its reference sentences, from the shipped copies")
     for name in ("e2e", "e2e_refs"):
@@ -57,7 +62,7 @@ def main(argv=None):
     say(5, "summary")
     print(table(rows))
     png = plot(args.out)
-    print(f"\nbase {base} (val loss {best_val(base):.2f}, pretrained in {timings['base']:.0f} s), adapters in {args.out}/<preset>/adapter.safetensors, "
+    print(f"\nbase {base} (val loss {best_val(base):.2f}, pretrained in {seconds(timings['base'])}), adapters in {args.out}/<preset>/adapter.safetensors, "
           f"metrics in {args.out}/<preset>/metrics.jsonl" + (f", loss curves in {png}" if png else ""))
     print(f"demo took {time.time() - started:,.0f} s. Next, on a GPU with GPT-2 Medium (README, Quick start):\n"
           "  python data/e2e/prepare.py && python train.py config/e2e_gpt2m_sharea.py\n"
@@ -69,24 +74,44 @@ def say(n, what):
 
 
 def step(argv):
-    """Run a project script; its own progress bar shows; a failure ends the demo with its message."""
-    r = subprocess.run([sys.executable, *argv])
-    if r.returncode != 0:
-        sys.exit(r.returncode)
+    """Run a project script; its own progress bar shows; a failure ends the demo with its message. The
+    script ends with the demo (run_child): a Ctrl-C stops both, and the demo run again continues."""
+    code = run_child([sys.executable, *argv])
+    if code != 0:
+        sys.exit(code)
 
 
 def train_once(out_dir, options):
-    """train.py, unless out_dir holds the finished run already. Returns the seconds it took (then or now)."""
-    log = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(log) and any("done" in r for r in read_metrics(log)):
+    """train.py, unless out_dir holds the finished run already; a run an interruption stopped is resumed.
+    Returns the seconds training took (None when a run finished earlier without recording them)."""
+    timing = os.path.join(out_dir, "demo_seconds.txt")
+    if finished(out_dir):
         print(f"   {out_dir} is trained already (delete it to train again)")
     else:
         t0 = time.time()
-        step(["train.py", *options, f"--out_dir={out_dir}"])
-        with open(os.path.join(out_dir, "demo_seconds.txt"), "w") as f:
-            f.write(f"{time.time() - t0:.0f}\n")
-    with open(os.path.join(out_dir, "demo_seconds.txt")) as f:
-        return float(f.read())
+        if os.path.exists(committed_path(out_dir, "ckpt.pt")):  # stopped by Ctrl-C, a kill or a crash: continue it
+            max_iters = next(o for o in reversed(options) if o.startswith("--max_iters="))
+            print(f"   {out_dir} was interrupted: continuing it")
+            step(["train.py", "--init_from=resume", f"--out_dir={out_dir}", max_iters])
+        else:
+            step(["train.py", *options, f"--out_dir={out_dir}"])
+        with own_folder(out_dir):
+            write_text(timing, f"{time.time() - t0:.0f}\n")
+    try:
+        with open(timing) as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def finished(out_dir):
+    """Whether train.py ended this run: its metrics.jsonl holds the {"done": ...} record."""
+    log = os.path.join(out_dir, "metrics.jsonl")
+    return os.path.exists(log) and any("done" in r for r in read_metrics(log))
+
+
+def seconds(value):
+    return "?" if value is None else f"{value:.0f} s"
 
 
 def records(out_dir):
@@ -117,7 +142,7 @@ def score(out, preset, seconds):
 def table(rows):
     lines = ["| adapter | trainable parameters | adapter file (bytes) | best val loss | BLEU (100 MRs) | training time |",
              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['preset']} | {r['trainable']:,} | {r['bytes']:,} | {r['val']:.3f} | {r['bleu']:.2f} | {r['seconds']:.0f} s |"
+    lines += [f"| {r['preset']} | {r['trainable']:,} | {r['bytes']:,} | {r['val']:.3f} | {r['bleu']:.2f} | {seconds(r['seconds'])} |"
               for r in rows]
     return "\n".join(lines)
 

@@ -99,7 +99,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
 from tools.e2e_metrics import e2e_scores, format_scores  # noqa: E402
-from runtime import autocast, base_note, fail, load_model, no_empty_folder_left, read_json, run, writable_folder  # noqa: E402
+from runtime import autocast, base_note, check_folder_target, fail, load_model, read_json, run, write_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
 
@@ -380,12 +380,14 @@ def main(argv=None):
     groups = groups[:args.limit]
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
                                                    f"e2e_{args.split}")
-    with no_empty_folder_left(results_dir):  # a failure before the files are written leaves no trace
-        decode_and_score(args, groups, sep, results_dir)
+    decode_and_score(args, groups, sep, results_dir)
+
+
+RESULTS = ("predictions.txt", "references.txt", "scores.json")  # one set: written together, as one folder
 
 
 def decode_and_score(args, groups, sep, results_dir):
-    writable_folder(results_dir, "--results_dir")  # before the decoding, not after it
+    check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before the decoding, not after it
     model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
                              quantize=args.quantize)
     if info.get("quantize", "none") != info.get("trained_on", "none"):
@@ -397,13 +399,18 @@ def decode_and_score(args, groups, sep, results_dir):
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
     scores = e2e_scores(predictions, [g["refs"] for g in groups])
 
-    pred_path, ref_path = write_official_layout(results_dir, predictions, groups)
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
                                               "max_new_tokens", "limit")}
     if args.beam_size == 1:  # greedy decoding applies neither: recorded as null, not as the defaults it ignored
         settings.update(length_penalty=None, no_repeat_ngram_size=None)
-    write_text(os.path.join(results_dir, "scores.json"),
-               json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
+
+    def write(folder):  # the three files as one set: a kill or a full disk leaves the previous set whole
+        write_official_layout(folder, predictions, groups)
+        write_text(os.path.join(folder, "scores.json"),
+                   json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
+
+    write_folder(results_dir, write, "--results_dir", RESULTS, "scores.json")
+    pred_path, ref_path = (os.path.join(results_dir, f) for f in RESULTS[:2])
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
     print(f"{args.split}: {len(groups)} MRs, {how}: {format_scores(scores)}")
     print(f"wrote {pred_path}, {ref_path} (the official scorer's layout) and scores.json")

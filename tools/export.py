@@ -11,7 +11,11 @@ peft: adapter_config.json + adapter_model.safetensors for PEFT's LoRA on transfo
 exactly; shared tensors are written once per layer, since PEFT has no sharing.
 An adapter trained on a quantized base (train.py --quantize) is loaded onto the same quantized base;
 hf then writes dequant(W) + ΔW in float32 (sharelora.export_merged).
+The destination is written whole (data.common.write_folder): a failed or killed export leaves the
+previous one as it was. It may be a new or empty folder, or an earlier export (its export.json says
+so); a folder holding anything else (a run, a base) is refused.
 """
+import json
 import os
 import sys
 
@@ -20,6 +24,10 @@ sys.path.insert(0, ROOT)
 from data.common import TEXT, Parser, quiet_ctrl_c
 
 # torch and the model are imported after the options are read (a mistake shows at once)
+
+
+MARKER = "export.json"  # what was exported, from what: marks a folder this command may replace
+WRITES = ("config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors", MARKER)
 
 
 def options(argv=None):
@@ -54,14 +62,19 @@ def export(args):
     if held or is_base:
         runtime.fail(f"--dest {args.dest} holds a training run or the base model ({', '.join(held) or 'the base'}), "
                      "which the export would overwrite: choose a new folder")
-    runtime.writable_folder(args.dest, "--dest")
-    if args.to == "hf":
-        sharelora.export_merged(model, args.dest)
-    else:
-        # a local base is named relative to the current folder, as PEFT would resolve it from here
-        base = os.path.relpath(info["base"]) if os.path.exists(info["base"]) else info["base"]
-        sharelora.export_peft(model, args.dest, base_model_name_or_path=base, fused=HF_FUSED,
-                              fan_in_fan_out=True, task_type="CAUSAL_LM")  # transformers' GPT-2: Conv1D weights
+    # a local base is named relative to the current folder, as PEFT would resolve it from here
+    base = os.path.relpath(info["base"]) if os.path.exists(info["base"]) else info["base"]
+
+    def write(folder):
+        if args.to == "hf":
+            sharelora.export_merged(model, folder)
+        else:
+            sharelora.export_peft(model, folder, base_model_name_or_path=base, fused=HF_FUSED,
+                                  fan_in_fan_out=True, task_type="CAUSAL_LM")  # transformers' GPT-2: Conv1D weights
+        runtime.write_text(os.path.join(folder, MARKER), json.dumps(
+            {"to": args.to, "adapter": os.path.abspath(info["adapter"]), "base": base}, indent=1) + "\n")
+
+    runtime.write_folder(args.dest, write, "--dest", WRITES, MARKER)
     print(f"wrote {args.dest} ({args.to}) from {info['adapter']} on {info['base']}")
     if info["trained_on"] != "none" and args.to == "hf":
         print(f"the base was {info['trained_on']}: the merged weights are dequant(W) + ΔW in float32, what the adapter "

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import TEXT, Bound, Parser, checked, decode_utf8, fail, run, shipped, start_output, write_bin, write_json
+from data.common import TEXT, Bound, Parser, checked, decode_utf8, fail, run, shipped, write_bin, write_json, write_prepared
 from data.common import download as download_url  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -126,25 +126,27 @@ def main(argv=None):
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first
     enc = get_tokenizer()
-    start_output(args.out)
+    write_prepared(args.out, lambda folder: write_files(folder, rows, enc, args))
+
+
+def write_files(out, rows, enc, args):
     meta = {"kind": "examples", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
             "examples_format": "int32 (start, context_len, total_len) per example"}
     for split, rows in rows.items():
         tokens, index = tokenize(rows, enc, f"tokenizing {split}")
-        write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
-        write_bin(os.path.join(args.out, f"{split}_examples.bin"), "i", index)
+        write_bin(os.path.join(out, f"{split}.bin"), "H", tokens)
+        write_bin(os.path.join(out, f"{split}_examples.bin"), "i", index)
         max_len = max(index[2::3], default=0)
         meta.update({f"{split}_examples": len(rows), f"{split}_tokens": len(tokens), f"{split}_max_len": max_len})
         msg = f"{split} has {len(rows):,} examples, {len(tokens):,} tokens, the longest {max_len} tokens"
         if split != "train":  # the references for scoring generations
             refs = group_refs(rows)
-            write_json(os.path.join(args.out, f"{split}_refs.json"), refs)
+            write_json(os.path.join(out, f"{split}_refs.json"), refs)
             msg += f" ({len(refs)} MRs)"
         print(msg)
     meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
     meta["source"] = args.src or (URL if args.download else "data/e2e/source (shipped, sha256-checked)")
-    write_json(os.path.join(args.out, "meta.json"), meta)
-
+    write_json(os.path.join(out, "meta.json"), meta)
 
 if __name__ == "__main__":
     run(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.common import TEXT, Parser, run, start_output, write_bin, write_json  # noqa: E402
+from data.common import TEXT, Parser, run, write_bin, write_json, write_prepared  # noqa: E402
 from data.e2e.prepare import CSVS, read_rows, read_sources  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, get_tokenizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -38,17 +38,19 @@ def main(argv=None):
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(sources[split], CSVS[split]) for split in ("train", "val")}  # all checked first
     enc = get_tokenizer()
-    start_output(args.out)
+    write_prepared(args.out, lambda folder: write_files(folder, rows, enc, args))
+
+
+def write_files(out, rows, enc, args):
     meta = {"kind": "stream", "vocab_size": VOCAB_SIZE, "source": args.src or ("the E2E release zip" if args.download else "data/e2e/source")}
     for split in ("train", "val"):
         sentences = list(dict.fromkeys(ref for _, ref in rows[split]))
         tokens = [t for s in tqdm(sentences, desc=f"tokenizing {split}", unit=" sentences", leave=False)
                   for t in enc.encode_ordinary(" " + s) + [EOT]]
-        write_bin(os.path.join(args.out, f"{split}.bin"), "H", tokens)
+        write_bin(os.path.join(out, f"{split}.bin"), "H", tokens)
         meta[f"{split}_tokens"] = len(tokens)
         print(f"{split} has {len(sentences):,} sentences, {len(tokens):,} tokens")
-    write_json(os.path.join(args.out, "meta.json"), meta)
-
+    write_json(os.path.join(out, "meta.json"), meta)
 
 if __name__ == "__main__":
     run(main)

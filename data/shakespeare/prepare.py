@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root, for tokenizer.py and data/common.py
 sys.path.insert(0, str(ROOT))
-from data.common import TEXT, Parser, checked, decode_utf8, download, fail, run, shipped, start_output, write_bin, write_json  # noqa: E402
+from data.common import TEXT, Parser, checked, decode_utf8, download, fail, run, shipped, write_bin, write_json, write_prepared  # noqa: E402
 from tokenizer import VOCAB_SIZE, get_tokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -62,16 +62,18 @@ def main(argv=None):
         fail(f"{args.src or URL} is too short to split into training and validation text "
              f"({len(text)} characters): give the whole input.txt")
 
-    start_output(args.out)
+    write_prepared(args.out, lambda folder: write_files(folder, splits, args))
+
+
+def write_files(out, splits, args):
     for split, ids in splits.items():
-        write_bin(os.path.join(args.out, f"{split}.bin"), "H", ids)
+        write_bin(os.path.join(out, f"{split}.bin"), "H", ids)
         print(f"{split} has {len(ids):,} tokens")
-    write_json(os.path.join(args.out, "meta.json"), {
+    write_json(os.path.join(out, "meta.json"), {
         "kind": "stream", "vocab_size": VOCAB_SIZE,
         "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]),
         "source": args.src or (URL if args.download else "data/shakespeare/source (shipped, sha256-checked)"),
     })
-
 
 if __name__ == "__main__":
     run(main)

@@ -210,16 +210,16 @@ def _committed_step(out_dir):
         return None
 
 
-def _reread(path, read, folder):
-    """read(path); when path is in folder/.committed and the owner moved it into place just before we
-    opened it, read it there (an open file stays readable whatever its owner renames)."""
-    try:
-        return read(path)
-    except FileNotFoundError:
-        moved = os.path.join(folder, os.path.basename(path))
-        if os.path.dirname(path) != os.path.join(folder, COMMITTED) or not os.path.exists(moved):
-            raise
-        return read(moved)
+def _reread(folder, name, read):
+    """read(the newest committed `name` of folder). Its owner may move that set into place between our
+    looking it up and opening it (its old copy is removed first, the new one moved in last), so a file
+    that vanished is looked up again: at every instant it is in folder or in folder/.committed."""
+    for attempt in range(10):
+        try:
+            return read(committed_path(folder, name))
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
 
 
 CKPT_KEYS = ("format", "step", "best_val", "config", "optimizer", "scaler", "rng")
@@ -233,7 +233,7 @@ def read_checkpoint(out_dir):
         path = os.path.join(out_dir, CKPT_FILE)
         fail(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir}) or fix out_dir")
     try:
-        ckpt = _reread(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), out_dir)
+        ckpt = _reread(out_dir, CKPT_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     except Exception as e:
         fail(f"{path} is not a readable checkpoint (truncated, corrupt, or holding more than tensors): "
              f"{type(e).__name__}")

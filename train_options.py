@@ -41,7 +41,7 @@ class TrainConfig:
     dataset: str = "shakespeare"
     data_dir: str = ""
     # the adapter (see sharelora.py and docs/METHOD.md); adapter=none trains the whole model
-    adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | none
+    adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | shareqkv | none
     spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
     r: int = 8
     alpha: float = 16.0

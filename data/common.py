@@ -43,15 +43,23 @@ def check(ok, message):
         fail(message)
 
 
+def one_line(message):
+    """message as one printable line, whatever the user's text in it held: runs of white space (a line
+    break or a carriage return in an option value) become one space, other control characters their
+    escapes, so that every refusal is exactly one `error:` line on any terminal."""
+    text = " ".join(str(message).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def report(message, same_everywhere=True):
     """Print `error: message` to stderr. Under torchrun every process runs the same checks on the same
     options, so only process 0 reports a mistake (RANK 0); an error of one process alone (a file, memory)
     is reported by that process, naming it."""
     rank = torchrun_rank()
     if rank == "0":
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
     elif not same_everywhere:
-        print(f"error: process {rank}: {message}", file=sys.stderr)
+        print(f"error: process {rank}: {one_line(message)}", file=sys.stderr)
 
 
 def torchrun_rank():
@@ -256,7 +264,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         # a Bound's refusal reads as train.py's: "--top_k must be ..., not '0'"
         message = re.sub(r"^argument (-[^ /:]+)(?:/[^ :]+)?: must be", r"\1 must be", message)
-        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see python {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -60,7 +60,7 @@ HOSTILE = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["", " ", "nan", "-nan", "inf", "-inf", "1e400", "-1e308", "1e308", "1e-45", "1e-300", "10**23",
                      "2**62", "7.8e18", "0", "-0", "-1", "1", "0.5", "x", "True", "FILE:", "1,-2", "3,3", "cuda:x",
-                     "9" * 5000, "lora", "none", "e2e", "auto"]),
+                     "9" * 5000, "lora", "none", "e2e", "auto", "0\r", "a\nb", "\x1b[31m"]),
     st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
 )
 
@@ -103,6 +103,19 @@ def test_any_option_value_is_accepted_or_refused_in_one_sentence(script, monkeyp
             assert len(err.strip().splitlines()) == 1, (argv, err)
 
     check()
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_value_with_line_breaks_or_escapes_is_still_one_line(script, monkeypatch):
+    """Every option of every script given text with a carriage return, a line break and a terminal
+    escape: whatever the verdict, the refusal is one line (data.common.one_line), echoing the value."""
+    monkeypatch.delenv("RANK", raising=False)
+    stage, needed = SCRIPTS[script]
+    for name in option_names(script):
+        code, err = outcome(stage, needed + [f"--{name}=0\r1\nx\x1b[31m"])
+        assert "Traceback" not in err and code in (0, 2), (name, err)
+        assert code == 0 or len(err.strip().splitlines()) == 1, (name, err)
+        assert "\x1b" not in err and "\r" not in err
 
 
 def test_accepted_values_are_within_their_bounds():

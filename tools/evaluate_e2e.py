@@ -241,6 +241,8 @@ def beam_search_batch(model, prompts, beam_size=10, max_new_tokens=64, length_pe
                 break
             active = still
             cache.reorder(torch.tensor(rows, device=device))
+            if getattr(model, "task_rows", None) is not None:  # a bank's mixed batch (bank.py): rows keep their task
+                model.task_rows.reorder(torch.tensor(rows, device=device))
             x = torch.tensor(tokens, device=device)[:, None]  # (rows, 1)
     return [h.best() for h in searches]
 

@@ -1,0 +1,331 @@
+"""
+An adapter bank: many tasks' adapters around one A, in one file, served in one mixed batch.
+
+When task k + 1 is trained with task 1's A frozen (train.py --init_adapter=task1.safetensors
+--spec="A=shared/frozen B=layer"), every task's update is s · v_t ⊙ B_t (u_t ⊙ A x) with the same A.
+A batch whose rows belong to different tasks then needs A x only once, for all its rows, whatever the
+mix; each row adds its own task's r-wide product B_t h. PEFT's mixed batch (adapter_names=) instead runs
+every present adapter's A and B on its rows. So:
+
+    bank = Bank.build({"e2e": "e2e.safetensors", "parse": "parse.safetensors"})   # refused if A differs
+    bank.save("tasks.safetensors")
+    attach(model, Bank.read("tasks.safetensors"))     # the base model, in place: inference only
+    with tasks(model, ["e2e", "parse", "e2e"]):       # one task per row of the batch
+        out = model.generate(idx, 20, temperature=0)  # the KV cache, greedy or sampled; beam search too
+    bank.export("parse", "parse.safetensors")          # one task alone: a normal adapter file again
+
+The file is sharelora's safetensors layout: the shared A under its adapter-file key
+(transformer.h.*.attn.q.lora_A), each task's tensors under tasks.NAME.KEY; the metadata holds the
+base's identity and shapes, and per task its configuration, parameter count and a sha256 fingerprint
+(checked on reading: a damaged file is refused). The command line does the same:
+
+    python bank.py build tasks.safetensors e2e=e2e.safetensors parse=parse.safetensors
+    python bank.py add tasks.safetensors shakespeare=shakespeare.safetensors
+    python bank.py remove tasks.safetensors parse
+    python bank.py export tasks.safetensors e2e e2e_alone.safetensors
+    python bank.py list tasks.safetensors
+"""
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sharelora
+from sharelora import COMPONENTS, AdapterConfig
+
+FORMAT = "sharelora-bank"
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a name goes into tensor keys: tasks.NAME.KEY
+
+
+# ---- 1. The bank: one A, every task's B, u, v ----------------------------------------------------
+
+def _layout(config):
+    """What every adapter of a bank must share to run in one batch: the rank, the scale, the maps, the
+    placements. Not the training flags (task 2 freezes the A that task 1 trained), dropout or seed
+    (the bank stores every tensor, frozen random ones too)."""
+    comps = config.components()
+    return {"r": config.r, "scale": config.scale, "targets": sorted(config.targets), "split": config.split,
+            "layer_pattern": config.layer_pattern, "share": comps["share"],
+            "placements": [comps[x][0] for x in COMPONENTS]}
+
+
+def _all_tensors(path):
+    """(config, metadata, {key: tensor}) of an adapter file, with the frozen tensors it stores as seed
+    and fingerprint only (VeRA's A and B) rebuilt, so that two files compare tensor by tensor."""
+    config, meta, tensors = sharelora.read_adapter(path)
+    if config.modules_to_save:
+        raise ValueError(f"{path} trains {', '.join(config.modules_to_save)} whole (modules_to_save), which one "
+                         "batch cannot switch per row: a bank holds adapters without modules_to_save")
+    comps = config.components()
+    groups = sharelora.group_maps(meta["shapes"], config.layer_pattern, comps["share"])
+    for group, names in groups.items():
+        for name in names:
+            for x in COMPONENTS:
+                key = sharelora._key(name, x, comps, group)
+                if comps[x][0] != "off" and key not in tensors:  # read_adapter checked its fingerprint
+                    tensors[key] = sharelora._initial_value(x, key, tuple(meta["shapes"][name]), config.r, comps,
+                                                            sharelora._zero_factor(comps), config.seed).detach()
+    return config, meta, {k: t.float() for k, t in tensors.items()}
+
+
+def _fingerprint(tensors):
+    """sha256 of tensors' names and bytes, 16 hex digits: equal tensors, equal fingerprints."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode() + b"\0" + tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _is_a(key):
+    return key.endswith(".lora_A")
+
+
+class Bank:
+    """The shared A tensors ({key: tensor}, every key ending in .lora_A), the base they were trained on
+    (base: its name, shapes: {map: [d_out, d_in]}, quantized: as in an adapter file) and the tasks, in
+    order (their index is the row's task in a mixed batch): {name: {"config": AdapterConfig,
+    "tensors": {key: tensor}, "source": file name}}."""
+
+    def __init__(self, shared, base, shapes, quantized, tasks):
+        self.shared, self.base, self.shapes, self.quantized, self.tasks = shared, base, shapes, quantized, tasks
+
+    @classmethod
+    def build(cls, adapters):
+        """A bank from {task name: adapter file}, the first file's A being the bank's."""
+        bank = None
+        for name, path in adapters.items():
+            if bank is None:
+                config, meta, tensors = _all_tensors(path)
+                bank = cls({k: t for k, t in tensors.items() if _is_a(k)}, meta.get("base"), meta["shapes"],
+                           meta.get("base_quantized"), {})
+            bank.add(name, path)
+        if bank is None:
+            raise ValueError("a bank needs at least one adapter file")
+        return bank
+
+    @property
+    def names(self):
+        return list(self.tasks)
+
+    def add(self, name, path):
+        """Add the adapter file at path as task `name`, refused in one sentence unless it was trained on
+        the bank's base, in the bank's layout, around the bank's A. The other tasks are left as they are."""
+        if not TASK_NAME.fullmatch(name) or name in self.tasks:
+            raise ValueError(f"task name {name!r} is {'taken' if name in self.tasks else 'not letters, digits, _ or -'}"
+                             ": choose another")
+        config, meta, tensors = _all_tensors(path)
+        if (meta.get("base"), meta["shapes"], meta.get("base_quantized")) != (self.base, self.shapes, self.quantized):
+            raise ValueError(f"{path} was trained on base {meta.get('base')!r} (quantized: {meta.get('base_quantized')}), "
+                             f"the bank's tasks on {self.base!r} (quantized: {self.quantized}), or on maps of other "
+                             "shapes: a bank holds adapters of one base")
+        if self.tasks:
+            first = next(iter(self.tasks.values()))["config"]
+            if _layout(config) != _layout(first):
+                raise ValueError(f"{path} is a {config.describe()} adapter of r={config.r} on {','.join(config.targets)}, "
+                                 f"the bank's are {first.describe()} of r={first.r} on {','.join(first.targets)}: a "
+                                 "bank holds adapters of one layout (rank, scale, targets, placements)")
+        differ = sorted(k for k in tensors.keys() & self.shared.keys() if not torch.equal(tensors[k], self.shared[k]))
+        if differ or {k for k in tensors if _is_a(k)} != self.shared.keys():
+            raise ValueError(f"{path}'s A ({(differ or sorted(self.shared))[0]}) is not the bank's: train the task with "
+                             f"--init_adapter=<a task of the bank> and A frozen (--spec=\"A=shared/frozen B=layer\")")
+        self.tasks[name] = {"config": config, "source": os.path.basename(path),
+                            "tensors": {k: t for k, t in tensors.items() if not _is_a(k)}}
+        return self
+
+    def remove(self, name):
+        self._require(name)
+        if len(self.tasks) == 1:
+            raise ValueError(f"{name} is the bank's last task: delete the file instead")
+        del self.tasks[name]
+        return self
+
+    def _require(self, name):
+        if name not in self.tasks:
+            raise ValueError(f"the bank has no task {name!r}; its tasks are {', '.join(self.tasks)}")
+
+    def save(self, path):
+        """One safetensors file, written atomically (sharelora's writer)."""
+        tensors = dict(self.shared)
+        listing = []
+        for name, task in self.tasks.items():
+            tensors.update({f"tasks.{name}.{k}": t for k, t in task["tensors"].items()})
+            listing.append({"name": name, "config": asdict(task["config"]), "source": task["source"],
+                            "count": sum(t.numel() for t in task["tensors"].values()),
+                            "fingerprint": _fingerprint(task["tensors"])})
+        metadata = {"format": FORMAT, "version": "1", "base": json.dumps(self.base), "shapes": json.dumps(self.shapes),
+                    "base_quantized": json.dumps(self.quantized), "tasks": json.dumps(listing),
+                    "shared": json.dumps({"count": sum(t.numel() for t in self.shared.values()),
+                                          "fingerprint": _fingerprint(self.shared)})}
+        sharelora._write_safetensors(path, tensors, metadata)
+
+    @classmethod
+    def read(cls, path):
+        """The bank in a file that save wrote; a ValueError naming the file for anything else, or for a
+        tensor whose bytes no longer match the fingerprint taken when it was saved."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no bank file at {path}")
+        try:
+            tensors, meta = sharelora._read_safetensors(path)
+            if meta.get("format") == "sharelora":
+                raise ValueError("it is an adapter file, not a bank: build one with `python bank.py build`")
+            if meta.get("format") != FORMAT:
+                raise ValueError("it has no bank metadata")
+            listing, shared = json.loads(meta["tasks"]), json.loads(meta["shared"])
+            base, shapes, quantized = (json.loads(meta[k]) for k in ("base", "shapes", "base_quantized"))
+            tasks = {e["name"]: {"config": AdapterConfig(**e["config"]), "source": e["source"],
+                                 "tensors": {k[len(f"tasks.{e['name']}."):]: t for k, t in tensors.items()
+                                             if k.startswith(f"tasks.{e['name']}.")}} for e in listing}
+            bank = cls({k: t for k, t in tensors.items() if not k.startswith("tasks.")}, base, shapes, quantized, tasks)
+            for e in [*listing, {"name": "(shared A)", **shared}]:
+                held = tasks[e["name"]]["tensors"] if e["name"] in tasks else bank.shared
+                if _fingerprint(held) != e["fingerprint"]:
+                    raise ValueError(f"the tensors of {e['name']} differ from their fingerprint (damaged?)")
+        except (ValueError, KeyError, TypeError, OSError) as e:  # json's errors are ValueErrors
+            raise ValueError(f"{path} is not a readable adapter bank: {e}") from None
+        return bank
+
+    def export(self, name, path):
+        """Task `name` alone as a normal adapter file (sharelora.load_adapter, export_peft and export_merged
+        take it), its frozen tensors included."""
+        self._require(name)
+        task = self.tasks[name]
+        sharelora._write_safetensors(path, {**self.shared, **task["tensors"]}, {
+            "format": "sharelora", "version": "1", "config": json.dumps(asdict(task["config"])),
+            "base": json.dumps(self.base), "shapes": json.dumps(self.shapes), "regenerated": json.dumps({}),
+            "base_quantized": json.dumps(self.quantized)})
+
+    def summary(self):
+        """One line per task: name, trained parameters, fingerprint; then the shared A."""
+        lines = [f"{n:<16} {sum(t.numel() for t in task['tensors'].values()):>10,} parameters  "
+                 f"{_fingerprint(task['tensors'])}  (from {task['source']})" for n, task in self.tasks.items()]
+        return "\n".join(lines + [f"{'shared A':<16} {sum(t.numel() for t in self.shared.values()):>10,} parameters  "
+                                  f"{_fingerprint(self.shared)}  base {self.base!r}"])
+
+
+# ---- 2. Mixed batches: A x once, each row's B ----------------------------------------------------
+
+class TaskRows:
+    """The task of each row of the batch, read by every MixedLinear of a model. `groups` lists, per task
+    present, the rows it holds, worked out once per batch (not once per layer). Beam search keeps it
+    in step with the KV cache through reorder()."""
+
+    def __init__(self, names):
+        self.names, self.index, self.groups = names, None, None
+
+    def set(self, index):
+        self.index = index
+        self.groups = None if index is None else [(t, (index == t).nonzero().squeeze(1))
+                                                  for t in index.unique().tolist()]
+
+    def reorder(self, rows):
+        """Keep the rows `rows` (the index KVCache.reorder is given)."""
+        self.set(self.index[rows.to(self.index.device)])
+
+
+class MixedLinear(nn.Module):
+    """A frozen linear map plus s · v_t ⊙ B_t (u_t ⊙ A x), t being each row's task. v_t is folded into
+    B_t once, here (diag(v_t) B_t, as AdaptedLinear folds it per call); u_t and s scale the r-wide
+    A x. B is stacked (tasks, d_out, r), u (tasks, r)."""
+
+    def __init__(self, base, A, B, u, scale, rows, task_rows):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B, self.lora_u = base, A, B, u
+        self.scale, self.rows, self.task_rows = scale, rows, task_rows
+
+    @property
+    def weight(self):  # as AdaptedLinear's: code reading `module.weight` (dtype, device) keeps working
+        return self.base.weight
+
+    def forward(self, x):
+        rows = self.task_rows
+        if rows.index is None or rows.index.numel() != x.size(0):
+            raise ValueError(f"the batch has {x.size(0)} rows and the bank was told the tasks of "
+                             f"{'none' if rows.index is None else rows.index.numel()}: wrap the call in "
+                             "`with bank.tasks(model, [one task per row])`")
+        h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # (rows, T, r): A x once for every task
+        if self.lora_u is not None:
+            h = h * self.lora_u.to(x.dtype)[rows.index][:, None, :]
+        delta = per_task_product(h, self.lora_B.to(x.dtype), rows.groups)
+        if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
+            start, stop, period = self.rows
+            delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
+        return self.base(x) + delta
+
+
+# Two ways to apply each row's B_t to h (rows, T, r), measured by tools/bench_bank.py --products (2026-12-02,
+# AMD EPYC, 2 cores, torch 2.13.0 CPU, 2 threads; d_out 768, r 8, 64 rows, one position each, 8 tasks):
+#   gathered: torch.bmm(h, B[index].transpose(1, 2)), B_t copied once per row:            see docs/bank.md
+#   per task: F.linear(h[rows_t], B_t) for each task present, index_copy_ into the output
+# The per-task loop is kept: it reads each B_t once, while the gather copies a (d_out x r) matrix per row
+# (64 rows x 768 x 8 floats = 1.5 MB per map per step) and bmm then runs 64 thin products.
+def per_task_product(h, B, groups):
+    """(rows, T, d_out): row i's B_{task(i)} h_i, one product per task present."""
+    if len(groups) == 1:  # one task: one product, no copies
+        return F.linear(h, B[groups[0][0]])
+    out = h.new_empty(h.shape[:-1] + (B.size(1),))
+    for t, rows in groups:
+        out.index_copy_(0, rows, F.linear(h.index_select(0, rows), B[t]))
+    return out
+
+
+def gathered_product(h, B, index):
+    """The other way (kept for the benchmark): every row's B gathered, one batched product."""
+    return torch.bmm(h, B[index].transpose(1, 2))
+
+
+@torch.no_grad()
+def attach(model, bank):
+    """Give the base `model` (in place) every task of the bank at once, for inference: each adapted map
+    becomes a MixedLinear. The maps, groups and fused-map parts are found as sharelora.add_adapters
+    finds them, with the first task's configuration. Returns the model; `with tasks(model, ...)` then
+    says which task each row of a batch is."""
+    config = next(iter(bank.tasks.values()))["config"]
+    comps = config.components()
+    sharelora.add_adapters(model, config)
+    model.task_rows = TaskRows(bank.names)
+    made = {}  # (key, v's key) -> one tensor for every map that holds it: a shared A or B stays one tensor
+
+    def stacked(m, x, fold=None):
+        keys = (sharelora._key(m.name, x, comps, m.group), fold and sharelora._key(m.name, fold, comps, m.group))
+        if keys not in made:
+            t = bank.shared[keys[0]] if x == "A" else torch.stack([task["tensors"][keys[0]] for task in bank.tasks.values()])
+            if keys[1]:  # diag(v_t) B_t, once
+                t = torch.stack([task["tensors"][keys[1]] for task in bank.tasks.values()])[:, :, None] * t
+            made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=False)
+        return made[keys]
+
+    def mixed(m):  # an AdaptedLinear, and the one below it when two parts of a fused map are adapted
+        base = mixed(m.base) if isinstance(m.base, sharelora.AdaptedLinear) else m.base
+        return MixedLinear(base, stacked(m, "A"), stacked(m, "B", "v" if comps["v"][0] != "off" else None),
+                           stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows)
+
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, sharelora.AdaptedLinear)}
+    for name, m in wrappers.items():
+        parent_name, _, child = name.rpartition(".")
+        if parent_name not in wrappers:  # the outer wrapper of a map
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed(m))
+    return model
+
+
+@contextlib.contextmanager
+def tasks(model, names):
+    """Inside, row i of every batch the model runs is task names[i] (a name or an index of the bank's
+    tasks); beam search follows its beams with model.task_rows.reorder. Forgotten on leaving, so that a
+    batch without its tasks is refused, never run with stale ones."""
+    rows = model.task_rows
+    index = [n if isinstance(n, int) else rows.names.index(n) if n in rows.names else None for n in names]
+    if None in index or not all(0 <= i < len(rows.names) for i in index):
+        bad = next(n for n, i in zip(names, index) if i is None or not 0 <= i < len(rows.names))
+        raise ValueError(f"the bank has no task {bad!r}; its tasks are {', '.join(rows.names)}")
+    device = next(model.parameters()).device
+    rows.set(torch.tensor(index, dtype=torch.long, device=device))
+    try:
+        yield rows
+    finally:
+        rows.set(None)

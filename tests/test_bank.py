@@ -1,0 +1,201 @@
+"""
+The adapter bank (bank.py): built from adapters trained around one A, refused when they differ, tasks
+added, removed and exported alone; mixed batches whose rows of different tasks give the same logits
+and tokens (greedy and beam search, with the KV cache) as each task alone through sharelora.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bank
+import sharelora
+from conftest import ROOT, hf_model
+from model import GPT, GPTConfig
+from tools import evaluate_e2e as ev
+
+SPECS = {"sharea": "A=shared/frozen B=layer",  # task k + 1 of train.py --init_adapter, A frozen
+         "tied": "A=shared/frozen B=shared u=layer v=layer"}  # Tied-LoRA: every task its own B, u, v
+
+
+@pytest.fixture(autouse=True)
+def one_thread(one_thread):
+    yield
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def train_like(preset, seed, A_from=None, make=tiny_gpt):
+    """A base with an adapter whose trainable tensors are random (as if trained), A copied from A_from
+    for the tasks after the first, as train.py's init_adapter does."""
+    model = make()
+    spec = None if A_from is None else SPECS[preset]
+    sharelora.add_adapters(model, sharelora.AdapterConfig(preset=preset, spec=spec, r=4, targets=("q", "v"), seed=seed))
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for key, p in sharelora.adapter_state_dict(model).items():
+            if A_from is not None and key.endswith("lora_A"):
+                p.copy_(A_from[key])
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.fixture(params=list(SPECS))
+def adapters(request, tmp_path):
+    """Three task files around one A: {name: path}."""
+    first = train_like(request.param, 0)
+    A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
+    paths = {}
+    for i, name in enumerate(["e2e", "parse", "poems"]):
+        m = first if i == 0 else train_like(request.param, i, A_from=A)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        sharelora.save_adapter(m, paths[name], base="tiny")
+    return paths
+
+
+def alone(path):
+    return sharelora.load_adapter(tiny_gpt(), path).eval()
+
+
+def test_bank_file_round_trip_and_export(adapters, tmp_path):
+    b = bank.Bank.build(adapters)
+    b.save(tmp_path / "bank.safetensors")
+    read = bank.Bank.read(tmp_path / "bank.safetensors")
+    assert read.names == ["e2e", "parse", "poems"]
+    # A once: the bank is smaller than the three files together, by two copies of A
+    a_bytes = sum(t.numel() * 4 for t in read.shared.values())
+    total = sum(p.stat().st_size for p in adapters.values())
+    assert (tmp_path / "bank.safetensors").stat().st_size < total - 1.5 * a_bytes
+    read.export("parse", tmp_path / "parse_alone.safetensors")
+    x = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(alone(tmp_path / "parse_alone.safetensors")(x)[0], alone(adapters["parse"])(x)[0],
+                               rtol=0, atol=0)
+    meta = sharelora._read_safetensors(tmp_path / "bank.safetensors")[1]
+    listing = json.loads(meta["tasks"])
+    assert [e["count"] for e in listing] == [sum(t.numel() for t in read.tasks[n]["tensors"].values()) for n in read.names]
+
+
+def test_add_and_remove_leave_the_other_tasks_alone(adapters, tmp_path):
+    b = bank.Bank.build({k: adapters[k] for k in ("e2e", "poems")})
+    before = {n: dict(t["tensors"]) for n, t in b.tasks.items()}
+    b.add("parse", adapters["parse"]).remove("e2e")
+    assert b.names == ["poems", "parse"]
+    assert all(torch.equal(before["poems"][k], t) for k, t in b.tasks["poems"]["tensors"].items())
+    with pytest.raises(ValueError, match="taken"):
+        b.add("parse", adapters["parse"])
+    with pytest.raises(ValueError, match="no task 'e2e'"):
+        b.export("e2e", tmp_path / "x.safetensors")
+
+
+def test_refusals_name_what_differs(adapters, tmp_path):
+    b = bank.Bank.build({"e2e": adapters["e2e"]})
+    own_A = train_like(b.tasks["e2e"]["config"].preset, 7)  # trained with its own A
+    sharelora.save_adapter(own_A, tmp_path / "own.safetensors", base="tiny")
+    with pytest.raises(ValueError, match="A .* is not the bank's: train the task with --init_adapter"):
+        b.add("own", tmp_path / "own.safetensors")
+    sharelora.save_adapter(own_A, tmp_path / "other_base.safetensors", base="another")
+    with pytest.raises(ValueError, match="base 'another'.*one base"):
+        b.add("x", tmp_path / "other_base.safetensors")
+    lora = tiny_gpt()
+    sharelora.add_adapters(lora, sharelora.AdapterConfig(preset="lora", r=4, targets=("q", "v")))
+    sharelora.save_adapter(lora, tmp_path / "lora.safetensors", base="tiny")
+    with pytest.raises(ValueError, match="one layout"):
+        b.add("lora", tmp_path / "lora.safetensors")
+    # a flipped byte in a task's tensors is caught by its fingerprint
+    b.save(tmp_path / "bank.safetensors")
+    data = bytearray((tmp_path / "bank.safetensors").read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable adapter bank.*fingerprint"):
+        bank.Bank.read(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="an adapter file, not a bank"):
+        bank.Bank.read(adapters["e2e"])
+
+
+def mixed_model(adapters):
+    return bank.attach(tiny_gpt(), bank.Bank.build(adapters))
+
+
+def test_mixed_forward_equals_each_task_alone(adapters):
+    model = mixed_model(adapters)
+    names = ["poems", "e2e", "parse", "e2e", "poems", "poems"]
+    x = torch.randint(0, 64, (len(names), 9), generator=torch.Generator().manual_seed(3))
+    with bank.tasks(model, names):
+        mixed = model(x)[0]
+    singles = {n: alone(p)(x)[0] for n, p in adapters.items()}
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], singles[n][i], rtol=1e-4, atol=1e-4)  # float rounding: other sums
+    assert not torch.allclose(singles["e2e"], singles["parse"], atol=1e-3)  # the tasks really differ
+    with pytest.raises(ValueError, match="wrap the call in `with bank.tasks"):
+        model(x)
+    with pytest.raises(ValueError, match="no task 'nope'"):
+        with bank.tasks(model, ["nope"]):
+            pass
+
+
+def test_both_products_agree():
+    g = torch.Generator().manual_seed(0)
+    h, B = torch.randn(7, 3, 4, generator=g), torch.randn(5, 6, 4, generator=g)
+    index = torch.tensor([4, 0, 4, 2, 2, 0, 1])
+    rows = bank.TaskRows(list("abcde"))
+    rows.set(index)
+    torch.testing.assert_close(bank.per_task_product(h, B, rows.groups), bank.gathered_product(h, B, index))
+    torch.testing.assert_close(bank.per_task_product(h, B, rows.groups)[3], h[3] @ B[2].t())
+
+
+def test_greedy_generation_of_a_mixed_batch(adapters):
+    model = mixed_model(adapters)
+    names = ["parse", "e2e", "poems", "parse", "e2e"]
+    idx = torch.randint(0, 64, (len(names), 6), generator=torch.Generator().manual_seed(4))
+    with bank.tasks(model, names):
+        out = model.generate(idx, 12, temperature=0)
+    singles = {n: alone(p).generate(idx, 12, temperature=0) for n, p in adapters.items()}
+    for i, n in enumerate(names):
+        assert out[i].tolist() == singles[n][i].tolist()
+    assert len({tuple(singles[n][0].tolist()) for n in singles}) == 3  # the tasks write different tokens
+
+
+def test_beam_search_of_a_mixed_batch(adapters):
+    model = mixed_model(adapters)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 64, (4 + k % 3,), generator=g).tolist() for k in range(6)]  # left-padded
+    names = ["e2e", "poems", "parse", "parse", "e2e", "poems"]
+    kw = dict(beam_size=3, max_new_tokens=8, eos_token=9)
+    with bank.tasks(model, names):
+        mixed = ev.beam_search_batch(model, prompts, **kw)
+    singles = {n: alone(p) for n, p in adapters.items()}
+    for p, n, got in zip(prompts, names, mixed):
+        assert got == ev.beam_search_batch(singles[n], [p], **kw)[0]
+
+
+def test_parts_of_a_fused_map(tmp_path):
+    """transformers' GPT-2: q and v are parts of c_attn (rows), wrapped twice; each row gets its task."""
+    cfg = dict(preset="sharea", r=4, targets=("c_attn.q", "c_attn.v"), split={"c_attn": ("q", "k", "v")})
+    paths, A = {}, None
+    for i, name in enumerate("abc"):
+        m = hf_model()
+        sharelora.add_adapters(m, sharelora.AdapterConfig(**cfg, spec=None if A is None else SPECS["sharea"]))
+        with torch.no_grad():
+            for key, p in sharelora.adapter_state_dict(m).items():
+                p.copy_(A[key] if A is not None and key.endswith("lora_A") else torch.randn(p.shape) * 0.3)
+        A = A or {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(m).items() if k.endswith("lora_A")}
+        paths[name] = tmp_path / f"{name}.safetensors"
+        sharelora.save_adapter(m, paths[name], base="hf")
+    model = bank.attach(hf_model(), bank.Bank.build(paths))
+    x = torch.randint(0, 211, (3, 5))
+    with bank.tasks(model, ["c", "a", "b"]):
+        mixed = model(x).logits
+    for i, n in enumerate("cab"):
+        single = sharelora.load_adapter(hf_model(), paths[n])(x).logits
+        torch.testing.assert_close(mixed[i], single[i], rtol=1e-5, atol=1e-5)

@@ -329,3 +329,40 @@ def tasks(model, names):
         yield rows
     finally:
         rows.set(None)
+
+
+# ---- 3. The command line -------------------------------------------------------------------------
+
+def main(argv=None):
+    """build BANK NAME=ADAPTER...; add BANK NAME=ADAPTER...; remove BANK NAME...; export BANK NAME FILE; list BANK."""
+    from runtime import Parser, check
+    p = Parser(prog="bank.py", description="Build, change, list or export an adapter bank (see bank.py's docstring).")
+    p.add_argument("command", choices=("build", "add", "remove", "export", "list"))
+    p.add_argument("bank", help="the bank file")
+    p.add_argument("items", nargs="*", help="build, add: NAME=ADAPTER_FILE ...; remove: NAME ...; export: NAME FILE")
+    args = p.parse_args(argv)
+    pairs = [item.partition("=")[::2] for item in args.items]
+    if args.command in ("build", "add"):
+        check(pairs and all(n and f for n, f in pairs), f"{args.command} takes NAME=ADAPTER_FILE items, e.g. "
+              f"e2e=out-e2e/adapter.safetensors, not {' '.join(args.items) or 'none'}")
+    check(args.command != "export" or len(args.items) == 2, "export takes the task's name and the adapter file to write")
+    check(args.command != "list" or not args.items, "list takes only the bank file")
+    check(args.command != "build" or not os.path.exists(args.bank), f"{args.bank} exists: use add, or another name")
+    if args.command == "build":
+        Bank.build(dict(pairs)).save(args.bank)
+    else:
+        b = Bank.read(args.bank)
+        if args.command == "export":
+            return b.export(*args.items)
+        for name, path in pairs if args.command == "add" else []:
+            b.add(name, path)
+        for name in args.items if args.command == "remove" else []:
+            b.remove(name)
+        if args.command != "list":
+            b.save(args.bank)
+    print(Bank.read(args.bank).summary())
+
+
+if __name__ == "__main__":
+    import runtime
+    runtime.run(main)

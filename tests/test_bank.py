@@ -199,3 +199,17 @@ def test_parts_of_a_fused_map(tmp_path):
     for i, n in enumerate("cab"):
         single = sharelora.load_adapter(hf_model(), paths[n])(x).logits
         torch.testing.assert_close(mixed[i], single[i], rtol=1e-5, atol=1e-5)
+
+
+def test_command_line(adapters, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bank.py"), *map(str, a)], capture_output=True, text=True)
+    out = tmp_path / "cli.safetensors"
+    p = run("build", out, f"e2e={adapters['e2e']}", f"parse={adapters['parse']}")
+    assert p.returncode == 0 and "e2e" in p.stdout and "shared A" in p.stdout, p.stderr
+    assert run("add", out, f"poems={adapters['poems']}").returncode == 0
+    assert run("remove", out, "e2e").returncode == 0
+    assert bank.Bank.read(out).names == ["parse", "poems"]
+    p = run("add", out, f"again={adapters['parse']}", "broken")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "NAME=ADAPTER_FILE" in p.stderr
+    p = run("export", out, "e2e", tmp_path / "e.safetensors")
+    assert p.returncode == 2 and "no task 'e2e'" in p.stderr and "Traceback" not in p.stderr

@@ -211,21 +211,18 @@ class Bank:
 # ---- 2. Mixed batches: A x once, each row's B ----------------------------------------------------
 
 class TaskRows:
-    """The task of each row of the batch, read by every MixedLinear of a model. `groups` lists, per task
-    present, the rows it holds, worked out once per batch (not once per layer). Beam search keeps it
-    in step with the KV cache through reorder()."""
+    """The task of each row of the batch ((rows,) long, or None), read by every MixedLinear of a model.
+    Beam search keeps it in step with the KV cache through reorder()."""
 
     def __init__(self, names):
-        self.names, self.index, self.groups = names, None, None
+        self.names, self.index = names, None
 
     def set(self, index):
         self.index = index
-        self.groups = None if index is None else [(t, (index == t).nonzero().squeeze(1))
-                                                  for t in index.unique().tolist()]
 
     def reorder(self, rows):
         """Keep the rows `rows` (the index KVCache.reorder is given)."""
-        self.set(self.index[rows.to(self.index.device)])
+        self.index = self.index[rows.to(self.index.device)]
 
 
 class MixedLinear(nn.Module):
@@ -251,32 +248,25 @@ class MixedLinear(nn.Module):
         h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # (rows, T, r): A x once for every task
         if self.lora_u is not None:
             h = h * self.lora_u.to(x.dtype)[rows.index][:, None, :]
-        delta = per_task_product(h, self.lora_B.to(x.dtype), rows.groups)
+        delta = torch.bmm(h, self.lora_B.to(x.dtype)[rows.index].transpose(1, 2))  # each row's B_t, gathered
         if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
             start, stop, period = self.rows
             delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
         return self.base(x) + delta
 
 
-# Two ways to apply each row's B_t to h (rows, T, r), measured by tools/bench_bank.py --products (2026-12-02,
-# AMD EPYC, 2 cores, torch 2.13.0 CPU, 2 threads; d_out 768, r 8, 64 rows, one position each, 8 tasks):
-#   gathered: torch.bmm(h, B[index].transpose(1, 2)), B_t copied once per row:            see docs/bank.md
-#   per task: F.linear(h[rows_t], B_t) for each task present, index_copy_ into the output
-# The per-task loop is kept: it reads each B_t once, while the gather copies a (d_out x r) matrix per row
-# (64 rows x 768 x 8 floats = 1.5 MB per map per step) and bmm then runs 64 thin products.
-def per_task_product(h, B, groups):
-    """(rows, T, d_out): row i's B_{task(i)} h_i, one product per task present."""
-    if len(groups) == 1:  # one task: one product, no copies
-        return F.linear(h, B[groups[0][0]])
-    out = h.new_empty(h.shape[:-1] + (B.size(1),))
-    for t, rows in groups:
-        out.index_copy_(0, rows, F.linear(h.index_select(0, rows), B[t]))
-    return out
-
-
-def gathered_product(h, B, index):
-    """The other way (kept for the benchmark): every row's B gathered, one batched product."""
-    return torch.bmm(h, B[index].transpose(1, 2))
+# Each row's B_t is gathered (B[index], a (d_out x r) copy per row) and applied in one batched product,
+# rather than looping over the tasks present with index_select / index_copy_ (what PEFT's mixed batch
+# does, there with A too). Measured with `python tools/bench_bank.py --products` (2026-12-02 22:40, AMD EPYC,
+# 2 cores, torch 2.13.0 CPU, 2 threads, load 0.9; 64 rows, d_out 768, r 8; microseconds per map, median of 5):
+#     tasks  positions   per task   gathered           tasks  positions   per task   gathered
+#       2        1          58        200                8       32          547        271
+#       8        1         133        111               16        1          230        126
+#       2       32         709        349               16       32         1147        401
+# The loop wins only a decoding step of 2 tasks; whole generations (tools/bench_bank.py's model, 32 rows
+# of 16 + 16 tokens) came out equal within the machine's noise (634-709 against 645-697 tokens/s at 8
+# tasks, four alternating runs each). The gather is kept: one product, faster from 8 tasks on, and
+# no loop, and no host-device synchronisation (the loop must find each task's rows), which matters on GPUs.
 
 
 @torch.no_grad()

@@ -82,6 +82,24 @@ def _fingerprint(tensors):
     return h.hexdigest()[:16]
 
 
+def _local(reference):
+    return isinstance(reference, str) and (reference == "." or reference.startswith(("./", "../", ".\\", "..\\")))
+
+
+def _absolute(reference, folder):
+    """train.py names a local base relative to the adapter's folder (runtime.base_reference): the bank
+    holds it as an absolute path, so that adapters from different folders compare, and writes it
+    relative to its own file's folder again (_relative)."""
+    return os.path.abspath(os.path.join(folder, reference)) if _local(reference) else reference
+
+
+def _relative(reference, path):
+    if reference is None or not os.path.isabs(reference):
+        return reference
+    rel = os.path.relpath(reference, os.path.dirname(os.path.abspath(path)))
+    return rel if rel == "." or rel.startswith("..") else os.path.join(".", rel)
+
+
 def _is_a(key):
     return key.endswith(".lora_A")
 
@@ -102,7 +120,8 @@ class Bank:
         for name, path in adapters.items():
             if bank is None:
                 config, meta, tensors = _all_tensors(path)
-                bank = cls({k: t for k, t in tensors.items() if _is_a(k)}, meta.get("base"), meta["shapes"],
+                bank = cls({k: t for k, t in tensors.items() if _is_a(k)},
+                           _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path))), meta["shapes"],
                            meta.get("base_quantized"), {})
             bank.add(name, path)
         if bank is None:
@@ -120,7 +139,8 @@ class Bank:
             raise ValueError(f"task name {name!r} is {'taken' if name in self.tasks else 'not letters, digits, _ or -'}"
                              ": choose another")
         config, meta, tensors = _all_tensors(path)
-        if (meta.get("base"), meta["shapes"], meta.get("base_quantized")) != (self.base, self.shapes, self.quantized):
+        base = _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path)))
+        if (base, meta["shapes"], meta.get("base_quantized")) != (self.base, self.shapes, self.quantized):
             raise ValueError(f"{path} was trained on base {meta.get('base')!r} (quantized: {meta.get('base_quantized')}), "
                              f"the bank's tasks on {self.base!r} (quantized: {self.quantized}), or on maps of other "
                              "shapes: a bank holds adapters of one base")
@@ -158,7 +178,7 @@ class Bank:
             listing.append({"name": name, "config": asdict(task["config"]), "source": task["source"],
                             "count": sum(t.numel() for t in task["tensors"].values()),
                             "fingerprint": _fingerprint(task["tensors"])})
-        metadata = {"format": FORMAT, "version": "1", "base": json.dumps(self.base), "shapes": json.dumps(self.shapes),
+        metadata = {"format": FORMAT, "version": "1", "base": json.dumps(_relative(self.base, path)), "shapes": json.dumps(self.shapes),
                     "base_quantized": json.dumps(self.quantized), "tasks": json.dumps(listing),
                     "shared": json.dumps({"count": sum(t.numel() for t in self.shared.values()),
                                           "fingerprint": _fingerprint(self.shared)})}
@@ -181,6 +201,7 @@ class Bank:
             tasks = {e["name"]: {"config": AdapterConfig(**e["config"]), "source": e["source"],
                                  "tensors": {k[len(f"tasks.{e['name']}."):]: t for k, t in tensors.items()
                                              if k.startswith(f"tasks.{e['name']}.")}} for e in listing}
+            base = _absolute(base, os.path.dirname(os.path.abspath(path)))
             bank = cls({k: t for k, t in tensors.items() if not k.startswith("tasks.")}, base, shapes, quantized, tasks)
             for e in [*listing, {"name": "(shared A)", **shared}]:
                 held = tasks[e["name"]]["tensors"] if e["name"] in tasks else bank.shared
@@ -197,7 +218,7 @@ class Bank:
         task = self.tasks[name]
         sharelora._write_safetensors(path, {**self.shared, **task["tensors"]}, {
             "format": "sharelora", "version": "1", "config": json.dumps(asdict(task["config"])),
-            "base": json.dumps(self.base), "shapes": json.dumps(self.shapes), "regenerated": json.dumps({}),
+            "base": json.dumps(_relative(self.base, path)), "shapes": json.dumps(self.shapes), "regenerated": json.dumps({}),
             "base_quantized": json.dumps(self.quantized)})
 
     def summary(self):
@@ -265,8 +286,8 @@ class MixedLinear(nn.Module):
 #       2       32         709        349               16       32         1147        401
 # The loop wins only a decoding step of 2 tasks; whole generations (tools/bench_bank.py's model, 32 rows
 # of 16 + 16 tokens) came out equal within the machine's noise (634-709 against 645-697 tokens/s at 8
-# tasks, four alternating runs each). The gather is kept: one product, faster from 8 tasks on, and
-# no loop, and no host-device synchronisation (the loop must find each task's rows), which matters on GPUs.
+# tasks, four alternating runs each). The gather is kept: one product with no loop, faster from 8 tasks on,
+# and no host-device synchronisation (the loop must find each task's rows), which matters on GPUs.
 
 
 @torch.no_grad()

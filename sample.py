@@ -24,6 +24,8 @@ def main(argv=None):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="a training run's folder (its adapter.safetensors, or its whole model)")
     p.add_argument("--adapter", help="an adapter file, instead of out_dir's")
+    p.add_argument("--bank", help="an adapter bank (bank.py): with --tasks, every task's samples in one mixed batch")
+    p.add_argument("--tasks", help="with --bank: the tasks to sample, e.g. e2e,parse (default: all of the bank's)")
     p.add_argument("--init_from", help="the base model; default: the one the adapter names")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--format", choices=("auto", "e2e", "text"), default="auto",
@@ -40,8 +42,12 @@ def main(argv=None):
     p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
                    help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
     args = p.parse_args(argv)
-    if args.out_dir is None and args.adapter is None and args.init_from is None:
-        p.error("give --out_dir, --adapter or --init_from")
+    if args.out_dir is None and args.adapter is None and args.init_from is None and args.bank is None:
+        p.error("give --out_dir, --adapter, --bank or --init_from")
+    if args.bank is not None and (args.out_dir is not None or args.adapter is not None):
+        p.error("--bank holds its own adapters: leave out --out_dir and --adapter")
+    if args.tasks is not None and args.bank is None:
+        p.error("--tasks chooses tasks of a --bank: give the bank file too")
     for ok, message in (
             (args.num_samples >= 1, f"--num_samples must be at least 1, not {args.num_samples}"),
             (args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, not {args.max_new_tokens}"),
@@ -61,18 +67,12 @@ def generate(args):
 
     import runtime
     from tokenizer import EOT, decode, encode
+    if args.bank is not None:
+        return generate_tasks(args)
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
                                      merge=not args.no_merge, quantize=args.quantize)
-    start = args.start
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
     e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "e2e")
-    if e2e and not start.rstrip().endswith("||"):
-        start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
+    start = _prompt(args.start, e2e)
     torch.manual_seed(args.seed)
     idx = torch.tensor([encode(start)] * args.num_samples, device=info["device"])
     max_new = min(args.max_new_tokens, model.config.block_size - idx.size(1))
@@ -85,6 +85,53 @@ def generate(args):
         print(text.strip() if e2e else start + text)
         if args.num_samples > 1:
             print("---------------")
+
+
+def generate_tasks(args):
+    """--bank: num_samples rows per task, every task's rows in one batch (A x once for them all)."""
+    import torch
+
+    import bank
+    import runtime
+    from tokenizer import EOT, decode, encode
+    b = bank.Bank.read(args.bank)
+    names = args.tasks.split(",") if args.tasks else b.names
+    for name in names:
+        b._require(name)
+    runtime.check(args.quantize in ("auto", "none") and b.quantized is None, f"{args.bank}'s tasks were trained on a {b.quantized or 'float'} base and --quantize is "
+                         f"{args.quantize}: sample.py runs a bank on the base it was trained on (float weights)")
+    model = bank.attach(runtime.load_base(args.init_from or b.base), b)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
+    runtime.place(model, device, dtype).eval()
+    e2e = args.format == "e2e"
+    start = _prompt(args.start, e2e)
+    torch.manual_seed(args.seed)
+    rows = [n for n in names for _ in range(args.num_samples)]
+    idx = torch.tensor([encode(start)] * len(rows), device=device)
+    max_new = min(args.max_new_tokens, model.config.block_size - idx.size(1))
+    with runtime.autocast(device, dtype), bank.tasks(model, rows):
+        out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_token=EOT if e2e else None)
+    print(f"# {args.init_from or b.base} + {args.bank}: {', '.join(names)} in one batch", file=sys.stderr)
+    for name, row in zip(rows, out):
+        new = row[idx.size(1):].tolist()
+        text = decode([t for t in new if t != EOT] if e2e else new)
+        print(f"[{name}] " + (text.strip() if e2e else start + text))
+
+
+def _prompt(start, e2e):
+    """--start's text (FILE:path reads it from a file), with the E2E separator for an MR."""
+    import runtime
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+    if e2e and not start.rstrip().endswith("||"):
+        start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
+    return start
 
 
 def _trained_on(out_dir):

@@ -213,3 +213,35 @@ def test_command_line(adapters, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "NAME=ADAPTER_FILE" in p.stderr
     p = run("export", out, "e2e", tmp_path / "e.safetensors")
     assert p.returncode == 2 and "no task 'e2e'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_py_takes_a_bank_and_several_tasks(tmp_path, capsys):
+    """sample.py --bank --tasks: each task's greedy text in the mixed batch is its text alone (--adapter)."""
+    import sample
+    base = lambda: GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64)).eval()
+    torch.manual_seed(0)
+    base().save_pretrained(tmp_path / "base")
+    make = lambda: GPT.from_pretrained(str(tmp_path / "base")).eval()
+    first = train_like("sharea", 0, make=make)
+    A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
+    files = {}
+    for i, name in enumerate(["one", "two", "three"]):
+        files[name] = tmp_path / name / "adapter.safetensors"
+        files[name].parent.mkdir()
+        sharelora.save_adapter(first if i == 0 else train_like("sharea", i, A_from=A, make=make), files[name],
+                               base="../base")  # as train.py names a local base: relative to the run's folder
+    (tmp_path / "served").mkdir()
+    bank.Bank.build(files).save(tmp_path / "served" / "bank.safetensors")
+    common = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=8", "--device=cpu", "--dtype=float32"]
+    sample.main([f"--bank={tmp_path / 'served' / 'bank.safetensors'}", "--tasks=three,one", "--num_samples=2", *common])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split("]")[0] for line in lines] == ["[three", "[three", "[one", "[one"]
+    alone = {}
+    for name in ("one", "three"):
+        sample.main([f"--adapter={files[name]}", "--no_merge", *common])
+        alone[name] = capsys.readouterr().out.strip()
+    assert lines[0] == f"[three] {alone['three']}" and lines[2] == f"[one] {alone['one']}"
+    assert alone["one"] != alone["three"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--bank={tmp_path / 'served' / 'bank.safetensors'}", "--tasks=four", *common])
+    assert e.value.code == 2 and "no task 'four'" in capsys.readouterr().err

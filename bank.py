@@ -324,6 +324,23 @@ def attach(model, bank):
     return model
 
 
+def load(path, names=None, init_from=None, device="auto", dtype="auto"):
+    """(model, info) for the command lines: the bank's base (or init_from) with the bank attached, placed
+    on the device; info as runtime.load_model's, with "tasks": the names asked for (default: all)."""
+    import runtime
+    b = Bank.read(path)
+    names = names or b.names
+    for name in names:
+        b._require(name)
+    runtime.check(b.quantized is None, f"{path}'s tasks were trained on a {b.quantized} base, which a bank does not "
+                                       "quantize yet: export each task (python bank.py export) and run it alone")
+    device = runtime.pick_device(device)
+    info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,
+            "dtype": runtime.pick_dtype(dtype, device)}
+    model = attach(runtime.load_base(info["base"]), b)
+    return runtime.place(model, device, info["dtype"]).eval(), info
+
+
 @contextlib.contextmanager
 def tasks(model, names):
     """Inside, row i of every batch the model runs is task names[i] (a name or an index of the bank's

@@ -94,16 +94,11 @@ def generate_tasks(args):
     import bank
     import runtime
     from tokenizer import EOT, decode, encode
-    b = bank.Bank.read(args.bank)
-    names = args.tasks.split(",") if args.tasks else b.names
-    for name in names:
-        b._require(name)
-    runtime.check(args.quantize in ("auto", "none") and b.quantized is None, f"{args.bank}'s tasks were trained on a {b.quantized or 'float'} base and --quantize is "
-                         f"{args.quantize}: sample.py runs a bank on the base it was trained on (float weights)")
-    model = bank.attach(runtime.load_base(args.init_from or b.base), b)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(args.dtype, device)
-    runtime.place(model, device, dtype).eval()
+    runtime.check(args.quantize in ("auto", "none"), f"--quantize={args.quantize} with --bank: a bank runs on the "
+                                                     "float base its tasks were trained on")
+    model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, args.init_from,
+                            args.device, args.dtype)
+    names, device, dtype = info["tasks"], info["device"], info["dtype"]
     e2e = args.format == "e2e"
     start = _prompt(args.start, e2e)
     torch.manual_seed(args.seed)
@@ -113,7 +108,7 @@ def generate_tasks(args):
     with runtime.autocast(device, dtype), bank.tasks(model, rows):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
-    print(f"# {args.init_from or b.base} + {args.bank}: {', '.join(names)} in one batch", file=sys.stderr)
+    print(f"# {info['base']} + {args.bank}: {', '.join(names)} in one batch", file=sys.stderr)
     for name, row in zip(rows, out):
         new = row[idx.size(1):].tolist()
         text = decode([t for t in new if t != EOT] if e2e else new)

@@ -215,12 +215,12 @@ def test_command_line(adapters, tmp_path):
     assert p.returncode == 2 and "no task 'e2e'" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_sample_py_takes_a_bank_and_several_tasks(tmp_path, capsys):
-    """sample.py --bank --tasks: each task's greedy text in the mixed batch is its text alone (--adapter)."""
-    import sample
-    base = lambda: GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64)).eval()
+@pytest.fixture
+def served(tmp_path):
+    """A bank of three tasks on a tiny base over GPT-2's vocabulary, saved as train.py would leave it:
+    -> (bank file, {task: adapter file})."""
     torch.manual_seed(0)
-    base().save_pretrained(tmp_path / "base")
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64)).save_pretrained(tmp_path / "base")
     make = lambda: GPT.from_pretrained(str(tmp_path / "base")).eval()
     first = train_like("sharea", 0, make=make)
     A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
@@ -232,8 +232,15 @@ def test_sample_py_takes_a_bank_and_several_tasks(tmp_path, capsys):
                                base="../base")  # as train.py names a local base: relative to the run's folder
     (tmp_path / "served").mkdir()
     bank.Bank.build(files).save(tmp_path / "served" / "bank.safetensors")
+    return tmp_path / "served" / "bank.safetensors", files
+
+
+def test_sample_py_takes_a_bank_and_several_tasks(served, capsys):
+    """sample.py --bank --tasks: each task's greedy text in the mixed batch is its text alone (--adapter)."""
+    import sample
+    path, files = served
     common = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=8", "--device=cpu", "--dtype=float32"]
-    sample.main([f"--bank={tmp_path / 'served' / 'bank.safetensors'}", "--tasks=three,one", "--num_samples=2", *common])
+    sample.main([f"--bank={path}", "--tasks=three,one", "--num_samples=2", *common])
     lines = capsys.readouterr().out.strip().split("\n")
     assert [line.split("]")[0] for line in lines] == ["[three", "[three", "[one", "[one"]
     alone = {}
@@ -243,5 +250,26 @@ def test_sample_py_takes_a_bank_and_several_tasks(tmp_path, capsys):
     assert lines[0] == f"[three] {alone['three']}" and lines[2] == f"[one] {alone['one']}"
     assert alone["one"] != alone["three"]
     with pytest.raises(SystemExit) as e:
-        sample.main([f"--bank={tmp_path / 'served' / 'bank.safetensors'}", "--tasks=four", *common])
+        sample.main([f"--bank={path}", "--tasks=four", *common])
     assert e.value.code == 2 and "no task 'four'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size):
+    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
+    from test_evaluate_e2e import GROUPS
+    path, files = served
+    data = tmp_path / "e2e"
+    data.mkdir()
+    (data / "test_refs.json").write_text(json.dumps(GROUPS))
+    common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
+              "--dtype", "float32"]
+    ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])
+    for name in ("two", "three"):
+        ev.main(["--adapter", str(files[name]), "--results_dir", str(tmp_path / f"alone_{name}"), *common])
+        mixed = (path.parent / "e2e_test" / name / "predictions.txt").read_text()
+        assert mixed == (tmp_path / f"alone_{name}" / "predictions.txt").read_text()
+        assert json.loads((path.parent / "e2e_test" / name / "scores.json").read_text())["task"] == name
+    assert not (path.parent / "e2e_test" / "one").exists()
+    texts = [(path.parent / "e2e_test" / n / "predictions.txt").read_text() for n in ("two", "three")]
+    assert texts[0] != texts[1]  # the tasks write different texts

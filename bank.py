@@ -24,6 +24,10 @@ base's identity and shapes, and per task its configuration, parameter count and 
     python bank.py remove tasks.safetensors parse
     python bank.py export tasks.safetensors e2e e2e_alone.safetensors
     python bank.py list tasks.safetensors
+    python sample.py --bank=tasks.safetensors --tasks=e2e,parse --start="..."      # every task, one batch
+    python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse       # scores per task
+
+docs/bank.md has the measurement against PEFT's mixed batch.
 """
 import contextlib
 import hashlib

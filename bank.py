@@ -295,11 +295,13 @@ class MixedLinear(nn.Module):
 
 
 @torch.no_grad()
-def attach(model, bank):
+def attach(model, bank, trainable=False):
     """Give the base `model` (in place) every task of the bank at once, for inference: each adapted map
     becomes a MixedLinear. The maps, groups and fused-map parts are found as sharelora.add_adapters
     finds them, with the first task's configuration. Returns the model; `with tasks(model, ...)` then
-    says which task each row of a batch is."""
+    says which task each row of a batch is. trainable=True: the stacked tensors train as the
+    configuration says (joint training of fresh() tasks, one B per task, one A for all; collect() then
+    puts them back into the bank)."""
     config = next(iter(bank.tasks.values()))["config"]
     comps = config.components()
     sharelora.add_adapters(model, config)
@@ -312,7 +314,7 @@ def attach(model, bank):
             t = bank.shared[keys[0]] if x == "A" else torch.stack([task["tensors"][keys[0]] for task in bank.tasks.values()])
             if keys[1]:  # diag(v_t) B_t, once
                 t = torch.stack([task["tensors"][keys[1]] for task in bank.tasks.values()])[:, :, None] * t
-            made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=False)
+            made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=trainable and comps[x][1])
         return made[keys]
 
     def mixed(m):  # an AdaptedLinear, and the one below it when two parts of a fused map are adapted
@@ -320,11 +322,15 @@ def attach(model, bank):
         return MixedLinear(base, stacked(m, "A"), stacked(m, "B", "v" if comps["v"][0] != "off" else None),
                            stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows)
 
+    if trainable and comps["v"][0] != "off":
+        raise ValueError("joint training folds no v: train a bank of adapters without v (u is fine), or train "
+                         "the tasks one after another")
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, sharelora.AdaptedLinear)}
     for name, m in wrappers.items():
         parent_name, _, child = name.rpartition(".")
         if parent_name not in wrappers:  # the outer wrapper of a map
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed(m))
+    model.bank_tensors = {keys[0]: p for keys, p in made.items()}  # what collect() copies back after training
     return model
 
 
@@ -345,6 +351,32 @@ def load(path, names=None, init_from=None, device="auto", dtype="auto"):
     return runtime.place(model, device, info["dtype"]).eval(), info
 
 
+# ---- 3. Training tasks jointly around one A ------------------------------------------------------
+
+def fresh(model, config, names):
+    """A bank of new tasks for joint training: every task starts where sharelora.add_adapters starts an
+    adapter (B = 0, the shared A random from config.seed), on `model`'s maps (model is left as it is)."""
+    import copy
+    start = sharelora.add_adapters(copy.deepcopy(model), config)
+    tensors = {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(start).items()}
+    shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(start)}
+    return Bank({k: t for k, t in tensors.items() if _is_a(k)}, getattr(model, "name_or_path", None), shapes, None,
+                {n: {"config": config, "source": "(trained jointly)",
+                     "tensors": {k: t.clone() for k, t in tensors.items() if not _is_a(k)}} for n in names})
+
+
+@torch.no_grad()
+def collect(model, bank):
+    """Copy the tensors a trainable attach() trained back into `bank` (then bank.save, bank.export)."""
+    for key, p in model.bank_tensors.items():
+        if _is_a(key):
+            bank.shared[key] = p.detach().cpu().clone()
+        else:
+            for i, task in enumerate(bank.tasks.values()):
+                task["tensors"][key] = p[i].detach().cpu().clone()
+    return bank
+
+
 @contextlib.contextmanager
 def tasks(model, names):
     """Inside, row i of every batch the model runs is task names[i] (a name or an index of the bank's
@@ -363,7 +395,7 @@ def tasks(model, names):
         rows.set(None)
 
 
-# ---- 3. The command line -------------------------------------------------------------------------
+# ---- 4. The command line -------------------------------------------------------------------------
 
 def main(argv=None):
     """build BANK NAME=ADAPTER...; add BANK NAME=ADAPTER...; remove BANK NAME...; export BANK NAME FILE; list BANK."""

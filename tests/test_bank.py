@@ -273,3 +273,45 @@ def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size
     assert not (path.parent / "e2e_test" / "one").exists()
     texts = [(path.parent / "e2e_test" / n / "predictions.txt").read_text() for n in ("two", "three")]
     assert texts[0] != texts[1]  # the tasks write different texts
+
+
+def test_joint_training_of_three_tasks_around_one_A(tmp_path):
+    """fresh + attach(trainable) + collect: three tasks (task t: always answer token 10 + t) trained in
+    mixed batches, one A for all; each task learns its own answer, and exported alone it computes what
+    it did in the mixed model."""
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    config = sharelora.AdapterConfig(preset="sharea", r=4, targets=("q", "v"))
+    b = bank.fresh(model, config, ["t0", "t1", "t2"])
+    bank.attach(model, b, trainable=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(p.dim() for p in trainable) == [2, 2] + [3] * 4  # the q and v A's; 2 layers x (q, v) stacked B's
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    names = ["t0", "t1", "t2"] * 4
+
+    def loss_of(x):
+        targets = (10 + torch.tensor([int(n[1]) for n in names]))[:, None].expand_as(x)
+        with bank.tasks(model, names):
+            return torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), targets, reduction="none").mean(1)
+
+    first = None
+    for step in range(60):
+        loss = loss_of(torch.randint(0, 64, (len(names), 8), generator=g))
+        first = loss.detach() if first is None else first
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    last = loss.detach()
+    for t in range(3):  # every task's rows learned
+        assert last[t::3].mean() < 0.5 * first[t::3].mean()
+    bank.collect(model, b)
+    b.save(tmp_path / "joint.safetensors")
+    x = torch.randint(0, 64, (3, 8), generator=g)
+    with bank.tasks(model, ["t0", "t1", "t2"]), torch.no_grad():
+        mixed = model(x)[0]
+    assert mixed.argmax(-1).tolist() == [[10 + t] * 8 for t in range(3)]  # each row answers as its task
+    for i, name in enumerate(["t0", "t1", "t2"]):
+        bank.Bank.read(tmp_path / "joint.safetensors").export(name, tmp_path / f"{name}.safetensors")
+        torch.testing.assert_close(alone(tmp_path / f"{name}.safetensors")(x[i:i + 1])[0][0], mixed[i],
+                                   rtol=1e-4, atol=1e-4)

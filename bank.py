@@ -304,6 +304,9 @@ def attach(model, bank, trainable=False):
     puts them back into the bank)."""
     config = next(iter(bank.tasks.values()))["config"]
     comps = config.components()
+    if trainable and comps["v"][0] != "off":  # before any change to the model
+        raise ValueError("attach folds v into B, so a trainable bank cannot train v: train tasks without v "
+                         "(u is fine) jointly, or train tasks with v one after another")
     sharelora.add_adapters(model, config)
     model.task_rows = TaskRows(bank.names)
     made = {}  # (key, v's key) -> one tensor for every map that holds it: a shared A or B stays one tensor
@@ -322,9 +325,6 @@ def attach(model, bank, trainable=False):
         return MixedLinear(base, stacked(m, "A"), stacked(m, "B", "v" if comps["v"][0] != "off" else None),
                            stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows)
 
-    if trainable and comps["v"][0] != "off":
-        raise ValueError("joint training folds no v: train a bank of adapters without v (u is fine), or train "
-                         "the tasks one after another")
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, sharelora.AdaptedLinear)}
     for name, m in wrappers.items():
         parent_name, _, child = name.rpartition(".")

@@ -315,3 +315,12 @@ def test_joint_training_of_three_tasks_around_one_A(tmp_path):
         bank.Bank.read(tmp_path / "joint.safetensors").export(name, tmp_path / f"{name}.safetensors")
         torch.testing.assert_close(alone(tmp_path / f"{name}.safetensors")(x[i:i + 1])[0][0], mixed[i],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_joint_training_refuses_v_before_changing_the_model():
+    model = tiny_gpt()
+    b = bank.fresh(model, sharelora.AdapterConfig(preset="tied", r=4, targets=("q", "v")), ["a", "b"])
+    with pytest.raises(ValueError, match="cannot train v"):
+        bank.attach(model, b, trainable=True)
+    assert not sharelora.adapted_layers(model)
+    bank.attach(model, b)  # for inference, v folds into B

@@ -3,7 +3,7 @@ Serving a batch that mixes tasks: bank.py's mixed batch (A x once, each row's B)
 batch (adapter_names=, every present adapter's A and B on its rows) and against each task's merged
 model run on its rows in turn, on one transformers GPT-2-shaped base with random weights.
 
-    python tools/bench_bank.py                 # the table of docs/bank.md (about a minute on 2 cores)
+    python tools/bench_bank.py                 # the table of docs/bank.md (3 min 44 s on 2 busy cores)
     python tools/bench_bank.py --products      # the two ways of applying each row's B (bank.py's comment)
 
 Every contender runs the same generation loop (transformers' generate, greedy, KV cache) on the same

@@ -31,6 +31,8 @@ def options(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", type=TEXT, help="a training run's folder (its adapter.safetensors, or its whole model)")
     p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
+    p.add_argument("--bank", type=TEXT, help="an adapter bank (bank.py): with --tasks, every task's samples in one mixed batch")
+    p.add_argument("--tasks", type=TEXT, help="with --bank: the tasks to sample, e.g. e2e,parse (default: all of the bank's)")
     p.add_argument("--init_from", type=TEXT, help="the base model; default: the one the adapter names")
     p.add_argument("--start", type=Bound(str, test=lambda v: v not in ("", "FILE:"), what="a non-empty prompt"),
                    default="\n", help="the prompt, or FILE:path to read it from a file")
@@ -48,8 +50,12 @@ def options(argv=None):
     p.add_argument("--quantize", default="auto", choices=("auto", "none", "nf4", "int8"),
                    help="auto (default): as the adapter was trained, which its file records; none, nf4 or int8 (quantize.py)")
     args = p.parse_args(argv)
-    if args.out_dir is None and args.adapter is None and args.init_from is None:
-        p.error("give --out_dir, --adapter or --init_from")
+    if args.out_dir is None and args.adapter is None and args.init_from is None and args.bank is None:
+        p.error("give --out_dir, --adapter, --bank or --init_from")
+    if args.bank is not None and (args.out_dir is not None or args.adapter is not None):
+        p.error("--bank holds its own adapters: leave out --out_dir and --adapter")
+    if args.tasks is not None and args.bank is None:
+        p.error("--tasks chooses tasks of a --bank: give the bank file too")
     return args
 
 
@@ -64,19 +70,12 @@ def generate(args):
 
     import runtime
     from tokenizer import EOT, decode, encode
+    if args.bank is not None:
+        return generate_tasks(args)
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
                                      merge=not args.no_merge, quantize=args.quantize)
-    start = args.start
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
-    check(start != "", f"--start {args.start[:40]!r} gives an empty prompt: give some text to continue")
     e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "examples")
-    if e2e and not start.rstrip().endswith("||"):
-        start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
+    start = _prompt(args.start, e2e)
     torch.manual_seed(args.seed)
     idx = torch.tensor([encode(start)] * args.num_samples, device=info["device"])
     room = model.config.block_size - idx.size(1)
@@ -92,6 +91,53 @@ def generate(args):
         print(text.strip() if e2e else start + text)
         if args.num_samples > 1:
             print("---------------")
+
+
+def generate_tasks(args):
+    """--bank: num_samples rows per task, every task's rows in one batch (A x once for them all)."""
+    import torch
+
+    import bank
+    import runtime
+    from tokenizer import EOT, decode, encode
+    runtime.check(args.quantize in ("auto", "none"), f"--quantize={args.quantize} with --bank: a bank runs on the "
+                                                     "float base its tasks were trained on")
+    model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, args.init_from,
+                            args.device, args.dtype)
+    names, device, dtype = info["tasks"], info["device"], info["dtype"]
+    e2e = args.format == "e2e"
+    start = _prompt(args.start, e2e)
+    torch.manual_seed(args.seed)
+    rows = [n for n in names for _ in range(args.num_samples)]
+    idx = torch.tensor([encode(start)] * len(rows), device=device)
+    room = model.config.block_size - idx.size(1)
+    runtime.check(room >= 1, f"the prompt is {idx.size(1)} tokens, and the model's context of "
+                             f"{model.config.block_size} leaves no room to generate: shorten --start")
+    max_new = min(args.max_new_tokens, room)
+    with runtime.autocast(device, dtype), bank.tasks(model, rows):
+        out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_token=EOT if e2e else None)
+    print(f"# {info['base']} + {args.bank}: {', '.join(names)} in one batch", file=sys.stderr)
+    for name, row in zip(rows, out):
+        new = row[idx.size(1):].tolist()
+        text = decode([t for t in new if t != EOT] if e2e else new)
+        print(f"[{name}] " + (text.strip() if e2e else start + text))
+
+
+def _prompt(start, e2e):
+    """--start's text (FILE:path reads it from a file), with the E2E separator for an MR."""
+    import runtime
+    given = start
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            runtime.fail(f"--start FILE:{start[5:]} cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+    runtime.check(start != "", f"--start {given[:40]!r} gives an empty prompt: give some text to continue")
+    if e2e and not start.rstrip().endswith("||"):
+        start = start.rstrip() + " ||"  # the separator data/e2e/prepare.py put between MR and reference
+    return start
 
 
 def _trained_on(out_dir):

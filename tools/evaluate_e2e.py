@@ -16,6 +16,7 @@ three with Java. Files in the official layout, written anywhere, are scored the 
 
     python tools/evaluate_e2e.py --predictions predictions.txt --references references.txt
 """
+import contextlib
 import json
 import os
 import sys
@@ -34,6 +35,9 @@ def options(argv):
     p.add_argument("--predictions", type=TEXT, help="score this file (one text per line) instead of decoding; needs --references")
     p.add_argument("--references", type=TEXT, help="with --predictions: each MR's references on consecutive lines, a blank line between MRs")
     p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
+    p.add_argument("--bank", type=TEXT, help="an adapter bank (bank.py): every task of --tasks decodes the MRs, in "
+                   "mixed batches; results in RESULTS_DIR/TASK")
+    p.add_argument("--tasks", type=TEXT, help="with --bank: the tasks to evaluate, e.g. e2e,other (default: all of the bank's)")
     p.add_argument("--data_dir", type=TEXT, default="data/e2e", help="where data/e2e/prepare.py wrote its files")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--beam_size", type=Bound(int, 1, 100, what="a whole number in [1, 100] (the papers use 10; "
@@ -57,8 +61,12 @@ def options(argv):
           "--predictions scores a file without a model: leave out --out_dir, --adapter and --limit")
     check(args.results_dir is None or not os.path.isfile(args.results_dir),
           f"--results_dir {args.results_dir} is a file, not a folder: choose a folder name")
-    check(args.predictions is not None or args.out_dir is not None or args.adapter is not None,
-          "pass --out_dir (a training run's folder) or --adapter FILE, or --predictions and --references to score files")
+    check(args.predictions is not None or args.out_dir is not None or args.adapter is not None or args.bank is not None,
+          "pass --out_dir (a training run's folder), --adapter FILE or --bank FILE, or --predictions and --references "
+          "to score files")
+    check(args.bank is None or (args.out_dir is None and args.adapter is None and args.predictions is None),
+          "--bank holds its own adapters: leave out --out_dir, --adapter and --predictions")
+    check(args.tasks is None or args.bank is not None, "--tasks chooses tasks of a --bank: give the bank file too")
     return args
 
 
@@ -236,6 +244,8 @@ def beam_search_batch(model, prompts, beam_size=10, max_new_tokens=64, length_pe
                 break
             active = still
             cache.reorder(torch.tensor(rows, device=device))
+            if getattr(model, "task_rows", None) is not None:  # a bank's mixed batch (bank.py): rows keep their task
+                model.task_rows.reorder(torch.tensor(rows, device=device))
             x = torch.tensor(tokens, device=device)[:, None]  # (rows, 1)
     return [h.best() for h in searches]
 
@@ -287,20 +297,30 @@ def by_length(prompts, batch_size):
 
 
 @torch.no_grad()
-def greedy_batch(model, prompts, max_new_tokens=64, eos_token=EOT, batch_size=32, progress=None):
+def greedy_batch(model, prompts, max_new_tokens=64, eos_token=EOT, batch_size=32, progress=None, tasks=None):
     """Greedy continuations of many prompts (lists of ids), batched by length (by_length): the 630 test
     prompts make 44 batches of at most 32. Returns the new tokens of each prompt, in the given order,
-    cut before the first eos. `progress` (a tqdm bar) is advanced by the prompts done."""
+    cut before the first eos. `progress` (a tqdm bar) is advanced by the prompts done. tasks: each
+    prompt's task, for a model carrying a bank (bank.py)."""
     device = next(model.parameters()).device
     out = [None] * len(prompts)
     for chunk in by_length(prompts, batch_size):
         idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-        rows = model.generate(idx, max_new_tokens, temperature=0, eos_token=eos_token)[:, idx.size(1):].tolist()
+        with rows_of_tasks(model, tasks, chunk):
+            rows = model.generate(idx, max_new_tokens, temperature=0, eos_token=eos_token)[:, idx.size(1):].tolist()
         for i, row in zip(chunk, rows):
             out[i] = row[:row.index(eos_token)] if eos_token in row else row
         if progress is not None:
             progress.update(len(chunk))
     return out
+
+
+def rows_of_tasks(model, tasks, chunk):
+    """bank.tasks for the prompts `chunk` of a mixed batch; nothing without tasks."""
+    if tasks is None:
+        return contextlib.nullcontext()
+    import bank
+    return bank.tasks(model, [tasks[i] for i in chunk])
 
 
 # ---- the official files --------------------------------------------------------------------------------
@@ -336,20 +356,21 @@ def room_to_generate(model, mrs, sep=" ||", max_new_tokens=64, split="test"):
 
 
 def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, length_penalty=0.9,
-               no_repeat_ngram_size=4, batch_size=32):
+               no_repeat_ngram_size=4, batch_size=32, tasks=None):
     """One sentence per MR: greedy (beam_size 1, batches of one prompt length) or beam search (batches of
-    similar lengths, left-padded), with a tqdm bar."""
+    similar lengths, left-padded), with a tqdm bar. tasks: each MR's task, for a model carrying a bank."""
     enc = get_tokenizer()
     prompts = [enc.encode_ordinary(mr + sep) for mr in mrs]  # exactly the training contexts
     how = "greedy" if beam_size == 1 else f"beam {beam_size}"
     with autocast(info["device"], info["dtype"]), tqdm(total=len(prompts), desc=f"decoding ({how})", unit="MR") as bar:
         if beam_size == 1:
-            outs = greedy_batch(model, prompts, max_new_tokens, EOT, batch_size, progress=bar)
+            outs = greedy_batch(model, prompts, max_new_tokens, EOT, batch_size, progress=bar, tasks=tasks)
         else:  # the beams of up to batch_size prompts of similar lengths at a time
             outs = [None] * len(prompts)
             for chunk in by_similar_length(prompts, batch_size):
-                found = beam_search_batch(model, [prompts[i] for i in chunk], beam_size, max_new_tokens,
-                                          length_penalty, no_repeat_ngram_size, EOT)
+                with rows_of_tasks(model, tasks, chunk):
+                    found = beam_search_batch(model, [prompts[i] for i in chunk], beam_size, max_new_tokens,
+                                              length_penalty, no_repeat_ngram_size, EOT)
                 for i, tokens in zip(chunk, found):
                     outs[i] = tokens
                 bar.update(len(chunk))
@@ -378,7 +399,7 @@ def main(argv=None):
         return score_files(args)
     groups, sep = read_references(args.data_dir, args.split, with_separator=True)
     groups = groups[:args.limit]
-    results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter) or ".",
+    results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter or args.bank) or ".",
                                                    f"e2e_{args.split}")
     decode_and_score(args, groups, sep, results_dir)
 
@@ -387,16 +408,34 @@ RESULTS = ("predictions.txt", "references.txt", "scores.json")  # one set: writt
 
 
 def decode_and_score(args, groups, sep, results_dir):
-    check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before the decoding, not after it
-    model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                             quantize=args.quantize)
+    if args.bank is not None:
+        import bank
+        check(args.quantize in ("auto", "none"), f"--quantize={args.quantize} with --bank: a bank runs on the float "
+                                                 "base its tasks were trained on")
+        model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, device=args.device,
+                                dtype=args.dtype)
+    else:
+        check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before loading and decoding
+        model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                                 quantize=args.quantize)
     if info.get("quantize", "none") != info.get("trained_on", "none"):
         print(f"note: the base runs with{base_note(info)}", file=sys.stderr)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
     max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)
-    predictions = decode_mrs(model, info, [g["mr"] for g in groups], sep, args.beam_size, max_new_tokens,
-                             args.length_penalty, args.no_repeat_ngram_size, args.batch_size)
+    names = info.get("tasks") or [None]  # a bank: every task decodes every MR, all in mixed batches
+    for name in names if args.bank is not None else ():  # each task's results: a folder of its own, checked first
+        check_folder_target(os.path.join(results_dir, name), "--results_dir", RESULTS, "scores.json")
+    predictions = decode_mrs(model, info, [g["mr"] for g in groups] * len(names), sep, args.beam_size, max_new_tokens,
+                             args.length_penalty, args.no_repeat_ngram_size, args.batch_size,
+                             tasks=[n for n in names for _ in groups] if names != [None] else None)
+    for k, name in enumerate(names):
+        write_results(args, groups, predictions[k * len(groups):(k + 1) * len(groups)], info,
+                      results_dir if name is None else os.path.join(results_dir, name), name)
+
+
+def write_results(args, groups, predictions, info, results_dir, task=None):
+    """Score the predictions, write them in the official layout and scores.json, print the scores."""
     scores = e2e_scores(predictions, [g["refs"] for g in groups])
 
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
@@ -406,13 +445,13 @@ def decode_and_score(args, groups, sep, results_dir):
 
     def write(folder):  # the three files as one set: a kill or a full disk leaves the previous set whole
         write_official_layout(folder, predictions, groups)
-        write_text(os.path.join(folder, "scores.json"),
-                   json.dumps({**scores, "mrs": len(groups), **settings, "model": info}, indent=1, default=str) + "\n")
+        write_text(os.path.join(folder, "scores.json"), json.dumps(
+            {**scores, "mrs": len(groups), **settings, "task": task, "model": info}, indent=1, default=str) + "\n")
 
     write_folder(results_dir, write, "--results_dir", RESULTS, "scores.json")
     pred_path, ref_path = (os.path.join(results_dir, f) for f in RESULTS[:2])
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-    print(f"{args.split}: {len(groups)} MRs, {how}: {format_scores(scores)}")
+    print(f"{args.split}{'' if task is None else f' ({task})'}: {len(groups)} MRs, {how}: {format_scores(scores)}")
     print(f"wrote {pred_path}, {ref_path} (the official scorer's layout) and scores.json")
 
 

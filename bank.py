@@ -1,0 +1,432 @@
+"""
+An adapter bank: many tasks' adapters around one A, in one file, served in one mixed batch.
+
+When task k + 1 is trained with task 1's A frozen (train.py --init_adapter=task1.safetensors
+--spec="A=shared/frozen B=layer"), every task's update is s · v_t ⊙ B_t (u_t ⊙ A x) with the same A.
+A batch whose rows belong to different tasks then needs A x only once, for all its rows, whatever the
+mix; each row adds its own task's r-wide product B_t h. PEFT's mixed batch (adapter_names=) instead runs
+every present adapter's A and B on its rows. So:
+
+    bank = Bank.build({"e2e": "e2e.safetensors", "parse": "parse.safetensors"})   # refused if A differs
+    bank.save("tasks.safetensors")
+    attach(model, Bank.read("tasks.safetensors"))     # the base model, in place: inference only
+    with tasks(model, ["e2e", "parse", "e2e"]):       # one task per row of the batch
+        out = model.generate(idx, 20, temperature=0)  # the KV cache, greedy or sampled; beam search too
+    bank.export("parse", "parse.safetensors")          # one task alone: a normal adapter file again
+
+The file is sharelora's safetensors layout: the shared A under its adapter-file key
+(transformer.h.*.attn.q.lora_A), each task's tensors under tasks.NAME.KEY; the metadata holds the
+base's identity and shapes, and per task its configuration, parameter count and a sha256 fingerprint
+(checked on reading: a damaged file is refused). The command line does the same:
+
+    python bank.py build tasks.safetensors e2e=e2e.safetensors parse=parse.safetensors
+    python bank.py add tasks.safetensors shakespeare=shakespeare.safetensors
+    python bank.py remove tasks.safetensors parse
+    python bank.py export tasks.safetensors e2e e2e_alone.safetensors
+    python bank.py list tasks.safetensors
+    python sample.py --bank=tasks.safetensors --tasks=e2e,parse --start="..."      # every task, one batch
+    python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse       # scores per task
+
+docs/bank.md has the measurement against PEFT's mixed batch.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sharelora
+from sharelora import COMPONENTS, AdapterConfig
+
+FORMAT = "sharelora-bank"
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a name goes into tensor keys: tasks.NAME.KEY
+
+
+# ---- 1. The bank: one A, every task's B, u, v ----------------------------------------------------
+
+def _layout(config):
+    """What every adapter of a bank must share to run in one batch: the rank, the scale, the maps, the
+    placements. Not the training flags (task 2 freezes the A that task 1 trained), dropout or seed
+    (the bank stores every tensor, frozen random ones too)."""
+    comps = config.components()
+    return {"r": config.r, "scale": config.scale, "targets": sorted(config.targets), "split": config.split,
+            "layer_pattern": config.layer_pattern, "share": comps["share"],
+            "placements": [comps[x][0] for x in COMPONENTS]}
+
+
+def _all_tensors(path):
+    """(config, metadata, {key: tensor}) of an adapter file, with the frozen tensors it stores as seed
+    and fingerprint only (VeRA's A and B) rebuilt, so that two files compare tensor by tensor."""
+    config, meta, tensors = sharelora.read_adapter(path)
+    if config.modules_to_save:
+        raise ValueError(f"{path} trains {', '.join(config.modules_to_save)} whole (modules_to_save), which one "
+                         "batch cannot switch per row: a bank holds adapters without modules_to_save")
+    comps = config.components()
+    groups = sharelora.group_maps(meta["shapes"], config.layer_pattern, comps["share"])
+    for group, names in groups.items():
+        for name in names:
+            for x in COMPONENTS:
+                key = sharelora._key(name, x, comps, group)
+                if comps[x][0] != "off" and key not in tensors:  # read_adapter checked its fingerprint
+                    tensors[key] = sharelora._initial_value(x, key, tuple(meta["shapes"][name]), config.r, comps,
+                                                            sharelora._zero_factor(comps), config.seed).detach()
+    return config, meta, {k: t.float() for k, t in tensors.items()}
+
+
+def _fingerprint(tensors):
+    """sha256 of tensors' names and bytes, 16 hex digits: equal tensors, equal fingerprints."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode() + b"\0" + tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _local(reference):
+    return isinstance(reference, str) and (reference == "." or reference.startswith(("./", "../", ".\\", "..\\")))
+
+
+def _absolute(reference, folder):
+    """train.py names a local base relative to the adapter's folder (runtime.base_reference): the bank
+    holds it as an absolute path, so that adapters from different folders compare, and writes it
+    relative to its own file's folder again (_relative)."""
+    return os.path.abspath(os.path.join(folder, reference)) if _local(reference) else reference
+
+
+def _relative(reference, path):
+    if reference is None or not os.path.isabs(reference):
+        return reference
+    rel = os.path.relpath(reference, os.path.dirname(os.path.abspath(path)))
+    return rel if rel == "." or rel.startswith("..") else os.path.join(".", rel)
+
+
+def _is_a(key):
+    return key.endswith(".lora_A")
+
+
+class Bank:
+    """The shared A tensors ({key: tensor}, every key ending in .lora_A), the base they were trained on
+    (base: its name, shapes: {map: [d_out, d_in]}, quantized: as in an adapter file) and the tasks, in
+    order (their index is the row's task in a mixed batch): {name: {"config": AdapterConfig,
+    "tensors": {key: tensor}, "source": file name}}."""
+
+    def __init__(self, shared, base, shapes, quantized, tasks):
+        self.shared, self.base, self.shapes, self.quantized, self.tasks = shared, base, shapes, quantized, tasks
+
+    @classmethod
+    def build(cls, adapters):
+        """A bank from {task name: adapter file}, the first file's A being the bank's."""
+        bank = None
+        for name, path in adapters.items():
+            if bank is None:
+                config, meta, tensors = _all_tensors(path)
+                bank = cls({k: t for k, t in tensors.items() if _is_a(k)},
+                           _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path))), meta["shapes"],
+                           meta.get("base_quantized"), {})
+            bank.add(name, path)
+        if bank is None:
+            raise ValueError("a bank needs at least one adapter file")
+        return bank
+
+    @property
+    def names(self):
+        return list(self.tasks)
+
+    def add(self, name, path):
+        """Add the adapter file at path as task `name`, refused in one sentence unless it was trained on
+        the bank's base, in the bank's layout, around the bank's A. The other tasks are left as they are."""
+        if not TASK_NAME.fullmatch(name) or name in self.tasks:
+            raise ValueError(f"task name {name!r} is {'taken' if name in self.tasks else 'not letters, digits, _ or -'}"
+                             ": choose another")
+        config, meta, tensors = _all_tensors(path)
+        base = _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path)))
+        if (base, meta["shapes"], meta.get("base_quantized")) != (self.base, self.shapes, self.quantized):
+            raise ValueError(f"{path} was trained on base {meta.get('base')!r} (quantized: {meta.get('base_quantized')}), "
+                             f"the bank's tasks on {self.base!r} (quantized: {self.quantized}), or on maps of other "
+                             "shapes: a bank holds adapters of one base")
+        if self.tasks:
+            first = next(iter(self.tasks.values()))["config"]
+            if _layout(config) != _layout(first):
+                raise ValueError(f"{path} is a {config.describe()} adapter of r={config.r} on {','.join(config.targets)}, "
+                                 f"the bank's are {first.describe()} of r={first.r} on {','.join(first.targets)}: a "
+                                 "bank holds adapters of one layout (rank, scale, targets, placements)")
+        differ = sorted(k for k in tensors.keys() & self.shared.keys() if not torch.equal(tensors[k], self.shared[k]))
+        if differ or {k for k in tensors if _is_a(k)} != self.shared.keys():
+            raise ValueError(f"{path}'s A ({(differ or sorted(self.shared))[0]}) is not the bank's: train the task with "
+                             f"--init_adapter=<a task of the bank> and A frozen (--spec=\"A=shared/frozen B=layer\")")
+        self.tasks[name] = {"config": config, "source": os.path.basename(path),
+                            "tensors": {k: t for k, t in tensors.items() if not _is_a(k)}}
+        return self
+
+    def remove(self, name):
+        self._require(name)
+        if len(self.tasks) == 1:
+            raise ValueError(f"{name} is the bank's last task: delete the file instead")
+        del self.tasks[name]
+        return self
+
+    def _require(self, name):
+        if name not in self.tasks:
+            raise ValueError(f"the bank has no task {name!r}; its tasks are {', '.join(self.tasks)}")
+
+    def save(self, path):
+        """One safetensors file, written atomically (sharelora's writer)."""
+        tensors = dict(self.shared)
+        listing = []
+        for name, task in self.tasks.items():
+            tensors.update({f"tasks.{name}.{k}": t for k, t in task["tensors"].items()})
+            listing.append({"name": name, "config": asdict(task["config"]), "source": task["source"],
+                            "count": sum(t.numel() for t in task["tensors"].values()),
+                            "fingerprint": _fingerprint(task["tensors"])})
+        metadata = {"format": FORMAT, "version": "1", "base": json.dumps(_relative(self.base, path)), "shapes": json.dumps(self.shapes),
+                    "base_quantized": json.dumps(self.quantized), "tasks": json.dumps(listing),
+                    "shared": json.dumps({"count": sum(t.numel() for t in self.shared.values()),
+                                          "fingerprint": _fingerprint(self.shared)})}
+        sharelora._write_safetensors(path, tensors, metadata)
+
+    @classmethod
+    def read(cls, path):
+        """The bank in a file that save wrote; a ValueError naming the file for anything else, or for a
+        tensor whose bytes no longer match the fingerprint taken when it was saved."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no bank file at {path}")
+        try:
+            tensors, meta = sharelora._read_safetensors(path)
+            if meta.get("format") == "sharelora":
+                raise ValueError("it is an adapter file, not a bank: build one with `python bank.py build`")
+            if meta.get("format") != FORMAT:
+                raise ValueError("it has no bank metadata")
+            listing, shared = json.loads(meta["tasks"]), json.loads(meta["shared"])
+            base, shapes, quantized = (json.loads(meta[k]) for k in ("base", "shapes", "base_quantized"))
+            tasks = {e["name"]: {"config": AdapterConfig(**e["config"]), "source": e["source"],
+                                 "tensors": {k[len(f"tasks.{e['name']}."):]: t for k, t in tensors.items()
+                                             if k.startswith(f"tasks.{e['name']}.")}} for e in listing}
+            base = _absolute(base, os.path.dirname(os.path.abspath(path)))
+            bank = cls({k: t for k, t in tensors.items() if not k.startswith("tasks.")}, base, shapes, quantized, tasks)
+            for e in [*listing, {"name": "(shared A)", **shared}]:
+                held = tasks[e["name"]]["tensors"] if e["name"] in tasks else bank.shared
+                if _fingerprint(held) != e["fingerprint"]:
+                    raise ValueError(f"the tensors of {e['name']} differ from their fingerprint (damaged?)")
+        except (ValueError, KeyError, TypeError, OSError) as e:  # json's errors are ValueErrors
+            raise ValueError(f"{path} is not a readable adapter bank: {e}") from None
+        return bank
+
+    def export(self, name, path):
+        """Task `name` alone as a normal adapter file (sharelora.load_adapter, export_peft and export_merged
+        take it), its frozen tensors included."""
+        self._require(name)
+        task = self.tasks[name]
+        sharelora._write_safetensors(path, {**self.shared, **task["tensors"]}, {
+            "format": "sharelora", "version": "1", "config": json.dumps(asdict(task["config"])),
+            "base": json.dumps(_relative(self.base, path)), "shapes": json.dumps(self.shapes), "regenerated": json.dumps({}),
+            "base_quantized": json.dumps(self.quantized)})
+
+    def summary(self):
+        """One line per task: name, trained parameters, fingerprint; then the shared A."""
+        lines = [f"{n:<16} {sum(t.numel() for t in task['tensors'].values()):>10,} parameters  "
+                 f"{_fingerprint(task['tensors'])}  (from {task['source']})" for n, task in self.tasks.items()]
+        return "\n".join(lines + [f"{'shared A':<16} {sum(t.numel() for t in self.shared.values()):>10,} parameters  "
+                                  f"{_fingerprint(self.shared)}  base {self.base!r}"])
+
+
+# ---- 2. Mixed batches: A x once, each row's B ----------------------------------------------------
+
+class TaskRows:
+    """The task of each row of the batch ((rows,) long, or None), read by every MixedLinear of a model.
+    Beam search keeps it in step with the KV cache through reorder()."""
+
+    def __init__(self, names):
+        self.names, self.index = names, None
+
+    def set(self, index):
+        self.index = index
+
+    def reorder(self, rows):
+        """Keep the rows `rows` (the index KVCache.reorder is given)."""
+        self.index = self.index[rows.to(self.index.device)]
+
+
+class MixedLinear(nn.Module):
+    """A frozen linear map plus s · v_t ⊙ B_t (u_t ⊙ A x), t being each row's task. v_t is folded into
+    B_t once, here (diag(v_t) B_t, as AdaptedLinear folds it per call); u_t and s scale the r-wide
+    A x. B is stacked (tasks, d_out, r), u (tasks, r)."""
+
+    def __init__(self, base, A, B, u, scale, rows, task_rows):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B, self.lora_u = base, A, B, u
+        self.scale, self.rows, self.task_rows = scale, rows, task_rows
+
+    @property
+    def weight(self):  # as AdaptedLinear's: code reading `module.weight` (dtype, device) keeps working
+        return self.base.weight
+
+    def forward(self, x):
+        rows = self.task_rows
+        if rows.index is None or rows.index.numel() != x.size(0):
+            raise ValueError(f"the batch has {x.size(0)} rows and the bank was told the tasks of "
+                             f"{'none' if rows.index is None else rows.index.numel()}: wrap the call in "
+                             "`with bank.tasks(model, [one task per row])`")
+        h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # (rows, T, r): A x once for every task
+        if self.lora_u is not None:
+            h = h * self.lora_u.to(x.dtype)[rows.index][:, None, :]
+        delta = torch.bmm(h, self.lora_B.to(x.dtype)[rows.index].transpose(1, 2))  # each row's B_t, gathered
+        if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
+            start, stop, period = self.rows
+            delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
+        return self.base(x) + delta
+
+
+# Each row's B_t is gathered (B[index], a (d_out x r) copy per row) and applied in one batched product,
+# rather than looping over the tasks present with index_select / index_copy_ (what PEFT's mixed batch
+# does, there with A too). Measured with `python tools/bench_bank.py --products` (2026-12-02 22:40, AMD EPYC,
+# 2 cores, torch 2.13.0 CPU, 2 threads, load 0.9; 64 rows, d_out 768, r 8; microseconds per map, median of 5):
+#     tasks  positions   per task   gathered           tasks  positions   per task   gathered
+#       2        1          58        200                8       32          547        271
+#       8        1         133        111               16        1          230        126
+#       2       32         709        349               16       32         1147        401
+# The loop wins only a decoding step of 2 tasks; whole generations (tools/bench_bank.py's model, 32 rows
+# of 16 + 16 tokens) came out equal within the machine's noise (634-709 against 645-697 tokens/s at 8
+# tasks, four alternating runs each). The gather is kept: one product with no loop, faster from 8 tasks on,
+# and no host-device synchronisation (the loop must find each task's rows), which matters on GPUs.
+
+
+@torch.no_grad()
+def attach(model, bank, trainable=False):
+    """Give the base `model` (in place) every task of the bank at once, for inference: each adapted map
+    becomes a MixedLinear. The maps, groups and fused-map parts are found as sharelora.add_adapters
+    finds them, with the first task's configuration. Returns the model; `with tasks(model, ...)` then
+    says which task each row of a batch is. trainable=True: the stacked tensors train as the
+    configuration says (joint training of fresh() tasks, one B per task, one A for all; collect() then
+    puts them back into the bank)."""
+    config = next(iter(bank.tasks.values()))["config"]
+    comps = config.components()
+    if trainable and comps["v"][0] != "off":  # before any change to the model
+        raise ValueError("attach folds v into B, so a trainable bank cannot train v: train tasks without v "
+                         "(u is fine) jointly, or train tasks with v one after another")
+    sharelora.add_adapters(model, config)
+    model.task_rows = TaskRows(bank.names)
+    made = {}  # (key, v's key) -> one tensor for every map that holds it: a shared A or B stays one tensor
+
+    def stacked(m, x, fold=None):
+        keys = (sharelora._key(m.name, x, comps, m.group), fold and sharelora._key(m.name, fold, comps, m.group))
+        if keys not in made:
+            t = bank.shared[keys[0]] if x == "A" else torch.stack([task["tensors"][keys[0]] for task in bank.tasks.values()])
+            if keys[1]:  # diag(v_t) B_t, once
+                t = torch.stack([task["tensors"][keys[1]] for task in bank.tasks.values()])[:, :, None] * t
+            made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=trainable and comps[x][1])
+        return made[keys]
+
+    def mixed(m):  # an AdaptedLinear, and the one below it when two parts of a fused map are adapted
+        base = mixed(m.base) if isinstance(m.base, sharelora.AdaptedLinear) else m.base
+        return MixedLinear(base, stacked(m, "A"), stacked(m, "B", "v" if comps["v"][0] != "off" else None),
+                           stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows)
+
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, sharelora.AdaptedLinear)}
+    for name, m in wrappers.items():
+        parent_name, _, child = name.rpartition(".")
+        if parent_name not in wrappers:  # the outer wrapper of a map
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed(m))
+    model.bank_tensors = {keys[0]: p for keys, p in made.items()}  # what collect() copies back after training
+    return model
+
+
+def load(path, names=None, init_from=None, device="auto", dtype="auto"):
+    """(model, info) for the command lines: the bank's base (or init_from) with the bank attached, placed
+    on the device; info as runtime.load_model's, with "tasks": the names asked for (default: all)."""
+    import runtime
+    b = Bank.read(path)
+    names = names or b.names
+    for name in names:
+        b._require(name)
+    runtime.check(b.quantized is None, f"{path}'s tasks were trained on a {b.quantized} base, which a bank does not "
+                                       "quantize yet: export each task (python bank.py export) and run it alone")
+    device = runtime.pick_device(device)
+    info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,
+            "dtype": runtime.pick_dtype(dtype, device)}
+    model = attach(runtime.load_base(info["base"]), b)
+    return runtime.place(model, device, info["dtype"]).eval(), info
+
+
+# ---- 3. Training tasks jointly around one A ------------------------------------------------------
+
+def fresh(model, config, names):
+    """A bank of new tasks for joint training: every task starts where sharelora.add_adapters starts an
+    adapter (B = 0, the shared A random from config.seed), on `model`'s maps (model is left as it is)."""
+    import copy
+    start = sharelora.add_adapters(copy.deepcopy(model), config)
+    tensors = {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(start).items()}
+    shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(start)}
+    return Bank({k: t for k, t in tensors.items() if _is_a(k)}, getattr(model, "name_or_path", None), shapes, None,
+                {n: {"config": config, "source": "(trained jointly)",
+                     "tensors": {k: t.clone() for k, t in tensors.items() if not _is_a(k)}} for n in names})
+
+
+@torch.no_grad()
+def collect(model, bank):
+    """Copy the tensors a trainable attach() trained back into `bank` (then bank.save, bank.export)."""
+    for key, p in model.bank_tensors.items():
+        if _is_a(key):
+            bank.shared[key] = p.detach().cpu().clone()
+        else:
+            for i, task in enumerate(bank.tasks.values()):
+                task["tensors"][key] = p[i].detach().cpu().clone()
+    return bank
+
+
+@contextlib.contextmanager
+def tasks(model, names):
+    """Inside, row i of every batch the model runs is task names[i] (a name or an index of the bank's
+    tasks); beam search follows its beams with model.task_rows.reorder. Forgotten on leaving, so that a
+    batch without its tasks is refused, never run with stale ones."""
+    rows = model.task_rows
+    index = [n if isinstance(n, int) else rows.names.index(n) if n in rows.names else None for n in names]
+    if None in index or not all(0 <= i < len(rows.names) for i in index):
+        bad = next(n for n, i in zip(names, index) if i is None or not 0 <= i < len(rows.names))
+        raise ValueError(f"the bank has no task {bad!r}; its tasks are {', '.join(rows.names)}")
+    device = next(model.parameters()).device
+    rows.set(torch.tensor(index, dtype=torch.long, device=device))
+    try:
+        yield rows
+    finally:
+        rows.set(None)
+
+
+# ---- 4. The command line -------------------------------------------------------------------------
+
+def main(argv=None):
+    """build BANK NAME=ADAPTER...; add BANK NAME=ADAPTER...; remove BANK NAME...; export BANK NAME FILE; list BANK."""
+    from runtime import Parser, check
+    p = Parser(prog="bank.py", description="Build, change, list or export an adapter bank (see bank.py's docstring).")
+    p.add_argument("command", choices=("build", "add", "remove", "export", "list"))
+    p.add_argument("bank", help="the bank file")
+    p.add_argument("items", nargs="*", help="build, add: NAME=ADAPTER_FILE ...; remove: NAME ...; export: NAME FILE")
+    args = p.parse_args(argv)
+    pairs = [item.partition("=")[::2] for item in args.items]
+    if args.command in ("build", "add"):
+        check(pairs and all(n and f for n, f in pairs), f"{args.command} takes NAME=ADAPTER_FILE items, e.g. "
+              f"e2e=out-e2e/adapter.safetensors, not {' '.join(args.items) or 'none'}")
+    check(args.command != "export" or len(args.items) == 2, "export takes the task's name and the adapter file to write")
+    check(args.command != "list" or not args.items, "list takes only the bank file")
+    check(args.command != "build" or not os.path.exists(args.bank), f"{args.bank} exists: use add, or another name")
+    if args.command == "build":
+        Bank.build(dict(pairs)).save(args.bank)
+    else:
+        b = Bank.read(args.bank)
+        if args.command == "export":
+            return b.export(*args.items)
+        for name, path in pairs if args.command == "add" else []:
+            b.add(name, path)
+        for name in args.items if args.command == "remove" else []:
+            b.remove(name)
+        if args.command != "list":
+            b.save(args.bank)
+    print(Bank.read(args.bank).summary())
+
+
+if __name__ == "__main__":
+    import runtime
+    runtime.run(main)

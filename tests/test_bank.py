@@ -1,0 +1,326 @@
+"""
+The adapter bank (bank.py): built from adapters trained around one A, refused when they differ, tasks
+added, removed and exported alone; mixed batches whose rows of different tasks give the same logits
+and tokens (greedy and beam search, with the KV cache) as each task alone through sharelora.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bank
+import sharelora
+from conftest import ROOT, hf_model
+from model import GPT, GPTConfig
+from tools import evaluate_e2e as ev
+
+SPECS = {"sharea": "A=shared/frozen B=layer",  # task k + 1 of train.py --init_adapter, A frozen
+         "tied": "A=shared/frozen B=shared u=layer v=layer"}  # Tied-LoRA: every task its own B, u, v
+
+
+@pytest.fixture(autouse=True)
+def one_thread(one_thread):
+    yield
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def train_like(preset, seed, A_from=None, make=tiny_gpt):
+    """A base with an adapter whose trainable tensors are random (as if trained), A copied from A_from
+    for the tasks after the first, as train.py's init_adapter does."""
+    model = make()
+    spec = None if A_from is None else SPECS[preset]
+    sharelora.add_adapters(model, sharelora.AdapterConfig(preset=preset, spec=spec, r=4, targets=("q", "v"), seed=seed))
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for key, p in sharelora.adapter_state_dict(model).items():
+            if A_from is not None and key.endswith("lora_A"):
+                p.copy_(A_from[key])
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.fixture(params=list(SPECS))
+def adapters(request, tmp_path):
+    """Three task files around one A: {name: path}."""
+    first = train_like(request.param, 0)
+    A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
+    paths = {}
+    for i, name in enumerate(["e2e", "parse", "poems"]):
+        m = first if i == 0 else train_like(request.param, i, A_from=A)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        sharelora.save_adapter(m, paths[name], base="tiny")
+    return paths
+
+
+def alone(path):
+    return sharelora.load_adapter(tiny_gpt(), path).eval()
+
+
+def test_bank_file_round_trip_and_export(adapters, tmp_path):
+    b = bank.Bank.build(adapters)
+    b.save(tmp_path / "bank.safetensors")
+    read = bank.Bank.read(tmp_path / "bank.safetensors")
+    assert read.names == ["e2e", "parse", "poems"]
+    # A once: the bank is smaller than the three files together, by two copies of A
+    a_bytes = sum(t.numel() * 4 for t in read.shared.values())
+    total = sum(p.stat().st_size for p in adapters.values())
+    assert (tmp_path / "bank.safetensors").stat().st_size < total - 1.5 * a_bytes
+    read.export("parse", tmp_path / "parse_alone.safetensors")
+    x = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(alone(tmp_path / "parse_alone.safetensors")(x)[0], alone(adapters["parse"])(x)[0],
+                               rtol=0, atol=0)
+    meta = sharelora._read_safetensors(tmp_path / "bank.safetensors")[1]
+    listing = json.loads(meta["tasks"])
+    assert [e["count"] for e in listing] == [sum(t.numel() for t in read.tasks[n]["tensors"].values()) for n in read.names]
+
+
+def test_add_and_remove_leave_the_other_tasks_alone(adapters, tmp_path):
+    b = bank.Bank.build({k: adapters[k] for k in ("e2e", "poems")})
+    before = {n: dict(t["tensors"]) for n, t in b.tasks.items()}
+    b.add("parse", adapters["parse"]).remove("e2e")
+    assert b.names == ["poems", "parse"]
+    assert all(torch.equal(before["poems"][k], t) for k, t in b.tasks["poems"]["tensors"].items())
+    with pytest.raises(ValueError, match="taken"):
+        b.add("parse", adapters["parse"])
+    with pytest.raises(ValueError, match="no task 'e2e'"):
+        b.export("e2e", tmp_path / "x.safetensors")
+
+
+def test_refusals_name_what_differs(adapters, tmp_path):
+    b = bank.Bank.build({"e2e": adapters["e2e"]})
+    own_A = train_like(b.tasks["e2e"]["config"].preset, 7)  # trained with its own A
+    sharelora.save_adapter(own_A, tmp_path / "own.safetensors", base="tiny")
+    with pytest.raises(ValueError, match="A .* is not the bank's: train the task with --init_adapter"):
+        b.add("own", tmp_path / "own.safetensors")
+    sharelora.save_adapter(own_A, tmp_path / "other_base.safetensors", base="another")
+    with pytest.raises(ValueError, match="base 'another'.*one base"):
+        b.add("x", tmp_path / "other_base.safetensors")
+    lora = tiny_gpt()
+    sharelora.add_adapters(lora, sharelora.AdapterConfig(preset="lora", r=4, targets=("q", "v")))
+    sharelora.save_adapter(lora, tmp_path / "lora.safetensors", base="tiny")
+    with pytest.raises(ValueError, match="one layout"):
+        b.add("lora", tmp_path / "lora.safetensors")
+    # a flipped byte in a task's tensors is caught by its fingerprint
+    b.save(tmp_path / "bank.safetensors")
+    data = bytearray((tmp_path / "bank.safetensors").read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable adapter bank.*fingerprint"):
+        bank.Bank.read(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="an adapter file, not a bank"):
+        bank.Bank.read(adapters["e2e"])
+
+
+def mixed_model(adapters):
+    return bank.attach(tiny_gpt(), bank.Bank.build(adapters))
+
+
+def test_mixed_forward_equals_each_task_alone(adapters):
+    model = mixed_model(adapters)
+    names = ["poems", "e2e", "parse", "e2e", "poems", "poems"]
+    x = torch.randint(0, 64, (len(names), 9), generator=torch.Generator().manual_seed(3))
+    with bank.tasks(model, names):
+        mixed = model(x)[0]
+    singles = {n: alone(p)(x)[0] for n, p in adapters.items()}
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], singles[n][i], rtol=1e-4, atol=1e-4)  # float rounding: other sums
+    assert not torch.allclose(singles["e2e"], singles["parse"], atol=1e-3)  # the tasks really differ
+    with pytest.raises(ValueError, match="wrap the call in `with bank.tasks"):
+        model(x)
+    with pytest.raises(ValueError, match="no task 'nope'"):
+        with bank.tasks(model, ["nope"]):
+            pass
+
+
+def test_both_products_agree():
+    """The two ways tools/bench_bank.py --products compares compute the same thing."""
+    from tools.bench_bank import gathered_product, per_task_product
+    g = torch.Generator().manual_seed(0)
+    h, B = torch.randn(7, 3, 4, generator=g), torch.randn(5, 6, 4, generator=g)
+    index = torch.tensor([4, 0, 4, 2, 2, 0, 1])
+    torch.testing.assert_close(per_task_product(h, B, index), gathered_product(h, B, index))
+    torch.testing.assert_close(gathered_product(h, B, index)[3], h[3] @ B[2].t())
+
+
+def test_greedy_generation_of_a_mixed_batch(adapters):
+    model = mixed_model(adapters)
+    names = ["parse", "e2e", "poems", "parse", "e2e"]
+    idx = torch.randint(0, 64, (len(names), 6), generator=torch.Generator().manual_seed(4))
+    with bank.tasks(model, names):
+        out = model.generate(idx, 12, temperature=0)
+    singles = {n: alone(p).generate(idx, 12, temperature=0) for n, p in adapters.items()}
+    for i, n in enumerate(names):
+        assert out[i].tolist() == singles[n][i].tolist()
+    assert len({tuple(singles[n][0].tolist()) for n in singles}) == 3  # the tasks write different tokens
+
+
+def test_beam_search_of_a_mixed_batch(adapters):
+    model = mixed_model(adapters)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 64, (4 + k % 3,), generator=g).tolist() for k in range(6)]  # left-padded
+    names = ["e2e", "poems", "parse", "parse", "e2e", "poems"]
+    kw = dict(beam_size=3, max_new_tokens=8, eos_token=9)
+    with bank.tasks(model, names):
+        mixed = ev.beam_search_batch(model, prompts, **kw)
+    singles = {n: alone(p) for n, p in adapters.items()}
+    for p, n, got in zip(prompts, names, mixed):
+        assert got == ev.beam_search_batch(singles[n], [p], **kw)[0]
+
+
+def test_parts_of_a_fused_map(tmp_path):
+    """transformers' GPT-2: q and v are parts of c_attn (rows), wrapped twice; each row gets its task."""
+    cfg = dict(preset="sharea", r=4, targets=("c_attn.q", "c_attn.v"), split={"c_attn": ("q", "k", "v")})
+    paths, A = {}, None
+    for i, name in enumerate("abc"):
+        m = hf_model()
+        sharelora.add_adapters(m, sharelora.AdapterConfig(**cfg, spec=None if A is None else SPECS["sharea"]))
+        with torch.no_grad():
+            for key, p in sharelora.adapter_state_dict(m).items():
+                p.copy_(A[key] if A is not None and key.endswith("lora_A") else torch.randn(p.shape) * 0.3)
+        A = A or {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(m).items() if k.endswith("lora_A")}
+        paths[name] = tmp_path / f"{name}.safetensors"
+        sharelora.save_adapter(m, paths[name], base="hf")
+    model = bank.attach(hf_model(), bank.Bank.build(paths))
+    x = torch.randint(0, 211, (3, 5))
+    with bank.tasks(model, ["c", "a", "b"]):
+        mixed = model(x).logits
+    for i, n in enumerate("cab"):
+        single = sharelora.load_adapter(hf_model(), paths[n])(x).logits
+        torch.testing.assert_close(mixed[i], single[i], rtol=1e-5, atol=1e-5)
+
+
+def test_command_line(adapters, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bank.py"), *map(str, a)], capture_output=True, text=True)
+    out = tmp_path / "cli.safetensors"
+    p = run("build", out, f"e2e={adapters['e2e']}", f"parse={adapters['parse']}")
+    assert p.returncode == 0 and "e2e" in p.stdout and "shared A" in p.stdout, p.stderr
+    assert run("add", out, f"poems={adapters['poems']}").returncode == 0
+    assert run("remove", out, "e2e").returncode == 0
+    assert bank.Bank.read(out).names == ["parse", "poems"]
+    p = run("add", out, f"again={adapters['parse']}", "broken")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "NAME=ADAPTER_FILE" in p.stderr
+    p = run("export", out, "e2e", tmp_path / "e.safetensors")
+    assert p.returncode == 2 and "no task 'e2e'" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A bank of three tasks on a tiny base over GPT-2's vocabulary, saved as train.py would leave it:
+    -> (bank file, {task: adapter file})."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64)).save_pretrained(tmp_path / "base")
+    make = lambda: GPT.from_pretrained(str(tmp_path / "base")).eval()
+    first = train_like("sharea", 0, make=make)
+    A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
+    files = {}
+    for i, name in enumerate(["one", "two", "three"]):
+        files[name] = tmp_path / name / "adapter.safetensors"
+        files[name].parent.mkdir()
+        sharelora.save_adapter(first if i == 0 else train_like("sharea", i, A_from=A, make=make), files[name],
+                               base="../base")  # as train.py names a local base: relative to the run's folder
+    (tmp_path / "served").mkdir()
+    bank.Bank.build(files).save(tmp_path / "served" / "bank.safetensors")
+    return tmp_path / "served" / "bank.safetensors", files
+
+
+def test_sample_py_takes_a_bank_and_several_tasks(served, capsys):
+    """sample.py --bank --tasks: each task's greedy text in the mixed batch is its text alone (--adapter)."""
+    import sample
+    path, files = served
+    common = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=8", "--device=cpu", "--dtype=float32"]
+    sample.main([f"--bank={path}", "--tasks=three,one", "--num_samples=2", *common])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split("]")[0] for line in lines] == ["[three", "[three", "[one", "[one"]
+    alone = {}
+    for name in ("one", "three"):
+        sample.main([f"--adapter={files[name]}", "--no_merge", *common])
+        alone[name] = capsys.readouterr().out.strip()
+    assert lines[0] == f"[three] {alone['three']}" and lines[2] == f"[one] {alone['one']}"
+    assert alone["one"] != alone["three"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--bank={path}", "--tasks=four", *common])
+    assert e.value.code == 2 and "no task 'four'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size):
+    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
+    from test_evaluate_e2e import GROUPS
+    path, files = served
+    data = tmp_path / "e2e"
+    data.mkdir()
+    (data / "test_refs.json").write_text(json.dumps(GROUPS))
+    common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
+              "--dtype", "float32"]
+    ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])
+    for name in ("two", "three"):
+        ev.main(["--adapter", str(files[name]), "--results_dir", str(tmp_path / f"alone_{name}"), *common])
+        mixed = (path.parent / "e2e_test" / name / "predictions.txt").read_text()
+        assert mixed == (tmp_path / f"alone_{name}" / "predictions.txt").read_text()
+        assert json.loads((path.parent / "e2e_test" / name / "scores.json").read_text())["task"] == name
+    assert not (path.parent / "e2e_test" / "one").exists()
+    texts = [(path.parent / "e2e_test" / n / "predictions.txt").read_text() for n in ("two", "three")]
+    assert texts[0] != texts[1]  # the tasks write different texts
+
+
+def test_joint_training_of_three_tasks_around_one_A(tmp_path):
+    """fresh + attach(trainable) + collect: three tasks (task t: always answer token 10 + t) trained in
+    mixed batches, one A for all; each task learns its own answer, and exported alone it computes what
+    it did in the mixed model."""
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    config = sharelora.AdapterConfig(preset="sharea", r=4, targets=("q", "v"))
+    b = bank.fresh(model, config, ["t0", "t1", "t2"])
+    bank.attach(model, b, trainable=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(p.dim() for p in trainable) == [2, 2] + [3] * 4  # the q and v A's; 2 layers x (q, v) stacked B's
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    names = ["t0", "t1", "t2"] * 4
+
+    def loss_of(x):
+        targets = (10 + torch.tensor([int(n[1]) for n in names]))[:, None].expand_as(x)
+        with bank.tasks(model, names):
+            return torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), targets, reduction="none").mean(1)
+
+    first = None
+    for step in range(60):
+        loss = loss_of(torch.randint(0, 64, (len(names), 8), generator=g))
+        first = loss.detach() if first is None else first
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    last = loss.detach()
+    for t in range(3):  # every task's rows learned
+        assert last[t::3].mean() < 0.5 * first[t::3].mean()
+    bank.collect(model, b)
+    b.save(tmp_path / "joint.safetensors")
+    x = torch.randint(0, 64, (3, 8), generator=g)
+    with bank.tasks(model, ["t0", "t1", "t2"]), torch.no_grad():
+        mixed = model(x)[0]
+    assert mixed.argmax(-1).tolist() == [[10 + t] * 8 for t in range(3)]  # each row answers as its task
+    for i, name in enumerate(["t0", "t1", "t2"]):
+        bank.Bank.read(tmp_path / "joint.safetensors").export(name, tmp_path / f"{name}.safetensors")
+        torch.testing.assert_close(alone(tmp_path / f"{name}.safetensors")(x[i:i + 1])[0][0], mixed[i],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_joint_training_refuses_v_before_changing_the_model():
+    model = tiny_gpt()
+    b = bank.fresh(model, sharelora.AdapterConfig(preset="tied", r=4, targets=("q", "v")), ["a", "b"])
+    with pytest.raises(ValueError, match="cannot train v"):
+        bank.attach(model, b, trainable=True)
+    assert not sharelora.adapted_layers(model)
+    bank.attach(model, b)  # for inference, v folds into B

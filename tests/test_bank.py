@@ -262,6 +262,7 @@ def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size
     data = tmp_path / "e2e"
     data.mkdir()
     (data / "test_refs.json").write_text(json.dumps(GROUPS))
+    (data / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))  # prepare.py's, last
     common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
               "--dtype", "float32"]
     ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])

@@ -448,16 +448,22 @@ def _fused_model(family):
 FUSED = ["neox", "bloom", "falcon-rw", "falcon-7b", "falcon-40b", "phi3", "codegen", "bigcode-mqa", "bigcode-mha"]
 
 
-@pytest.mark.parametrize("family", FUSED)
-def test_a_fused_layout_adapts_exactly_the_real_q_and_v_rows(family, one_thread):
+def _adapted_fused(family, preset):
+    """(adapted model, its base, inputs, the fused map, its row labels): q and v of the fused map
+    adapted with the layout's split, the adapters away from zero."""
     model, fused, labels, layout = _fused_model(family)
     randomize_(model, 7)
     model.eval()
     base = copy.deepcopy(model)
-    inputs = (torch.randint(0, 64, (2, 8)),)
-    sl.add_adapters(model, sl.AdapterConfig(preset="sharea", r=2, targets=(f"{fused}.q", f"{fused}.v"),
+    sl.add_adapters(model, sl.AdapterConfig(preset=preset, r=2, targets=(f"{fused}.q", f"{fused}.v"),
                                             split={fused: layout}))
     perturb(model)
+    return model, base, (torch.randint(0, 64, (2, 8)),), fused, labels
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_a_fused_layout_adapts_exactly_the_real_q_and_v_rows(family, one_thread):
+    model, base, inputs, fused, labels = _adapted_fused(family, "sharea")
     # which output rows of the fused map change: exactly those of q and v
     wrapper = next(m for n, m in model.named_modules() if n.endswith(fused) and isinstance(m, sl.AdaptedLinear))
     x = torch.randn(3, wrapper.weight.shape[1])
@@ -529,19 +535,12 @@ def test_a_malformed_split_says_what_it_takes(split):
 
 def test_a_split_with_sizes_is_saved_and_loaded_and_exported(tmp_path):
     from peft import PeftModel
-    model, fused, _, layout = _fused_model("neox")
-    randomize_(model, 7)
-    model.eval()
-    base = copy.deepcopy(model)
-    inputs = (torch.randint(0, 64, (2, 8)),)
-    sl.add_adapters(model, sl.AdapterConfig(preset="tied", r=2, targets=(f"{fused}.q", f"{fused}.v"),
-                                            split={fused: layout}))
-    perturb(model)
+    model, base, inputs, fused, _ = _adapted_fused("neox", "tied")
     with torch.no_grad():
         want = out(model, inputs)
         sl.save_adapter(model, tmp_path / "a.safetensors")
         config, _, _ = sl.read_adapter(tmp_path / "a.safetensors")
-        assert config.split == {fused: layout}
+        assert config.split == {fused: _fused_model("neox")[3]}
         fresh = sl.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")
         torch.testing.assert_close(out(fresh, inputs), want, atol=0, rtol=0)
         sl.export_peft(model, tmp_path / "peft", task_type="CAUSAL_LM")

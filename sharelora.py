@@ -502,7 +502,8 @@ def merge(model):
 def unmerge(model):
     """Subtract ΔW again, so the adapter can train on. W comes back to rounding: in float32 at most
     1.1e-7 from the original after 10 merge/unmerge cycles (tiny Llama and GPT-2 of
-    tests/test_portability.py, measured 2026-12-02); in bfloat16 the round trip loses W's low bits, so keep a float32 base to merge repeatedly."""
+    tests/test_portability.py, measured 2026-12-02); in bfloat16 the round trip loses W's low bits,
+    so keep a float32 base to merge repeatedly."""
     for m in _require_adapters(model):
         if m.merged:
             w = _delta_view(m, _stored(m).weight)

@@ -146,6 +146,25 @@ def test_e2e(sources, tmp_path):
             assert max(len(x["refs"]) for x in refs) > 1
 
 
+def test_e2e_reversed_is_the_parsing_task_of_the_same_rows(sources, tmp_path):
+    """--reverse: each reference is the prompt and its MR the reply (a second task around one A)."""
+    _, e2e_dir = sources
+    r = prepare(E2E, "--src", e2e_dir, "--out", tmp_path, "--limit", LIMIT, "--reverse")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["kind"] == "examples" and meta["task"] == "text -> MR"
+    rows = read_rows(e2e_dir / CSVS["test"], LIMIT)
+    tokens, index = read_bin(tmp_path / "test.bin", "H"), read_bin(tmp_path / "test_examples.bin", "i")
+    for (mr, ref), (start, ctx, total) in zip(rows, zip(*[iter(index)] * 3)):
+        assert decode(tokens[start:start + ctx]) == ref + " ||"
+        assert decode(tokens[start + ctx:start + total]) == " " + mr + "<|endoftext|>"
+    refs = json.loads((tmp_path / "test_refs.json").read_text(encoding="utf-8"))
+    expected = {}
+    for mr, ref in rows:  # a sentence written for two MRs has both as its references
+        expected.setdefault(ref, []).append(mr)
+    assert refs == [{"mr": ref, "refs": mrs} for ref, mrs in expected.items()]
+
+
 def test_download_offline_is_one_sentence(tmp_path):
     dead = "http://127.0.0.1:9"  # every download goes through a proxy that refuses connections
     env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead,

@@ -5,6 +5,7 @@ The E2E NLG Challenge data set (restaurant meaning representations -> English) a
     python data/e2e/prepare.py --download               # the official v1.0.0 release zip, same sha256
     python data/e2e/prepare.py --src DIR                # a folder with the three CSVs
     python data/e2e/prepare.py --limit 300 --out /tmp/e2e   # quick test
+    python data/e2e/prepare.py --reverse                # text -> MR, into data/e2e_parse (a second task)
 
 Every CSV row (header `mr,ref`) becomes one example, context + completion:
     context    = mr + " ||"                    e.g. "name[Blue Spice], eatType[coffee shop] ||"
@@ -17,6 +18,8 @@ Splits: train = trainset.csv, val = devset.csv, test = testset_w_refs.csv. For e
                         the completion
 plus val_refs.json / test_refs.json, [{"mr": ..., "refs": [every ref of that MR]}, ...] in order of
 first appearance (for BLEU etc. against all references), and meta.json with the counts.
+--reverse makes the parsing task from the same rows (context = ref + " ||", completion = " " + mr): a
+second task around the first one's shared A (docs/bank.md); its "refs" are each sentence's MR.
 On the full data set:
 train has 42,061 examples, 2,427,730 tokens, the longest 121 tokens
 val has 4,672 examples, 300,986 tokens, the longest 134 tokens (547 MRs)
@@ -115,9 +118,12 @@ def options(argv=None):
     p = Parser(prog="data/e2e/prepare.py", description=__doc__.split("\n")[1])
     p.add_argument("--src", type=TEXT, help=f"a folder with {NEED}, instead of the copy shipped in data/e2e/source")
     p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
-    p.add_argument("--out", type=TEXT, default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    p.add_argument("--out", type=TEXT, help="output folder (default: this script's; with --reverse, data/e2e_parse)")
     p.add_argument("--limit", type=Bound(int, 1, 10**9), help="keep only the first N rows of each CSV (quick tests)")
-    return p.parse_args(argv)
+    p.add_argument("--reverse", action="store_true", help="text -> MR: each reference is the prompt, its MR the reply")
+    args = p.parse_args(argv)
+    args.out = args.out or str(Path(__file__).parent.parent / ("e2e_parse" if args.reverse else "e2e"))
+    return args
 
 
 def main(argv=None):
@@ -125,6 +131,8 @@ def main(argv=None):
 
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first
+    if args.reverse:  # the parsing task: the sentence is the prompt, its MR the reply
+        rows = {split: [(ref, mr) for mr, ref in r] for split, r in rows.items()}
     enc = get_tokenizer()
     write_prepared(args.out, lambda folder: write_files(folder, rows, enc, args))
 
@@ -146,6 +154,7 @@ def write_files(out, rows, enc, args):
         print(msg)
     meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
     meta["source"] = args.src or (URL if args.download else "data/e2e/source (shipped, sha256-checked)")
+    meta["task"] = "text -> MR" if args.reverse else "MR -> text"
     write_json(os.path.join(out, "meta.json"), meta)
 
 if __name__ == "__main__":

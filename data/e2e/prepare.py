@@ -150,7 +150,7 @@ def write_files(out, rows, enc, args):
         if split != "train":  # the references for scoring generations
             refs = group_refs(rows)
             write_json(os.path.join(out, f"{split}_refs.json"), refs)
-            msg += f" ({len(refs)} MRs)"
+            msg += f" ({len(refs)} {'distinct sentences' if args.reverse else 'MRs'})"
         print(msg)
     meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
     meta["source"] = args.src or (URL if args.download else "data/e2e/source (shipped, sha256-checked)")

@@ -311,7 +311,10 @@ def _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize):
         config, meta, _ = sharelora.read_adapter(adapter)
         if init_from is None and meta.get("base") is None:
             fail(f"{adapter} does not name its base model: pass init_from")
-        info.update(config=config, base=init_from or resolve_base(meta["base"], os.path.dirname(adapter), adapter))
+        home = os.path.dirname(adapter)  # the base is named relative to the run folder, the adapter's folder
+        if os.path.basename(home) == COMMITTED:  # ... or its parent, for a set read while its owner moves it
+            home = os.path.dirname(home)
+        info.update(config=config, base=init_from or resolve_base(meta["base"], home, adapter))
     elif init_from is not None:
         info["base"] = init_from
     elif out_dir is not None and os.path.exists(committed_path(out_dir, "model.safetensors")):

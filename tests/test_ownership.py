@@ -127,6 +127,22 @@ def test_reading_a_run_while_it_trains_never_disturbs_it(trained, data, tmp_path
     assert sorted(os.listdir(out)) == ["adapter.safetensors", "ckpt.pt", "metrics.jsonl"]
 
 
+def test_a_set_read_while_its_owner_moves_it_finds_its_base(trained, data, tmp_path):
+    """A checkpoint committed but not yet moved into place (its owner between the two renames, or killed
+    there) is read inside .committed, and the adapter's base, named relative to the run folder, is found
+    from there: the window the test above hits about once in a few runs, made to last."""
+    out = tmp_path / "run"
+    assert script("train.py", *adapter_run(trained, data, out, "--max_iters=2"))[0] == 0
+    (out / runtime.COMMITTED).mkdir()
+    for name in ("adapter.safetensors", "ckpt.pt"):
+        os.replace(out / name, out / runtime.COMMITTED / name)
+    before = digest(out)
+    model, info = runtime.load_model(out_dir=str(out), device="cpu", dtype="float32")
+    assert info["adapter"].endswith(os.path.join(runtime.COMMITTED, "adapter.safetensors"))
+    assert runtime.read_checkpoint(out)["step"] == 2
+    assert digest(out) == before  # the reader moved nothing
+
+
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:

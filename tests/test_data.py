@@ -204,3 +204,24 @@ def test_release_zip_layout(monkeypatch):
     monkeypatch.setattr(mod, "SHA256", {name: hashlib.sha256(f"mr,ref\n{name},x\n".encode()).hexdigest() for name in CSVS.values()})
     sources = mod.read_sources(None, download=True)
     assert {s: mod.read_rows(b, s) for s, b in sources.items()} == {s: [(n, "x")] for s, n in CSVS.items()}
+
+
+def test_e2e_parse_reverses_every_example(sources, tmp_path):
+    """data/e2e_parse: each example's prompt is a reference, its reply that reference's MR; meta.json
+    is written last (the loader reads a folder only once it is there)."""
+    _, e2e_dir = sources
+    r = prepare(ROOT / "data" / "e2e_parse" / "prepare.py", "--src", e2e_dir, "--out", tmp_path, "--limit", LIMIT)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["kind"] == "examples" and meta["task"] == "ref -> mr" and meta["separator"] == " ||"
+    written = sorted(tmp_path.iterdir(), key=lambda f: f.stat().st_mtime_ns)
+    assert written[-1].name == "meta.json" or written[-1].stat().st_mtime_ns == (tmp_path / "meta.json").stat().st_mtime_ns
+    assert not list(tmp_path.glob("*_refs.json"))  # those score generated texts, not MRs
+    for split, name in CSVS.items():
+        rows = read_rows(e2e_dir / name, LIMIT)
+        tokens = read_bin(tmp_path / f"{split}.bin", "H")
+        index = read_bin(tmp_path / f"{split}_examples.bin", "i")
+        assert meta[f"{split}_examples"] == len(rows) == len(index) // 3
+        for (mr, ref), (start, ctx, total) in zip(rows, zip(*[iter(index)] * 3)):
+            assert decode(tokens[start:start + ctx]) == ref + " ||"
+            assert decode(tokens[start + ctx:start + total]) == " " + mr + "<|endoftext|>"

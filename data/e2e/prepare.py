@@ -92,7 +92,7 @@ def read_rows(data, name, limit=None):
 def tokenize(rows, enc, desc="tokenizing"):
     """All rows' tokens back to back, and the (start, context_len, total_len) triples, flattened."""
     tokens, index = [], []
-    for mr, ref in tqdm(rows, desc=desc, unit=" rows", leave=False):  # train: about 5 s
+    for mr, ref in tqdm(rows, desc=desc, unit=" rows", leave=False):  # train: about 5 s (reversed: ref, mr)
         # encode_ordinary + [EOT] is what encode(" " + ref + "<|endoftext|>") gives, except that a
         # literal "<|endoftext|>" inside the data could not sneak in a real EOT
         ctx = enc.encode_ordinary(mr + SEP)
@@ -110,27 +110,33 @@ def group_refs(rows):
     return [{"mr": mr, "refs": r} for mr, r in refs.items()]
 
 
-def options(argv=None):
-    """The command line, checked before anything is read."""
-    p = Parser(prog="data/e2e/prepare.py", description=__doc__.split("\n")[1])
+def options(argv=None, script=__file__, doc=__doc__):
+    """The command line, checked before anything is read (data/e2e_parse/prepare.py's too: its own
+    script and docstring)."""
+    p = Parser(prog=os.path.relpath(script, ROOT), description=doc.split("\n")[1])
     p.add_argument("--src", type=TEXT, help=f"a folder with {NEED}, instead of the copy shipped in data/e2e/source")
     p.add_argument("--download", action="store_true", help="fetch the official release zip instead (network)")
-    p.add_argument("--out", type=TEXT, default=str(Path(__file__).parent), help="output folder (default: this script's)")
+    p.add_argument("--out", type=TEXT, default=str(Path(script).parent), help="output folder (default: this script's)")
     p.add_argument("--limit", type=Bound(int, 1, 10**9), help="keep only the first N rows of each CSV (quick tests)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = options(argv)
+def main(argv=None, reverse=False, script=__file__, doc=__doc__):
+    """reverse: every example the other way round, ref -> mr (data/e2e_parse/prepare.py)."""
+    args = options(argv, script, doc)
 
     sources = read_sources(args.src, args.download)
     rows = {split: read_rows(data, CSVS[split], args.limit) for split, data in sources.items()}  # all checked first
+    if reverse:
+        rows = {split: [(ref, mr) for mr, ref in r] for split, r in rows.items()}
     enc = get_tokenizer()
-    write_prepared(args.out, lambda folder: write_files(folder, rows, enc, args))
+    write_prepared(args.out, lambda folder: write_files(folder, rows, enc, args, reverse))
 
 
-def write_files(out, rows, enc, args):
-    meta = {"kind": "examples", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
+def write_files(out, rows, enc, args, reverse=False):
+    """The files of each split; the reversed task writes no {split}_refs.json (texts per MR, for the
+    E2E metrics of generated texts)."""
+    meta = {"kind": "examples", "task": "ref -> mr" if reverse else "mr -> ref", "separator": SEP, "vocab_size": VOCAB_SIZE, "eot": EOT,
             "examples_format": "int32 (start, context_len, total_len) per example"}
     for split, rows in rows.items():
         tokens, index = tokenize(rows, enc, f"tokenizing {split}")
@@ -139,10 +145,10 @@ def write_files(out, rows, enc, args):
         max_len = max(index[2::3], default=0)
         meta.update({f"{split}_examples": len(rows), f"{split}_tokens": len(tokens), f"{split}_max_len": max_len})
         msg = f"{split} has {len(rows):,} examples, {len(tokens):,} tokens, the longest {max_len} tokens"
-        if split != "train":  # the references for scoring generations
-            refs = group_refs(rows)
-            write_json(os.path.join(out, f"{split}_refs.json"), refs)
-            msg += f" ({len(refs)} MRs)"
+        if split != "train" and not reverse:  # the references for scoring generations
+            grouped = group_refs(rows)
+            write_json(os.path.join(out, f"{split}_refs.json"), grouped)
+            msg += f" ({len(grouped)} MRs)"
         print(msg)
     meta["max_len"] = max(meta[f"{s}_max_len"] for s in CSVS)
     meta["source"] = args.src or (URL if args.download else "data/e2e/source (shipped, sha256-checked)")

@@ -40,7 +40,7 @@ SCRIPTS = {  # script: (its parse-and-check stage, options every command needs, 
     "tools/analyze.py": (analyze.options, ["--adapter=a.safetensors"]),
     "tools/demo.py": (demo.options, []),
     **{p: (load_script(p).options, []) for p in ("data/e2e/prepare.py", "data/e2e_refs/prepare.py",
-                                                 "data/shakespeare/prepare.py")},
+                                                 "data/e2e_parse/prepare.py", "data/shakespeare/prepare.py")},
 }
 
 

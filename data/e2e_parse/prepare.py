@@ -19,5 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import run  # noqa: E402
 from data.e2e import prepare as e2e  # noqa: E402
 
+
+def options(argv=None):
+    return e2e.options(argv, __file__, __doc__)
+
+
+def main(argv=None):
+    e2e.main(argv, reverse=True, script=__file__, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run(lambda: e2e.main(reverse=True, script=__file__, doc=__doc__))
+    run(main)

@@ -26,6 +26,7 @@ base's identity and shapes, and per task its configuration, parameter count and 
     python bank.py list tasks.safetensors
     python sample.py --bank=tasks.safetensors --tasks=e2e,parse --start="..."      # every task, one batch
     python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse       # scores per task
+    python train.py --init_from=BASE --tasks=e2e=data/e2e,parse=data/e2e_parse    # tasks trained jointly (part 3)
 
 docs/bank.md has the measurement against PEFT's mixed batch.
 """

@@ -549,8 +549,9 @@ class Saver:
         if self.saved != step:
             self.save(step, best_val)
         if self.group.main:
-            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; "
-                  f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
+            how = ("a joint run (tasks) is not resumed yet" if self.cfg.tasks else
+                   f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
+            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; {how}")
         self.group.finish()
         sys.exit(128 + signal_number)
 

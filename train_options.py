@@ -218,7 +218,7 @@ def check_options(cfg):
     check(not cfg.tasks or clash is None,
           f"tasks does not go with {clash}={getattr(cfg, clash or 'tasks')!r}: joint training adapts a loaded, "
           "unquantized base (train one first with adapter=none), starts every task afresh from each one's "
-          f"DATA_DIR and samples no eval_prompt; drop {clash}")
+          f"DATA_DIR and samples no eval_prompt; change or drop {clash}")
 
 
 def early_options(argv):

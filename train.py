@@ -4,6 +4,7 @@ Train a shared low-rank adapter on GPT-2 (or the whole model) on one GPU or a CP
     python train.py config/e2e_gpt2m_sharea.py                 # a recipe from config/
     python train.py config/cpu_demo_e2e.py --max_iters=100     # a recipe plus overrides
     python train.py --help                                     # every option and its default
+    python train.py --init_from=BASE --tasks=e2e=data/e2e,parse=data/e2e_parse   # tasks jointly, one A (docs/bank.md)
 
 Read train() first: it sets the run up, then loops (evaluate and save, stop if asked, one optimizer
 step, log). The options and their checks are in train_options.py; below train() come its parts: one

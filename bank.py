@@ -26,6 +26,7 @@ base's identity and shapes, and per task its configuration, parameter count and 
     python bank.py list tasks.safetensors
     python sample.py --bank=tasks.safetensors --tasks=e2e,parse --start="..."      # every task, one batch
     python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse       # scores per task
+    python train.py --init_from=BASE --tasks=e2e=data/e2e,parse=data/e2e_parse    # tasks trained jointly (part 3)
 
 docs/bank.md has the measurement against PEFT's mixed batch.
 """
@@ -33,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict
 
 import torch
@@ -42,9 +42,10 @@ import torch.nn.functional as F
 
 import sharelora
 from sharelora import COMPONENTS, AdapterConfig
+from train_options import TASK_NAME  # a name goes into tensor keys (tasks.NAME.KEY); train.py --tasks checks it early
 
 FORMAT = "sharelora-bank"
-TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a name goes into tensor keys: tasks.NAME.KEY
+BANK_FILE = "bank.safetensors"  # what train.py --tasks writes into out_dir with each checkpoint
 
 
 # ---- 1. The bank: one A, every task's B, u, v ----------------------------------------------------
@@ -236,8 +237,9 @@ class Bank:
 # ---- 2. Mixed batches: A x once, each row's B ----------------------------------------------------
 
 class TaskRows:
-    """The task of each row of the batch ((rows,) long, or None), read by every MixedLinear of a model.
-    Beam search keeps it in step with the KV cache through reorder()."""
+    """The task of each row of the batch ((rows,) long, or None), read by every MixedLinear of a model;
+    or one task's index (an int) for a whole batch of that task (joint training's batches). Beam search
+    keeps it in step with the KV cache through reorder()."""
 
     def __init__(self, names):
         self.names, self.index = names, None
@@ -247,7 +249,8 @@ class TaskRows:
 
     def reorder(self, rows):
         """Keep the rows `rows` (the index KVCache.reorder is given)."""
-        self.index = self.index[rows.to(self.index.device)]
+        if torch.is_tensor(self.index):
+            self.index = self.index[rows.to(self.index.device)]
 
 
 class MixedLinear(nn.Module):
@@ -265,15 +268,19 @@ class MixedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        rows = self.task_rows
-        if rows.index is None or rows.index.numel() != x.size(0):
+        index = self.task_rows.index
+        if index is None or (torch.is_tensor(index) and index.numel() != x.size(0)):
             raise ValueError(f"the batch has {x.size(0)} rows and the bank was told the tasks of "
-                             f"{'none' if rows.index is None else rows.index.numel()}: wrap the call in "
+                             f"{'none' if index is None else index.numel()}: wrap the call in "
                              "`with bank.tasks(model, [one task per row])`")
         h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # (rows, T, r): A x once for every task
-        if self.lora_u is not None:
-            h = h * self.lora_u.to(x.dtype)[rows.index][:, None, :]
-        delta = torch.bmm(h, self.lora_B.to(x.dtype)[rows.index].transpose(1, 2))  # each row's B_t, gathered
+        if isinstance(index, int):  # the whole batch is one task: its B_t, no gather
+            u = self.lora_u[index].to(x.dtype) if self.lora_u is not None else 1
+            delta = F.linear(h * u, self.lora_B[index].to(x.dtype))
+        else:
+            if self.lora_u is not None:
+                h = h * self.lora_u.to(x.dtype)[index][:, None, :]
+            delta = torch.bmm(h, self.lora_B.to(x.dtype)[index].transpose(1, 2))  # each row's B_t, gathered
         if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
             start, stop, period = self.rows
             delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
@@ -353,14 +360,17 @@ def load(path, names=None, init_from=None, device="auto", dtype="auto"):
 
 # ---- 3. Training tasks jointly around one A ------------------------------------------------------
 
-def fresh(model, config, names):
+def fresh(model, config, names, base=None):
     """A bank of new tasks for joint training: every task starts where sharelora.add_adapters starts an
-    adapter (B = 0, the shared A random from config.seed), on `model`'s maps (model is left as it is)."""
+    adapter (B = 0, the shared A random from config.seed), on `model`'s maps (model is left as it is).
+    base: how the bank names its base (default: model.name_or_path; a local one as an absolute path)."""
     import copy
     start = sharelora.add_adapters(copy.deepcopy(model), config)
     tensors = {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(start).items()}
     shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(start)}
-    return Bank({k: t for k, t in tensors.items() if _is_a(k)}, getattr(model, "name_or_path", None), shapes, None,
+    base = base or getattr(model, "name_or_path", None)
+    base = os.path.abspath(base) if base and os.path.exists(base) else base
+    return Bank({k: t for k, t in tensors.items() if _is_a(k)}, base, shapes, None,
                 {n: {"config": config, "source": "(trained jointly)",
                      "tensors": {k: t.clone() for k, t in tensors.items() if not _is_a(k)}} for n in names})
 
@@ -375,6 +385,64 @@ def collect(model, bank):
             for i, task in enumerate(bank.tasks.values()):
                 task["tensors"][key] = p[i].detach().cpu().clone()
     return bank
+
+
+def joint_problem(config):
+    """None if joint training can train adapters of this configuration, else why not: every task must
+    see one A (placed shared), and v, which attach folds into B, cannot train."""
+    comps = config.components()
+    if comps["A"][0] != "shared" or comps["v"][0] != "off":
+        return (f"a {config.describe()} adapter {'has its own A in every layer' if comps['A'][0] != 'shared' else 'has v'}"
+                ", and joint training needs one shared A and no v: use adapter=sharea, shareab or shareqkv, or a spec "
+                "with A=shared and v=off")
+    return None
+
+
+class RoundRobin:
+    """Joint training's data: {task name: data.loader.Batches}, one task per batch, in turn. Training
+    batch i (train.py's step * grad_accum + micro-batch) is task step mod N's next one, so that every
+    batch is still a pure function of its number (resume needs no loader state), and get() tells the
+    model's MixedLinears which task it is (steer(model.task_rows) first). Validation goes task by task
+    (only())."""
+    kind = "tasks"
+
+    def __init__(self, batches, grad_accum=1):
+        self.batches, self.names, self.grad_accum, self.task_rows = batches, list(batches), grad_accum, None
+        self.data_dir = ", ".join(b.data_dir for b in batches.values())  # for messages naming the data
+
+    def steer(self, task_rows):
+        self.task_rows = task_rows
+
+    def get(self, split, i):
+        step, micro = divmod(i, self.grad_accum)
+        task, turn = step % len(self.names), step // len(self.names)
+        self.task_rows.set(task)
+        return self.batches[self.names[task]].get(split, turn * self.grad_accum + micro)
+
+    @contextlib.contextmanager
+    def only(self, name):
+        """Inside, the model is task `name`'s for every batch; yields its Batches."""
+        self.task_rows.set(self.names.index(name))
+        try:
+            yield self.batches[name]
+        finally:
+            self.task_rows.set(None)
+
+    def max_token(self):
+        return max(b.max_token() for b in self.batches.values())
+
+    def set_block_size(self, block_size):
+        for b in self.batches.values():
+            b.set_block_size(block_size)
+
+
+def summary_of_training(model):
+    """The line train.py prints for a joint run: the tasks, the shared A's and each task's parameters."""
+    names = model.task_rows.names
+    shared = sum(p.numel() for k, p in model.bank_tensors.items() if _is_a(k) and p.requires_grad)
+    each = sum(p[0].numel() for k, p in model.bank_tensors.items() if not _is_a(k) and p.requires_grad)
+    return (f"{len(names)} tasks trained jointly ({', '.join(names)}): one shared A ({shared:,} trainable "
+            f"parameters), each task its own B, u ({each:,} each)")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ Train a shared low-rank adapter on GPT-2 (or the whole model) on one GPU or a CP
     python train.py config/e2e_gpt2m_sharea.py                 # a recipe from config/
     python train.py config/cpu_demo_e2e.py --max_iters=100     # a recipe plus overrides
     python train.py --help                                     # every option and its default
+    python train.py --init_from=BASE --tasks=e2e=data/e2e,parse=data/e2e_parse   # tasks jointly, one A (docs/bank.md)
 
 Read train() first: it sets the run up, then loops (evaluate and save, stop if asked, one optimizer
 step, log). The options and their checks are in train_options.py; below train() come its parts: one
@@ -23,7 +24,7 @@ from dataclasses import asdict
 from data.common import check, data_fingerprint, fail, quiet_ctrl_c
 from data.common import run as run_early
 from train_options import (RESUME_OPTIONS, TrainConfig, check_options, early_options,  # noqa: F401
-                           parse_args, resumed_config)
+                           parse_args, resumed_config, task_folders)
 
 if __name__ == "__main__":
     quiet_ctrl_c()  # until main() runs: Ctrl-C while torch loads ends quietly
@@ -32,6 +33,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402  (after the options were checked)
 from tqdm import tqdm  # noqa: E402
 
+import bank  # noqa: E402
 import distributed  # noqa: E402
 import runtime  # noqa: E402
 import sharelora  # noqa: E402
@@ -58,14 +60,12 @@ def train(cfg):
         torch.manual_seed(cfg.seed)  # the same in every process: a model from scratch is built alike everywhere
         random.seed(cfg.seed)
 
-        batches = Batches(data_folder(cfg, ckpt), cfg.batch_size, cfg.block_size, seed=cfg.seed,
-                          group_by_length=cfg.group_by_length)
-        cfg.data_record = data_record(cfg, ckpt, batches)
+        batches = load_data(cfg, ckpt)
         model = build_model(cfg, ckpt, dtype)
         fit_data_to_model(cfg, batches, model)
         runtime.place(model, device, dtype).train()
         ctx = runtime.autocast(device, dtype)
-        if cfg.adapter != "none":  # an adapted map the model never calls would never train: name it now
+        if cfg.adapter != "none" and not cfg.tasks:  # an adapted map the model never calls would never train: name it now
             with ctx:
                 sharelora.check_adapters_run(model, torch.zeros((1, 1), dtype=torch.long, device=device))
         optimizer = make_optimizer(model, cfg, device)
@@ -92,12 +92,12 @@ def train(cfg):
                                               read=due or step % cfg.log_interval == 0 or step >= cfg.max_iters)
                 # evaluate and save (a resumed run did both at the step it resumes from)
                 if due:
-                    val = evaluate(model, batches, cfg, device, ctx, group)
+                    val, per_task = evaluate_tasks(model, batches, cfg, device, ctx, group)
                     if not math.isfinite(val):
                         saver.diverged(f"the validation loss became {val} at step {step}")
                     best_val = min(best_val, val)
                     log.evaluation(step, val, sample_text(model, cfg, device, ctx) if cfg.eval_prompt and group.main
-                                   else None)
+                                   else None, per_task)
                     saver.save(step, best_val)
                 if step >= cfg.max_iters:
                     break
@@ -145,7 +145,7 @@ def start_or_resume(cfg, group):
         if runtime.has_checkpoint(cfg.out_dir):
             fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
                  "or choose another out_dir (delete that one to start over)")
-        models = [f for f in ("model.safetensors", runtime.ADAPTER_FILE) if os.path.exists(os.path.join(cfg.out_dir, f))]
+        models = [f for f in ("model.safetensors", runtime.ADAPTER_FILE, bank.BANK_FILE) if os.path.exists(os.path.join(cfg.out_dir, f))]
         check(not models, f"out_dir {cfg.out_dir} holds {models[0] if models else ''} but no checkpoint to resume, and a "
                           "new run would overwrite it: choose another out_dir (or move that file away)")
         return cfg, None
@@ -155,6 +155,8 @@ def start_or_resume(cfg, group):
     if not group.main:
         ckpt = runtime.read_checkpoint(cfg.out_dir)
     cfg = resumed_config(cfg, ckpt["config"], cfg.out_dir)
+    check(not cfg.tasks, f"the run in {cfg.out_dir} trained tasks jointly, which resume does not continue yet: its "
+                         f"{bank.BANK_FILE} holds the tasks of step {ckpt['step']}; start a new run in another out_dir")
     if cfg.max_iters <= ckpt["step"]:
         fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
              "to train on")
@@ -173,7 +175,23 @@ def validate(cfg):
     check(cfg.adapter == "none" or cfg.adapter in sharelora.PRESETS,
           f"adapter must be one of {', '.join(sharelora.PRESETS)} or none, not {cfg.adapter!r}")
     if cfg.adapter != "none":  # the spec and targets, by the same rules add_adapters applies
-        adapter_config(cfg)
+        why = bank.joint_problem(adapter_config(cfg)) if cfg.tasks else None
+        check(why is None, f"tasks cannot train {cfg.adapter} (spec {cfg.spec!r}): {why}")
+
+
+def load_data(cfg, ckpt):
+    """The run's batches, and what its checkpoint records of the data (cfg.data_record). Joint training
+    (tasks): each task's folder, one task per batch in turn (bank.RoundRobin)."""
+    def batches_of(folder):
+        return Batches(folder, cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
+    if not cfg.tasks:
+        batches = batches_of(data_folder(cfg, ckpt))
+        cfg.data_record = data_record(cfg, ckpt, batches)
+        return batches
+    joint = bank.RoundRobin({name: batches_of(os.path.abspath(folder)) for name, folder in task_folders(cfg.tasks).items()},
+                            cfg.grad_accum)
+    cfg.data_record = {name: data_record(cfg, None, b) for name, b in joint.batches.items()}
+    return joint
 
 
 def data_folder(cfg, ckpt):
@@ -210,6 +228,8 @@ def fit_data_to_model(cfg, batches, model):
              f"vocabulary of {model.config.vocab_size}: prepare it again with this project's tokenizer")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     batches.set_block_size(cfg.block_size)
+    if cfg.tasks:  # each batch tells the model's MixedLinears whose it is
+        batches.steer(model.task_rows)
     prompt = len(encode(cfg.eval_prompt)) if cfg.eval_prompt else 0
     check(prompt + cfg.sample_tokens <= model.config.block_size or not cfg.eval_prompt,
           f"eval_prompt ({prompt} tokens) plus sample_tokens ({cfg.sample_tokens}) is more than the model's "
@@ -225,7 +245,7 @@ def describe(model, cfg, device, dtype, batches, group):
              f"{n_trainable:,} trainable parameters" + (f"; {group.world} processes, each {cfg.batch_size // group.world} "
                                                         f"rows of every batch of {cfg.batch_size}" if group.world > 1 else "")]
     if cfg.adapter != "none":
-        lines.append(sharelora.parameter_table(model))
+        lines.append(bank.summary_of_training(model) if cfg.tasks else sharelora.parameter_table(model))
     if batches.kind == "examples":  # what a padded batch wastes: every padded position is a full forward and backward
         lines.append(f"padding: {100 * batches.padding_share('train'):.1f}% of the positions of a training batch "
                      f"({'length-grouped' if cfg.group_by_length else 'random'} batches of {cfg.batch_size})")
@@ -328,6 +348,18 @@ def evaluate(model, batches, cfg, device, ctx, group=distributed.Single()):
     return group.sum([total.item()])[0] / cfg.eval_iters  # one read from the device
 
 
+def evaluate_tasks(model, batches, cfg, device, ctx, group):
+    """-> (validation loss, {task: its validation loss}): a joint run's is the mean of its tasks' (each
+    on its own eval_iters batches), any other run's has no tasks."""
+    if not cfg.tasks:
+        return evaluate(model, batches, cfg, device, ctx, group), {}
+    per_task = {}
+    for name in batches.names:
+        with batches.only(name) as own:
+            per_task[name] = evaluate(model, own, cfg, device, ctx, group)
+    return sum(per_task.values()) / len(per_task), per_task
+
+
 @torch.no_grad()
 def sample_text(model, cfg, device, ctx):
     """One greedy continuation of eval_prompt: greedy, so it uses no random numbers and a resumed run
@@ -359,7 +391,10 @@ def build_model(cfg, ckpt, dtype=torch.float32):
     if ckpt is not None and "model" in ckpt:  # a base trained here (scratch, or adapter=none)
         model.load_state_dict(ckpt["model"])
     quantize(model, cfg.quantize, compute_dtype=dtype)  # after loading, before the adapters wrap its layers
-    if cfg.adapter != "none":
+    if cfg.tasks:  # one shared A, one B (and u) per task, stacked; the bank they go back into is model.bank
+        model.bank = bank.fresh(model, adapter_config(cfg), list(task_folders(cfg.tasks)), base=cfg.init_from)
+        bank.attach(model, model.bank, trainable=True)
+    elif cfg.adapter != "none":
         sharelora.add_adapters(model, adapter_config(cfg))
         if cfg.init_adapter and ckpt is None:
             copy_adapter(model, sharelora.read_adapter(cfg.init_adapter)[2], f"init_adapter {cfg.init_adapter}",
@@ -387,9 +422,10 @@ def copy_adapter(model, tensors, source, only_shared_keys=False):
 
 
 def make_optimizer(model, cfg, device):
-    params = [p for p in model.parameters() if p.requires_grad]  # a shared tensor appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # u, v, biases, norms
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a shared tensor appears once
+    matrix = lambda name, p: p.dim() >= 2 and not name.endswith("lora_u")  # a joint run stacks u: (tasks, r)
+    groups = [{"params": [p for n, p in params if matrix(n, p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if not matrix(n, p)], "weight_decay": 0.0}]  # u, v, biases, norms
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.startswith("cuda"))
 
@@ -408,10 +444,17 @@ def checkpoint(model, cfg, state, step, best_val):
         ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
         ckpt["model"] = model.state_dict() if cfg.adapter == "none" else sharelora.base_state_dict(model)
-    if cfg.adapter != "none":
+    if cfg.tasks:  # a joint run: the bank's stacked tensors (model.bank_tensors); bank.safetensors beside
+        ckpt["bank"] = {k: v.detach() for k, v in model.bank_tensors.items()}
+    elif cfg.adapter != "none":
         ckpt["adapter"] = {k: v.detach() for k, v in sharelora.adapter_state_dict(model).items()}
 
     def write_files(folder):
+        if cfg.tasks:
+            joint = bank.collect(model, model.bank)
+            joint.base = ckpt["base"]  # relative to out_dir, as the adapter's: folder is a staging folder inside it
+            joint.save(os.path.join(folder, bank.BANK_FILE))
+            return
         if cfg.adapter == "none":
             model.save_pretrained(folder)
             return
@@ -507,8 +550,9 @@ class Saver:
         if self.saved != step:
             self.save(step, best_val)
         if self.group.main:
-            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; "
-                  f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
+            how = ("a joint run (tasks) is not resumed yet" if self.cfg.tasks else
+                   f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
+            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; {how}")
         self.group.finish()
         sys.exit(128 + signal_number)
 
@@ -587,8 +631,10 @@ class Log:
         if self.main:
             runtime.json_line(self.path, record)
 
-    def evaluation(self, step, val, sample=None):
-        record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2)}
+    def evaluation(self, step, val, sample=None, per_task=None):
+        """per_task: {task: validation loss} of a joint run, logged as val_loss_TASK beside their mean."""
+        record = {"step": step, "val_loss": round(val, 4), "val_ppl": round(math.exp(min(val, 50)), 2),
+                  **{f"val_loss_{name}": round(v, 4) for name, v in (per_task or {}).items()}}
         if sample is not None:
             record["sample"] = sample
         if self.main:  # one line: a sample's newlines show as \n (metrics.jsonl keeps the text as it is)

@@ -9,6 +9,7 @@ How options are given: USAGE below, which `python train.py --help` prints.
 import dataclasses
 import difflib
 import os
+import re
 import runpy
 import sys
 from dataclasses import dataclass, fields
@@ -40,6 +41,7 @@ class TrainConfig:
     # data: data_dir defaults to data/<dataset>, written by data/<dataset>/prepare.py
     dataset: str = "shakespeare"
     data_dir: str = ""
+    tasks: str = ""  # NAME=DATA_DIR,NAME=DATA_DIR,...: train them jointly, one shared A, one B each (bank.py)
     # the adapter (see sharelora.py and docs/METHOD.md); adapter=none trains the whole model
     adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | shareqkv | none
     spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
@@ -76,6 +78,19 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
     seed: int = 1337
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+MAX_TASKS = 64  # a bank stacks every task's B: 64 x GPT-2 small's ShareA B's is 38 MB
+
+
+def task_folders(text):
+    """{name: data folder} from --tasks=NAME=DATA_DIR,...; None if it is not that."""
+    pairs = [item.partition("=")[::2] for item in text.split(",")]
+    names = [n for n, _ in pairs]
+    ok = 1 <= len(pairs) <= MAX_TASKS and len(set(names)) == len(names) and \
+        all(TASK_NAME.fullmatch(n) and folder.strip() for n, folder in pairs)
+    return dict(pairs) if ok else None
 
 
 # what init_from=resume takes from the command line; everything else comes from the checkpoint
@@ -158,6 +173,9 @@ BOUNDS = {
     "weight_decay": NUMBER, "beta1": UNIT, "beta2": UNIT, "grad_clip": NUMBER, "label_smoothing": UNIT,
     "eval_interval": Bound(int, 1, 10**9), "log_interval": Bound(int, 1, 10**9), "eval_iters": Bound(int, 1, 10**6),
     "sample_tokens": Bound(int, 1, 2**20), "seed": SEED, "adapter_seed": SEED,
+    "tasks": Bound(str, test=lambda v: v == "" or task_folders(v) is not None,
+                   what=f"NAME=DATA_DIR pairs separated by commas, 1 to {MAX_TASKS} distinct names of letters, digits, _ "
+                        "or - (e.g. e2e=data/e2e,parse=data/e2e_parse), or empty"),
     "out_dir": TEXT, "init_from": TEXT, "dataset": TEXT, "targets": TEXT,
     "adapter": Bound(str, test=lambda v: v.strip() != "", what="a preset name or none"),
     "decay": Bound(str, test=lambda v: v in ("linear", "cosine", "constant"), what="linear, cosine or constant"),
@@ -193,6 +211,14 @@ def check_options(cfg):
     ]
     for name, ok, what in rules:
         check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
+    joint_conflicts = [("adapter", cfg.adapter == "none"), ("init_from", cfg.init_from == "scratch"),
+                       ("quantize", cfg.quantize != "none"), ("data_dir", cfg.data_dir != ""),
+                       ("init_adapter", cfg.init_adapter != ""), ("eval_prompt", cfg.eval_prompt != "")]
+    clash = next((name for name, bad in joint_conflicts if bad), None)
+    check(not cfg.tasks or clash is None,
+          f"tasks does not go with {clash}={getattr(cfg, clash or 'tasks')!r}: joint training adapts a loaded, "
+          "unquantized base (train one first with adapter=none), starts every task afresh from each one's "
+          f"DATA_DIR and samples no eval_prompt; change or drop {clash}")
 
 
 def early_options(argv):

@@ -341,10 +341,13 @@ def attach(model, bank, trainable=False):
     return model
 
 
-def load(path, names=None, init_from=None, device="auto", dtype="auto"):
+def load(path, names=None, init_from=None, device="auto", dtype="auto", quantize="auto"):
     """(model, info) for the command lines: the bank's base (or init_from) with the bank attached, placed
-    on the device; info as runtime.load_model's, with "tasks": the names asked for (default: all)."""
+    on the device; info as runtime.load_model's, with "tasks": the names asked for (default: all).
+    quantize: the scripts' --quantize, which a bank takes only as auto or none (a float base)."""
     import runtime
+    runtime.check(quantize in ("auto", "none"), f"--quantize={quantize} with --bank: a bank runs on the float "
+                                                "base its tasks were trained on")
     b = Bank.read(path)
     names = names or b.names
     for name in names:

@@ -55,7 +55,7 @@ def _one_line(e):
                 f"({' '.join(str(e).split())[:120]})")
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
         return f"cannot use {e.filename}: {e.strerror or e}"
-    return " ".join(str(e).split())  # one line, whatever the message held
+    return str(e)  # report() makes it one printable line, whatever it held (data.common.one_line)
 
 
 def read_json(path, what="file"):

@@ -69,7 +69,7 @@ def generate(args):
     import torch
 
     import runtime
-    from tokenizer import EOT, decode, encode
+    from tokenizer import EOT, decode
     if args.bank is not None:
         return generate_tasks(args)
     model, info = runtime.load_model(args.out_dir, args.adapter, args.init_from, args.device, args.dtype,
@@ -77,11 +77,7 @@ def generate(args):
     e2e = args.format == "e2e" or (args.format == "auto" and _trained_on(args.out_dir) == "examples")
     start = _prompt(args.start, e2e)
     torch.manual_seed(args.seed)
-    idx = torch.tensor([encode(start)] * args.num_samples, device=info["device"])
-    room = model.config.block_size - idx.size(1)
-    check(room >= 1, f"the prompt is {idx.size(1)} tokens, and the model's context of {model.config.block_size} "
-                     "leaves no room to generate: shorten --start")
-    max_new = min(args.max_new_tokens, room)
+    idx, max_new = _batch(model, start, args.num_samples, args.max_new_tokens, info["device"])
     with runtime.autocast(info["device"], info["dtype"]):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
@@ -99,21 +95,15 @@ def generate_tasks(args):
 
     import bank
     import runtime
-    from tokenizer import EOT, decode, encode
-    runtime.check(args.quantize in ("auto", "none"), f"--quantize={args.quantize} with --bank: a bank runs on the "
-                                                     "float base its tasks were trained on")
+    from tokenizer import EOT, decode
     model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, args.init_from,
-                            args.device, args.dtype)
+                            args.device, args.dtype, args.quantize)
     names, device, dtype = info["tasks"], info["device"], info["dtype"]
     e2e = args.format == "e2e"
     start = _prompt(args.start, e2e)
     torch.manual_seed(args.seed)
     rows = [n for n in names for _ in range(args.num_samples)]
-    idx = torch.tensor([encode(start)] * len(rows), device=device)
-    room = model.config.block_size - idx.size(1)
-    runtime.check(room >= 1, f"the prompt is {idx.size(1)} tokens, and the model's context of "
-                             f"{model.config.block_size} leaves no room to generate: shorten --start")
-    max_new = min(args.max_new_tokens, room)
+    idx, max_new = _batch(model, start, len(rows), args.max_new_tokens, device)
     with runtime.autocast(device, dtype), bank.tasks(model, rows):
         out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_token=EOT if e2e else None)
@@ -122,6 +112,18 @@ def generate_tasks(args):
         new = row[idx.size(1):].tolist()
         text = decode([t for t in new if t != EOT] if e2e else new)
         print(f"[{name}] " + (text.strip() if e2e else start + text))
+
+
+def _batch(model, start, rows, max_new_tokens, device):
+    """(the prompt's tokens repeated in `rows` rows, the tokens there is room to generate after it)."""
+    import torch
+
+    from tokenizer import encode
+    idx = torch.tensor([encode(start)] * rows, device=device)
+    room = model.config.block_size - idx.size(1)
+    check(room >= 1, f"the prompt is {idx.size(1)} tokens, and the model's context of {model.config.block_size} "
+                     "leaves no room to generate: shorten --start")
+    return idx, min(max_new_tokens, room)
 
 
 def _prompt(start, e2e):

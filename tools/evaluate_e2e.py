@@ -410,10 +410,8 @@ RESULTS = ("predictions.txt", "references.txt", "scores.json")  # one set: writt
 def decode_and_score(args, groups, sep, results_dir):
     if args.bank is not None:
         import bank
-        check(args.quantize in ("auto", "none"), f"--quantize={args.quantize} with --bank: a bank runs on the float "
-                                                 "base its tasks were trained on")
         model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, device=args.device,
-                                dtype=args.dtype)
+                                dtype=args.dtype, quantize=args.quantize)
     else:
         check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before loading and decoding
         model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,

@@ -109,6 +109,14 @@ def _is_a(key):
     return key.endswith(".lora_A")
 
 
+def is_bank(path):
+    """Whether path is a bank file (and not, say, an adapter file)."""
+    try:
+        return sharelora._read_safetensors(path)[1].get("format") == FORMAT
+    except (ValueError, OSError):
+        return False
+
+
 class Bank:
     """The shared A tensors ({key: tensor}, every key ending in .lora_A), the base they were trained on
     (base: its name, shapes: {map: [d_out, d_in]}, quantized: as in an adapter file) and the tasks, in

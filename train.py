@@ -155,12 +155,10 @@ def start_or_resume(cfg, group):
     if not group.main:
         ckpt = runtime.read_checkpoint(cfg.out_dir)
     cfg = resumed_config(cfg, ckpt["config"], cfg.out_dir)
-    check(not cfg.tasks, f"the run in {cfg.out_dir} trained tasks jointly, which resume does not continue yet: its "
-                         f"{bank.BANK_FILE} holds the tasks of step {ckpt['step']}; start a new run in another out_dir")
     if cfg.max_iters <= ckpt["step"]:
         fail(f"the run in {cfg.out_dir} is at step {ckpt['step']} already: give --max_iters above it "
              "to train on")
-    need = "adapter" if cfg.adapter != "none" else "model"
+    need = "bank" if cfg.tasks else "adapter" if cfg.adapter != "none" else "model"
     if need not in ckpt or (cfg.init_from == "scratch" and "model" not in ckpt):
         fail(f"the checkpoint in {cfg.out_dir} lacks its {need} tensors: it is damaged; restore it or train again")
     if "base" in ckpt:  # a local base is named relative to the run folder, which may have moved
@@ -181,34 +179,34 @@ def validate(cfg):
 
 def load_data(cfg, ckpt):
     """The run's batches, and what its checkpoint records of the data (cfg.data_record). Joint training
-    (tasks): each task's folder, one task per batch in turn (bank.RoundRobin)."""
+    (tasks): each task's folder, one task per batch in turn (bank.RoundRobin), each recorded alike."""
     def batches_of(folder):
         return Batches(folder, cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
+    recorded = ckpt.get("data") if ckpt is not None and isinstance(ckpt.get("data"), dict) else {}
     if not cfg.tasks:
-        batches = batches_of(data_folder(cfg, ckpt))
-        cfg.data_record = data_record(cfg, ckpt, batches)
+        batches = batches_of(data_folder(cfg, recorded, cfg.data_dir or os.path.join(HERE, "data", cfg.dataset)))
+        cfg.data_record = data_record(cfg, recorded, batches)
         return batches
-    joint = bank.RoundRobin({name: batches_of(os.path.abspath(folder)) for name, folder in task_folders(cfg.tasks).items()},
-                            cfg.grad_accum)
-    cfg.data_record = {name: data_record(cfg, None, b) for name, b in joint.batches.items()}
+    joint = bank.RoundRobin({name: batches_of(data_folder(cfg, recorded.get(name), folder))
+                             for name, folder in task_folders(cfg.tasks).items()}, cfg.grad_accum)
+    cfg.data_record = {name: data_record(cfg, recorded.get(name), b) for name, b in joint.batches.items()}
     return joint
 
 
-def data_folder(cfg, ckpt):
-    """The run's data folder. A new run's data_dir (default data/<dataset> here) is resolved from the
-    current folder; a resumed run's from the path its checkpoint recorded (relative to the run folder,
-    like its base), so that a resume from any current folder reads the same data."""
-    if ckpt is not None and isinstance(ckpt.get("data"), dict) and isinstance(ckpt["data"].get("path"), str):
-        return runtime.resolve_base(ckpt["data"]["path"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
+def data_folder(cfg, recorded, folder):
+    """A data folder of the run: a new run's (data_dir, default data/<dataset> here; a task's DATA_DIR)
+    resolved from the current folder; a resumed run's from the path its checkpoint recorded (relative
+    to the run folder, like its base), so that a resume from any current folder reads the same data."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
+        return runtime.resolve_base(recorded["path"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
                                     fix="put the data back there, or move the run folder back beside it")
-    return os.path.abspath(cfg.data_dir or os.path.join(HERE, "data", cfg.dataset))
+    return os.path.abspath(folder)
 
 
-def data_record(cfg, ckpt, batches):
-    """What the checkpoint records of the data: its path (relative to the run folder when local) and
-    fingerprint (kind, separator, each file's size and sha256). A resumed run refuses other data."""
+def data_record(cfg, recorded, batches):
+    """What the checkpoint records of a data folder: its path (relative to the run folder when local)
+    and fingerprint (kind, separator, each file's size and sha256). A resumed run refuses other data."""
     found = data_fingerprint(batches.data_dir, batches.meta)
-    recorded = ckpt.get("data") if ckpt is not None else None
     if isinstance(recorded, dict) and "files" in recorded:
         theirs = {k: recorded.get(k) for k in found}
         changed = [k for k in found if k != "files" and found[k] != theirs[k]] + sorted(
@@ -394,20 +392,36 @@ def build_model(cfg, ckpt, dtype=torch.float32):
     if cfg.tasks:  # one shared A, one B (and u) per task, stacked; the bank they go back into is model.bank
         model.bank = bank.fresh(model, adapter_config(cfg), list(task_folders(cfg.tasks)), base=cfg.init_from)
         bank.attach(model, model.bank, trainable=True)
+        if cfg.init_adapter and ckpt is None:  # new tasks around an adapter's or a bank's A (the spec may freeze it)
+            shared = {k: t for k, t in init_tensors(cfg.init_adapter).items() if k.endswith(".lora_A")}
+            copy_tensors(model.bank_tensors, shared, f"init_adapter {cfg.init_adapter}", only_shared_keys=True)
+        if ckpt is not None:
+            copy_tensors(model.bank_tensors, ckpt["bank"], f"the checkpoint in {cfg.out_dir}")
     elif cfg.adapter != "none":
         sharelora.add_adapters(model, adapter_config(cfg))
         if cfg.init_adapter and ckpt is None:
-            copy_adapter(model, sharelora.read_adapter(cfg.init_adapter)[2], f"init_adapter {cfg.init_adapter}",
+            copy_adapter(model, init_tensors(cfg.init_adapter), f"init_adapter {cfg.init_adapter}",
                          only_shared_keys=True)  # take the tensors both adapters have; the spec decides what trains
         if ckpt is not None:
             copy_adapter(model, ckpt["adapter"], f"the checkpoint in {cfg.out_dir}")
     return model
 
 
-@torch.no_grad()
+def init_tensors(path):
+    """init_adapter's tensors: an adapter file's, or an adapter bank's shared A (bank.py), so that a task
+    trained around it, with A frozen, can join that bank."""
+    return bank.Bank.read(path).shared if bank.is_bank(path) else sharelora.read_adapter(path)[2]
+
+
 def copy_adapter(model, tensors, source, only_shared_keys=False):
     """Copy adapter tensors into the model's adapter, after checking each one's name and shape."""
-    own = sharelora.adapter_state_dict(model)
+    copy_tensors(sharelora.adapter_state_dict(model), tensors, source, only_shared_keys)
+
+
+@torch.no_grad()
+def copy_tensors(own, tensors, source, only_shared_keys=False):
+    """Copy tensors into the model's ({key: parameter}: its adapter, or a joint run's stacked bank
+    tensors), after checking each one's name and shape."""
     keys = own.keys() & tensors.keys() if only_shared_keys else own.keys()
     if not keys:
         fail(f"{source} has none of this run's adapter tensors (e.g. {next(iter(own))}): "
@@ -550,9 +564,8 @@ class Saver:
         if self.saved != step:
             self.save(step, best_val)
         if self.group.main:
-            how = ("a joint run (tasks) is not resumed yet" if self.cfg.tasks else
-                   f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
-            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; {how}")
+            print(f"\n{StopSignals.NAMES.get(signal_number, 'stopped')}: saved step {step} to {self.cfg.out_dir}; "
+                  f"continue with --init_from=resume --out_dir={self.cfg.out_dir}")
         self.group.finish()
         sys.exit(128 + signal_number)
 

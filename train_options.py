@@ -50,7 +50,7 @@ class TrainConfig:
     adapter_dropout: float = 0.0
     targets: str = "q,v"
     adapter_seed: int = 0
-    init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec)
+    init_adapter: str = ""  # start from this adapter file's tensors (e.g. task 1's shared A, frozen by spec), or a bank's A
     quantize: str = "none"  # none | nf4 | int8: the frozen base in 4 or 8 bits (QLoRA, QShareA; quantize.py)
     # optimisation: AdamW over the trainable tensors; weight decay on matrices only
     batch_size: int = 8
@@ -213,12 +213,12 @@ def check_options(cfg):
         check(ok, f"{name} must be {what}, not {getattr(cfg, name)!r}")
     joint_conflicts = [("adapter", cfg.adapter == "none"), ("init_from", cfg.init_from == "scratch"),
                        ("quantize", cfg.quantize != "none"), ("data_dir", cfg.data_dir != ""),
-                       ("init_adapter", cfg.init_adapter != ""), ("eval_prompt", cfg.eval_prompt != "")]
+                       ("eval_prompt", cfg.eval_prompt != "")]
     clash = next((name for name, bad in joint_conflicts if bad), None)
     check(not cfg.tasks or clash is None,
           f"tasks does not go with {clash}={getattr(cfg, clash or 'tasks')!r}: joint training adapts a loaded, "
-          "unquantized base (train one first with adapter=none), starts every task afresh from each one's "
-          f"DATA_DIR and samples no eval_prompt; change or drop {clash}")
+          "unquantized base (train one first with adapter=none), reads each task's DATA_DIR and samples no "
+          f"eval_prompt; change or drop {clash}")
 
 
 def early_options(argv):

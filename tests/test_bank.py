@@ -327,11 +327,11 @@ def test_joint_training_refuses_v_before_changing_the_model():
     bank.attach(model, b)  # for inference, v folds into B
 
 
-def test_train_py_trains_tasks_jointly(data, tmp_path):
+def test_train_py_trains_tasks_jointly(data, tmp_path, monkeypatch):
     """train.py --tasks with two tiny folders (E2E and E2E reversed) on a tiny base that knows only
     Shakespeare: one shared A, one B per task; both
     tasks' validation losses are logged and fall; the bank saved with the checkpoint loads, and each task
-    exported alone runs and computes what the bank computes for it."""
+    exported alone runs and computes what the bank computes for it; a run stopped halfway resumes exactly."""
     from conftest import TINY, run
     import train
     folders = {}
@@ -342,9 +342,9 @@ def test_train_py_trains_tasks_jointly(data, tmp_path):
     train.train(train.parse_args(TINY + ["--adapter=none", f"--data_dir={data['shakespeare']}", f"--out_dir={base}",
                                          "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2"]))
     tasks = f"--tasks=e2e={folders['e2e']},parse={folders['parse']}"
-    losses = train.train(train.parse_args([f"--init_from={base}", *TINY[5:], "--adapter=sharea", "--r=8", "--targets=q,v,mlp.c_fc", tasks,
-                                           f"--out_dir={out}", "--max_iters=24", "--eval_interval=12",
-                                           "--learning_rate=3e-2"]))
+    joint = [f"--init_from={base}", *TINY[5:], "--adapter=sharea", "--r=8", "--targets=q,v,mlp.c_fc", tasks,
+             "--eval_interval=12", "--lr_decay_iters=24", "--learning_rate=3e-2", "--adapter_dropout=0.1"]
+    losses = train.train(train.parse_args(joint + [f"--out_dir={out}", "--max_iters=24"]))
     assert len(losses) == 24
     evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in r]
     assert [e["step"] for e in evals] == [0, 12, 24]
@@ -365,14 +365,27 @@ def test_train_py_trains_tasks_jointly(data, tmp_path):
         model = sharelora.load_adapter(GPT.from_pretrained(str(base)), tmp_path / f"{name}.safetensors").eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x[i:i + 1])[0][0], both[i], rtol=1e-4, atol=1e-4)
-    # a joint run is not resumed (one sentence), and other adapters are refused before anything loads
-    with pytest.raises(runtime_error(), match="trained tasks jointly, which resume does not continue"):
-        train.train(train.parse_args(["--init_from=resume", f"--out_dir={out}", "--max_iters=20"]))
+    # stopped at step 10 and resumed, from another current folder, the run is the same run bit for bit:
+    # its losses (dropout included), and every tensor of the bank (the shared A, each task's B)
+    half = tmp_path / "half"
+    first = train.train(train.parse_args(joint + [f"--out_dir={half}", "--max_iters=10"]))
+    monkeypatch.chdir(tmp_path)
+    rest = train.train(train.parse_args(["--init_from=resume", f"--out_dir={half}", "--max_iters=24"]))
+    assert first + rest == losses
+    again = bank.Bank.read(half / bank.BANK_FILE)
+    assert again.names == b.names and all(torch.equal(again.shared[k], t) for k, t in b.shared.items())
+    assert all(torch.equal(again.tasks[n]["tensors"][k], t) for n in b.names for k, t in b.tasks[n]["tensors"].items())
+    # a new task trained around that bank's A, frozen, joins the bank: trained jointly (here alone) or alone
+    frozen = [o for o in joint if o != tasks] + ["--spec=A=shared/frozen B=layer", "--max_iters=2",
+                                                 f"--init_adapter={out / bank.BANK_FILE}"]
+    train.train(train.parse_args(frozen + [f"--tasks=more={folders['parse']}", f"--out_dir={tmp_path / 'more'}"]))
+    bank.Bank.read(tmp_path / "more" / bank.BANK_FILE).export("more", tmp_path / "more.safetensors")
+    train.train(train.parse_args(frozen + [f"--data_dir={folders['parse']}", f"--out_dir={tmp_path / 'alone'}"]))
+    b.add("more", tmp_path / "more.safetensors").add("alone", tmp_path / "alone" / "adapter.safetensors")
+    assert b.names == ["e2e", "parse", "more", "alone"]
+    # other adapters are refused before anything loads
     p = run("train.py", f"--init_from={base}", *TINY[5:], "--adapter=lora", tasks, f"--out_dir={tmp_path / 'x'}",
             check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "one shared A" in p.stderr, p.stderr
 
 
-def runtime_error():
-    import runtime
-    return runtime.UserError

@@ -316,3 +316,48 @@ def test_official_layout_parsers():
         em.e2e_scores(["a"], [["a"], ["b"]], warn=False)
     with pytest.raises(ValueError, match="at least one reference"):
         em.e2e_scores(["a"], [[]], warn=False)
+
+
+# ---- the parsing task (text -> MR): slot scores ----------------------------------------------
+
+def test_mr_scores_by_hand():
+    """Two predictions: one exact (2 pairs), one with 1 pair of which none is right, against 2 wanted:
+    precision 2/3, recall 2/4, F1 4/7, exact 1 of 2."""
+    s = em.mr_scores(["name[Blue Spice], eatType[pub]", "name[X]"],
+                     [["eatType[pub], name[Blue Spice]"], ["name[Y], area[riverside]"]])
+    assert s["slot_precision"] == pytest.approx(200 / 3) and s["slot_recall"] == pytest.approx(50)
+    assert s["slot_f1"] == pytest.approx(400 / 7) and s["exact_mr"] == 50
+    assert em.mr_scores([""], [["name[A]"]]) == {"slot_f1": 0, "slot_precision": 0, "slot_recall": 0, "exact_mr": 0}
+
+
+def test_the_parsing_task_is_scored_by_slots_and_texts_by_the_five_metrics():
+    """Every MR of the shipped test split is an MR to is_mr, none of its 4,693 texts is."""
+    rows = read_rows(read_sources(None)["test"], "test")  # MR and text per row
+    assert all(em.is_mr(mr) for mr, _ in rows) and not any(em.is_mr(text) for _, text in rows)
+    s = em.scores([mr for mr, _ in rows[:50]], [[mr] for mr, _ in rows[:50]])
+    assert set(s) == set(em.MR_METRICS) and s["exact_mr"] == 100 and s["slot_f1"] == pytest.approx(100)
+    assert "bleu" in em.scores([t for _, t in rows[:5]], [[t] for _, t in rows[:5]], warn=False)
+    assert "slot F1 100.00" in em.format_scores(s)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+WORDS = st.text(alphabet="abcdefgh £0123456789-", min_size=1, max_size=8).map(str.strip).filter(bool)
+MRS = st.lists(st.tuples(st.sampled_from(["name", "eatType", "food", "area", "near"]), WORDS), min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(MRS, MRS), min_size=1, max_size=5), st.randoms())
+def test_mr_scores_on_generated_mrs(pairs, rng):
+    """In [0, 100]; 100 everywhere for a prediction that is its reference in any order; F1 the harmonic
+    mean of precision and recall; exact only where the pair sets are equal."""
+    text = lambda mr: ", ".join(f"{a}[{v}]" for a, v in mr)
+    predictions, references = [text(p) for p, _ in pairs], [[text(r)] for _, r in pairs]
+    s = em.mr_scores(predictions, references)
+    assert all(0 <= s[m] <= 100 + 1e-9 for m in em.MR_METRICS)
+    p, r = s["slot_precision"], s["slot_recall"]
+    assert s["slot_f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0)
+    assert s["exact_mr"] == pytest.approx(100 * sum(set(a) == set(b) for a, b in pairs) / len(pairs))
+    shuffled = [text(rng.sample(r, len(r))) for _, r in pairs]
+    assert all(v == pytest.approx(100) for v in em.mr_scores(shuffled, references).values())
+    assert all(em.is_mr(t) for t in predictions)

@@ -20,6 +20,10 @@ tests/test_e2e_metrics.py checks all five against the official tool's figures on
 (every test MR with at least two references, its first reference as the prediction and the others as
 references): BLEU 0.6046, NIST 8.9029, METEOR 0.4563, ROUGE_L 0.6381, CIDEr 1.8572.
 
+The parsing task (text -> MR, data/e2e/prepare.py --reverse) has references that are MRs, not texts:
+`scores` gives it slot precision, recall and F1 over the attribute[value] pairs, and the share of exact
+MRs, instead (mr_scores).
+
 Without a Java runtime the last three are left out, with one line that says how to get them
 (Debian/Ubuntu: `apt-get install default-jre-headless`); BLEU and NIST need nothing but Python.
 """
@@ -34,7 +38,9 @@ import tempfile
 from collections import Counter
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
-NAMES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+MR_METRICS = ("slot_f1", "slot_precision", "slot_recall", "exact_mr")  # the parsing task's (mr_scores)
+NAMES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr",
+         "slot_f1": "slot F1", "slot_precision": "slot precision", "slot_recall": "slot recall", "exact_mr": "exact MR"}
 JAVA_HINT = ("METEOR, ROUGE-L and CIDEr need a Java runtime (the official METEOR and PTB-tokenizer jars): "
              "install one, e.g. `apt-get install default-jre-headless`, and pip install pycocoevalcap==1.2")
 
@@ -279,7 +285,49 @@ def e2e_scores(predictions, references, warn=True):
     return scores
 
 
+# ---- the parsing task: text -> MR ------------------------------------------------------------
+
+MR_PAIR = re.compile(r"([^,\[\]]+)\[([^\[\]]*)\]")  # attribute[value], e.g. eatType[coffee shop]
+
+
+def mr_slots(text):
+    """The set of (attribute, value) pairs of an MR, each stripped: "name[Blue Spice], eatType[pub]" ->
+    {("name", "Blue Spice"), ("eatType", "pub")}. Text that is no attribute[value] adds no pair."""
+    return {(a.strip(), v.strip()) for a, v in MR_PAIR.findall(text)}
+
+
+def is_mr(text):
+    """Whether text is an MR and nothing else: attribute[value] pairs joined by commas."""
+    parts = [p.strip() for p in text.split("],")]
+    return all(MR_PAIR.fullmatch(p if p.endswith("]") else p + "]") for p in parts)
+
+
+def mr_scores(predictions, references):
+    """The parsing task's scores, 0-100: slot precision, recall and F1 over every prediction's
+    attribute[value] pairs (summed over the set: micro-averaged), and exact MR, the share of predictions
+    whose pairs are exactly a reference's. With several references a prediction counts against the one
+    it shares most pairs with (E2E's reversed task has one: each sentence's MR)."""
+    if len(predictions) != len(references) or not predictions or any(not refs for refs in references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references (every one needs at least one)")
+    found = wanted = matched = exact = 0
+    for prediction, refs in zip(predictions, references):
+        got = mr_slots(prediction)
+        ref = max((mr_slots(r) for r in refs), key=lambda pairs: (len(got & pairs), -len(pairs)))
+        found, wanted, matched, exact = found + len(got), wanted + len(ref), matched + len(got & ref), exact + (got == ref)
+    precision, recall = 100 * matched / max(found, 1), 100 * matched / max(wanted, 1)
+    return {"slot_f1": 2 * precision * recall / max(precision + recall, 1e-12), "slot_precision": precision,
+            "slot_recall": recall, "exact_mr": 100 * exact / len(predictions)}
+
+
+def scores(predictions, references, warn=True):
+    """What a task is scored by: mr_scores when every reference is an MR (the parsing task), else the
+    five E2E metrics (e2e_scores)."""
+    if references and all(is_mr(r) for refs in references for r in refs):
+        return mr_scores(predictions, references)
+    return e2e_scores(predictions, references, warn)
+
+
 def format_scores(scores):
-    """'BLEU 60.46, NIST 8.9029, ...' in METRICS order, for the metrics present."""
+    """'BLEU 60.46, NIST 8.9029, ...' in METRICS order (then MR_METRICS), for the metrics present."""
     return ", ".join(f"{NAMES[m]} {scores[m]:.4f}" if m in ("nist", "cider") else f"{NAMES[m]} {scores[m]:.2f}"
-                     for m in METRICS if m in scores)
+                     for m in METRICS + MR_METRICS if m in scores)

@@ -5,6 +5,8 @@ score it against all of that MR's references, and write the files the official s
     python data/e2e/prepare.py     # once: writes data/e2e/test_refs.json
     python tools/evaluate_e2e.py --out_dir out-e2e                  # beam 10, as in the LoRA and ShareLoRA papers
     python tools/evaluate_e2e.py --out_dir out-e2e --beam_size 1 --limit 50   # greedy, a quick look
+    python tools/evaluate_e2e.py --adapter parse.safetensors --data_dir data/e2e_parse --beam_size 1 --limit 630
+                                   # the parsing task (text -> MR): slot F1 and exact MR instead
 
 The prompt is the training context, MR + " ||" (see data/e2e/prepare.py); the model writes " " + text
 and then <|endoftext|>. The test split has 630 MRs with 4,693 references (1 to 45 per MR, most have 6).
@@ -73,7 +75,7 @@ def options(argv):
 def score_files(args):
     """--predictions and --references: files in the official layout, scored without a model or torch."""
     from data.common import decode_utf8
-    from tools.e2e_metrics import e2e_scores, format_scores, parse_predictions, parse_references
+    from tools.e2e_metrics import format_scores, parse_predictions, parse_references, scores as score
     texts = {}
     for option in ("predictions", "references"):
         path = getattr(args, option)
@@ -85,7 +87,7 @@ def score_files(args):
     check(len(predictions) == len(references), f"--predictions {args.predictions} has {len(predictions)} lines but "
           f"--references {args.references} has {len(references)} MRs (groups of lines between blank lines): "
           "they must match one to one, in the same order")
-    scores = e2e_scores(predictions, references)
+    scores = score(predictions, references)
     print(f"{len(predictions)} MRs: {format_scores(scores)}")
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)
@@ -106,7 +108,7 @@ from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import KVCache  # noqa: E402
-from tools.e2e_metrics import e2e_scores, format_scores  # noqa: E402
+from tools.e2e_metrics import format_scores, scores as score  # noqa: E402
 from runtime import autocast, base_note, check_folder_target, fail, load_model, read_json, run, write_folder  # noqa: E402
 from tokenizer import EOT, decode, get_tokenizer
 
@@ -433,8 +435,9 @@ def decode_and_score(args, groups, sep, results_dir):
 
 
 def write_results(args, groups, predictions, info, results_dir, task=None):
-    """Score the predictions, write them in the official layout and scores.json, print the scores."""
-    scores = e2e_scores(predictions, [g["refs"] for g in groups])
+    """Score the predictions (the five E2E metrics; slot F1 and exact MR when the references are MRs:
+    data/e2e_parse), write them in the official layout and scores.json, print the scores."""
+    scores = score(predictions, [g["refs"] for g in groups])
 
     settings = {k: getattr(args, k) for k in ("split", "beam_size", "length_penalty", "no_repeat_ngram_size",
                                               "max_new_tokens", "limit")}

@@ -4,6 +4,7 @@ added, removed and exported alone; mixed batches whose rows of different tasks g
 and tokens (greedy and beam search, with the KV cache) as each task alone through sharelora.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -152,6 +153,64 @@ def test_both_products_agree():
     index = torch.tensor([4, 0, 4, 2, 2, 0, 1])
     torch.testing.assert_close(per_task_product(h, B, index), gathered_product(h, B, index))
     torch.testing.assert_close(gathered_product(h, B, index)[3], h[3] @ B[2].t())
+
+
+def run_bench_bank(*args):
+    """tools/bench_bank.py as a user runs it (one torch thread: the tiny models are faster so, on 2 cores)."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench_bank.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def test_bench_bank_on_a_stand_in_base(tmp_path):
+    """A tiny benchmark on a base folder in train.py's layout (config.json + model.safetensors): a row of
+    the table per task count, the same rows in --json, with every contender's tokens/s, and a PNG."""
+    base = tmp_path / "base"
+    hf_model(vocab_size=211, n_positions=64, n_embd=48, n_layer=2, n_head=4).save_pretrained(base)
+    (base / "generation_config.json").unlink(missing_ok=True)  # train.py writes none
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    p = run_bench_bank(f"--init_from={base}", "--tasks=1,2", "--rows=4", "--new=2", "--repeats=1", "--device=cpu",
+                   f"--json={out_json}", f"--png={out_png}")
+    assert p.returncode == 0, p.stderr
+    header = p.stdout.splitlines()[0]
+    assert header.startswith(f"base: {base} (2 layers, 48 wide, 4 heads, vocabulary 211") and "device cpu" in header
+    rows = [line.split() for line in p.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 17 for r in rows), p.stdout  # 5 columns in KiB
+    result = json.loads(out_json.read_text())
+    assert [r["tasks"] for r in result["rows"]] == [1, 2]
+    for r, printed in zip(result["rows"], rows):
+        assert set(r["tokens_per_s"]) == {"bank", "peft", "merged", "base"} and min(r["tokens_per_s"].values()) > 0
+        assert f"{r['tokens_per_s']['bank']:.0f}" == printed[1]
+        assert r["same_tokens"] == {"peft": True, "merged": True}  # the same tokens from every way
+    assert result["settings"]["base"] == str(base) and result["settings"]["rows"] == 4
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bank_waits_for_the_gpu_before_each_clock(monkeypatch):
+    """On CUDA (emulated: torch.cuda's calls recorded) the clock is read only after synchronize(), on
+    both sides of the work, and the peak reported is the memory allocated beyond what was there before."""
+    from tools import bench_bank
+    events, allocated = [], {"now": 100}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 350)
+    monkeypatch.setattr(bench_bank.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    seconds, peak = bench_bank.timed(lambda: events.append("work"), "cuda:0")
+    assert events == ["reset", "synchronize", "clock", "work", "synchronize", "clock"]
+    assert (seconds, peak) == (0.0, 250)
+    events.clear()
+    assert bench_bank.timed(lambda: events.append("work"), "cpu")[1] is None and "synchronize" not in events
+
+
+@pytest.mark.parametrize("args, phrase", [(["--tasks=1,0"], "--tasks must be whole numbers in [1, 64]"),
+                                          (["--rows=0"], "--rows must be a whole number in [1, 1,024]"),
+                                          (["--tasks=8", "--rows=4"], "--rows 4 is fewer than 8 tasks"),
+                                          (["--init_from=no/such/folder"], "--init_from no/such/folder is not a folder"),
+                                          (["--new=200"], "more than the base's 128 positions")])
+def test_bench_bank_refuses_a_bad_option_in_one_line(args, phrase):
+    p = run_bench_bank(*args)  # refused before torch loads: a fraction of a second each
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: ") and phrase in p.stderr, p.stderr
 
 
 def test_greedy_generation_of_a_mixed_batch(adapters):

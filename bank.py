@@ -264,12 +264,13 @@ class TaskRows:
 class MixedLinear(nn.Module):
     """A frozen linear map plus s · v_t ⊙ B_t (u_t ⊙ A x), t being each row's task. v_t is folded into
     B_t once, here (diag(v_t) B_t, as AdaptedLinear folds it per call); u_t and s scale the r-wide
-    A x. B is stacked (tasks, d_out, r), u (tasks, r)."""
+    A x. B is stacked (tasks, d_out, r), u (tasks, r). dropout and memo are the AdaptedLinear's it
+    replaces (sharelora.project: adapter dropout in training; A x once for maps that share it)."""
 
-    def __init__(self, base, A, B, u, scale, rows, task_rows):
+    def __init__(self, base, A, B, u, scale, rows, task_rows, dropout, memo):
         super().__init__()
         self.base, self.lora_A, self.lora_B, self.lora_u = base, A, B, u
-        self.scale, self.rows, self.task_rows = scale, rows, task_rows
+        self.scale, self.rows, self.task_rows, self.dropout, self.memo = scale, rows, task_rows, dropout, memo
 
     @property
     def weight(self):  # as AdaptedLinear's: code reading `module.weight` (dtype, device) keeps working
@@ -281,7 +282,8 @@ class MixedLinear(nn.Module):
             raise ValueError(f"the batch has {x.size(0)} rows and the bank was told the tasks of "
                              f"{'none' if index is None else index.numel()}: wrap the call in "
                              "`with bank.tasks(model, [one task per row])`")
-        h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # (rows, T, r): A x once for every task
+        # (rows, T, r): A x once for every task; and once for q, k and v when they share A (share=all)
+        h = sharelora.project(x, self.lora_A, self.dropout, self.memo, self.lora_A) * self.scale
         if isinstance(index, int):  # the whole batch is one task: its B_t, no gather
             u = self.lora_u[index].to(x.dtype) if self.lora_u is not None else 1
             delta = F.linear(h * u, self.lora_B[index].to(x.dtype))
@@ -338,7 +340,8 @@ def attach(model, bank, trainable=False):
     def mixed(m):  # an AdaptedLinear, and the one below it when two parts of a fused map are adapted
         base = mixed(m.base) if isinstance(m.base, sharelora.AdaptedLinear) else m.base
         return MixedLinear(base, stacked(m, "A"), stacked(m, "B", "v" if comps["v"][0] != "off" else None),
-                           stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows)
+                           stacked(m, "u") if comps["u"][0] != "off" else None, m.scale, m.rows, model.task_rows,
+                           m.dropout, m.memo)
 
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, sharelora.AdaptedLinear)}
     for name, m in wrappers.items():
@@ -352,20 +355,22 @@ def attach(model, bank, trainable=False):
 def load(path, names=None, init_from=None, device="auto", dtype="auto", quantize="auto"):
     """(model, info) for the command lines: the bank's base (or init_from) with the bank attached, placed
     on the device; info as runtime.load_model's, with "tasks": the names asked for (default: all).
-    quantize: the scripts' --quantize, which a bank takes only as auto or none (a float base)."""
+    quantize: auto (default) quantizes the base as the tasks were trained (the file records it), or
+    none, nf4, int8, as runtime.load_model."""
     import runtime
-    runtime.check(quantize in ("auto", "none"), f"--quantize={quantize} with --bank: a bank runs on the float "
-                                                "base its tasks were trained on")
     b = Bank.read(path)
     names = names or b.names
     for name in names:
         b._require(name)
-    runtime.check(b.quantized is None, f"{path}'s tasks were trained on a {b.quantized} base, which a bank does not "
-                                       "quantize yet: export each task (python bank.py export) and run it alone")
     device = runtime.pick_device(device)
+    trained_on = b.quantized or "none"
     info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,
-            "dtype": runtime.pick_dtype(dtype, device)}
-    model = attach(runtime.load_base(info["base"]), b)
+            "dtype": runtime.pick_dtype(dtype, device), "trained_on": trained_on,
+            "quantize": trained_on if quantize == "auto" else runtime.check_kind(quantize)}
+    model = runtime.load_base(info["base"])
+    if info["quantize"] != "none":  # before attach, as train.py quantizes before the adapters wrap its layers
+        runtime.quantize_base(model, info["quantize"], compute_dtype=info["dtype"])
+    attach(model, b)
     return runtime.place(model, device, info["dtype"]).eval(), info
 
 

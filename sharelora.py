@@ -183,16 +183,8 @@ class AdaptedLinear(nn.Module):
         return y + delta
 
     def _project(self, x, A):
-        """A x, (..., r). Maps that share A and read the same x (q, k and v of one layer with a
-        shared A: the ShareLoRA paper's Shareqkv) compute it once: the first stores it in their
-        common memo, the next ones find the same input object and the same A there. Only without
-        dropout and u, which would make each map's A x its own."""
-        if self.memo is None or not isinstance(self.dropout, nn.Identity) or self.lora_u is not None:
-            return F.linear(self.dropout(x), A.to(x.dtype))
-        key = (self.lora_A._version, torch.is_grad_enabled(), x.dtype)  # a step changes _version
-        if self.memo.get("x") is not x or self.memo.get("key") != key:
-            self.memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)))
-        return self.memo["h"]
+        """A x, (..., r); u folded into A makes it this map's own, so u turns the memo off."""
+        return project(x, A, self.dropout, self.memo if self.lora_u is None else None, self.lora_A)
 
     def folded_factors(self):
         """(B', A') in float32 with v and u folded in: B' = diag(v) B, A' = diag(u) A, so ΔW = s ·
@@ -215,6 +207,19 @@ class AdaptedLinear(nn.Module):
                 f"merged={self.merged}")
 
 
+def project(x, A, dropout, memo, version_of):
+    """dropout(x) A^T, (..., r). Maps that share A and read the same x (q, k and v of one layer with a
+    shared A: the ShareLoRA paper's Shareqkv) compute it once: the first stores it in their common
+    memo, the next ones find the same input object and the same A (version_of's _version: a step
+    changes it) there. Not under dropout, which gives each map its own mask."""
+    if memo is None or not isinstance(dropout, nn.Identity):
+        return F.linear(dropout(x), A.to(x.dtype))
+    key = (version_of._version, torch.is_grad_enabled(), x.dtype)
+    if memo.get("x") is not x or memo.get("key") != key:
+        memo.update(x=x, key=key, h=F.linear(x, A.to(x.dtype)))
+    return memo["h"]
+
+
 class _Memo(dict):
     """{"x": an input, "key": A's version..., "h": A x}, shared by the adapted maps below one module
     (a layer's attention). Emptied when that module's call ends, returns or fails (_forget), and
@@ -233,7 +238,7 @@ def _memo_below(owner):
 
 def _forget(module, args, output):
     for m in module.modules():
-        if isinstance(m, AdaptedLinear) and m.memo:
+        if isinstance(getattr(m, "memo", None), _Memo):  # AdaptedLinear's, or bank.MixedLinear's
             m.memo.clear()
 
 

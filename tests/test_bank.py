@@ -448,3 +448,57 @@ def test_train_py_trains_tasks_jointly(data, tmp_path, monkeypatch):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "one shared A" in p.stderr, p.stderr
 
 
+
+
+def test_shareqkv_bank_computes_a_x_once_per_layer(monkeypatch, tmp_path):
+    """Shareqkv (one A for q, k and v of every layer): a mixed batch computes A x once per layer, for
+    all three maps and every task, with each row's outputs those of its task alone; the layers' memos
+    are empty once the call is over."""
+    def task(seed, A=None):
+        model = tiny_gpt()
+        spec = "A=shared B=layer share=all" if A is None else "A=shared/frozen B=layer share=all"
+        sharelora.add_adapters(model, sharelora.AdapterConfig(spec=spec, r=4, targets=("q", "k", "v"), seed=0))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, p in sharelora.adapter_state_dict(model).items():
+                p.copy_(A[key] if A is not None and key.endswith("lora_A") else torch.randn(p.shape, generator=g) * 0.5)
+        return model.eval()
+    first = task(0)
+    A = {k: t for k, t in sharelora.adapter_state_dict(first).items() if k.endswith("lora_A")}
+    models = {"a": first, "b": task(1, A), "c": task(2, A)}
+    for n, m in models.items():
+        sharelora.save_adapter(m, tmp_path / f"{n}.safetensors", base="tiny")
+    model = bank.attach(tiny_gpt(), bank.Bank.build({n: tmp_path / f"{n}.safetensors" for n in models}))
+    shared = {id(m.lora_A) for m in model.modules() if isinstance(m, bank.MixedLinear)}
+    assert len(shared) == 1
+    names = ["c", "a", "b", "a"]
+    x = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(5))
+    products, real = [], torch.nn.functional.linear
+    monkeypatch.setattr(sharelora.F, "linear", lambda i, w, *a: (products.append(w.shape == (4, 32)), real(i, w, *a))[1])
+    with bank.tasks(model, names), torch.no_grad():
+        mixed = model(x)[0]
+    monkeypatch.undo()
+    assert sum(products) == 2  # 2 layers, one A x each (three per layer without the memo)
+    assert all(not m.memo for m in model.modules() if isinstance(m, bank.MixedLinear))
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i], models[n].eval()(x[i:i + 1])[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_joint_training_applies_adapter_dropout():
+    """A trainable bank's maps drop the adapter's input as AdaptedLinear does: in training only."""
+    config = sharelora.AdapterConfig(preset="sharea", r=4, targets=("q", "v"), dropout=0.5)
+    model = tiny_gpt()
+    b = bank.fresh(model, config, ["a", "b"])
+    bank.attach(model, b, trainable=True)
+    with torch.no_grad():
+        for key, p in model.bank_tensors.items():
+            p.normal_()
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.task_rows.set(1)
+    model.train()
+    torch.manual_seed(0)
+    one, two = model(x)[0], model(x)[0]
+    assert not torch.allclose(one, two)  # two masks
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])

@@ -29,7 +29,7 @@ from conftest import ROOT, TINY, load_script
 from data.common import UserError, read_meta, read_metrics
 from data.common import run as run_early
 from test_faults import Case, call
-from tools import analyze, bench_bank, compare, demo, evaluate_e2e, export
+from tools import analyze, bench_bank, compare, demo, evaluate_e2e, export, joint_quality
 
 SCRIPTS = {  # script: (its parse-and-check stage, options every command needs, so that the rest is reached)
     "train.py": (train_options.early_options, []),
@@ -40,6 +40,7 @@ SCRIPTS = {  # script: (its parse-and-check stage, options every command needs, 
     "tools/analyze.py": (analyze.options, ["--adapter=a.safetensors"]),
     "tools/demo.py": (demo.options, []),
     "tools/bench_bank.py": (bench_bank.options, []),
+    "tools/joint_quality.py": (joint_quality.options, ["--init_from=gpt2"]),
     **{p: (load_script(p).options, []) for p in ("data/e2e/prepare.py", "data/e2e_refs/prepare.py",
                                                  "data/shakespeare/prepare.py")},
 }

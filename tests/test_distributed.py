@@ -56,6 +56,7 @@ def launched(data, tmp_path_factory):
              [*config(data, "e2e", "tied", tmp / "to-one"), "--max_iters=2"],
              ["--init_from=resume", f"--out_dir={tmp / 'from-one'}", "--max_iters=4"]]
     single([*config(data, "e2e", "vera", tmp / "from-one"), "--max_iters=2"])  # saved by one process
+    runs.append(joint(data, tmp, tmp / "joint"))
     (tmp / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     p = torchrun("tests/ddp_runs.py", tmp / "runs.json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -75,6 +76,29 @@ def test_two_processes_train_as_one(launched, data, tmp_path, kind, preset):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
     assert one[0] != one[-1]  # it trained
+
+
+def joint(data, tmp, out):
+    """Two tasks trained jointly (one shared A, one B each; round-robin batches) on a tiny base that
+    train.py wrote (made once, beside the runs)."""
+    base = tmp.parent / "joint-base"
+    if not (base / "model.safetensors").exists():
+        single([*TINY, "--adapter=none", f"--data_dir={data['shakespeare']}", f"--out_dir={base}", "--max_iters=1"])
+    return [f"--init_from={base}", *TINY[5:], "--adapter=sharea", *STEPS, "--grad_accum=2", "--eval_prompt=",
+            f"--tasks=e2e={data['e2e']},shakespeare={data['shakespeare']}", f"--out_dir={out}"]
+
+
+def test_two_processes_train_tasks_jointly_as_one(launched, data, tmp_path):
+    import bank
+    tmp, _ = launched
+    one = single(joint(data, tmp, tmp_path / "one"))
+    two = json.loads((tmp / "joint" / "losses.json").read_text())
+    assert len(one) == 4 and one == pytest.approx(two, abs=1e-5), (one, two)
+    a, b = (bank.Bank.read(d / bank.BANK_FILE) for d in (tmp_path / "one", tmp / "joint"))
+    pairs = [(a.shared, b.shared)] + [(a.tasks[n]["tensors"], b.tasks[n]["tensors"]) for n in a.names]
+    for x, y in pairs:
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-5, rtol=0) for k in x)
+    assert not torch.equal(*(a.tasks[n]["tensors"]["transformer.h.0.attn.q.lora_B"] for n in a.names))
 
 
 def test_resume_under_torchrun_with_another_number_of_processes(launched, data, tmp_path):

@@ -39,6 +39,13 @@ def test_three_ways_per_task_and_reuse(setting):
     assert all((a[k] == b[k]).all() for k in a if k.endswith("lora_A"))
     again = run(*cmd)
     assert "training" not in again.stdout and json.loads((out / "results.json").read_text()) == rows
+    other = run(*[c if c != "--max_iters=3" else "--max_iters=4" for c in cmd], check=False)
+    assert other.returncode == 2 and "holds a run of other options" in other.stderr, other.stderr
+    assert json.loads((out / "results.json").read_text()) == rows  # untouched
+    row = out / "separate" / "seed4" / "a" / "a_quality_row.json"
+    row.write_text(row.read_text().replace('"slot_f1": ', '"slot_f1": "x", "was": '))
+    damaged = run(*cmd, check=False)
+    assert damaged.returncode == 2 and "a_quality_row.json has slot_f1" in damaged.stderr, damaged.stderr
 
 
 @pytest.mark.parametrize("option", ["--seeds=1,1", "--seeds=x", "--tasks=a=data/e2e", "--max_iters=0",

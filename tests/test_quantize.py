@@ -290,3 +290,30 @@ def test_missing_bitsandbytes_is_one_sentence(data, trained, tmp_path):
             check=False, env={"PYTHONPATH": str(tmp_path / "shadow")})
     assert p.returncode == 2 and "pip install -r requirements-quant.txt" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_bank_of_tasks_on_an_nf4_base(trained_nf4, tmp_path):
+    """Tasks trained around one A on an NF4 base serve one mixed batch on that base (bank.load quantizes
+    as the file records): each row as its task alone through runtime.load_model."""
+    import bank
+    first, base, path = trained_nf4
+    second = qz.quantize(GPT.from_pretrained(base), "nf4")
+    sl.add_adapters(second, sl.AdapterConfig(preset="sharea", spec="A=shared/frozen B=layer", r=4, alpha=8,
+                                             targets=("q", "v", "c_fc")))
+    mine = sl.adapter_state_dict(first)
+    with torch.no_grad():
+        for key, p in sl.adapter_state_dict(second).items():
+            p.copy_(mine[key] if key.endswith("lora_A") else torch.randn_like(p) * 0.1)
+    sl.save_adapter(second, tmp_path / "two.safetensors", base=str(base))
+    bank.Bank.build({"one": path, "two": tmp_path / "two.safetensors"}).save(tmp_path / "bank.safetensors")
+    model, info = bank.load(tmp_path / "bank.safetensors", device="cpu", dtype="float32")
+    assert info["quantize"] == info["trained_on"] == "nf4"
+    x = ids(7, (3, 12))
+    with bank.tasks(model, ["two", "one", "two"]), torch.no_grad():
+        mixed = model(x)[0]
+    for i, (name, file) in enumerate([("two", tmp_path / "two.safetensors"), ("one", path), ("two", tmp_path / "two.safetensors")]):
+        alone, _ = runtime.load_model(adapter=str(file), device="cpu", dtype="float32")
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i], alone(x[i:i + 1])[0][0], rtol=1e-4, atol=1e-4)
+    with bank.tasks(model, ["one"] * 3), torch.no_grad():
+        assert not torch.allclose(model(x)[0][0], mixed[0], atol=1e-3)  # the tasks differ

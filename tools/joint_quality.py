@@ -23,13 +23,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import SEED, TEXT, Bound, Parser, quiet_ctrl_c, read_metrics  # noqa: E402
+from data.common import SEED, TEXT, Bound, Parser, check_record, quiet_ctrl_c, read_metrics  # noqa: E402
 from data.common import run as run_early  # noqa: E402
 from train_options import BOUNDS, task_folders  # noqa: E402
 
 WAYS = ("separate", "sequence", "joint")
 FROZEN_A = "A=shared/frozen B=layer"  # sequence: the first task's A, only B trains (ShareA's layout)
 ROW_FILE = "quality_row.json"  # a scored run's figures, beside its adapter
+COMMAND_FILE = "quality_command.json"  # the train.py options a run was started with: whose run a folder holds
 
 
 def seed_list(text):
@@ -117,6 +118,7 @@ def measure_all(args):
     with runtime.own_folder(args.out, "--out"):  # one measurement at a time here; each train.py owns its run folder
         runtime.finish_set(args.out, "results.json")
         for r in plan:
+            mine(r)
             if not trained(r["out"], r["steps"]):
                 resume = os.path.exists(os.path.join(r["out"], runtime.CKPT_FILE))
                 print(f"== {r['way']}, seed {r['seed']}: {'resuming' if resume else 'training'} in {r['out']}", flush=True)
@@ -137,6 +139,22 @@ def measure_all(args):
     print("\n" + table)
 
 
+def mine(r):
+    """Make sure r's folder holds r's run, or nothing yet (then claim it): a run of other options, or a
+    folder joint_quality.py did not make, is refused, never reused or overwritten."""
+    path = os.path.join(r["out"], COMMAND_FILE)
+    if os.path.exists(path):
+        made_by = runtime.read_json(path, "run command")
+    elif os.path.exists(r["out"]) and os.listdir(r["out"]):
+        made_by = None
+    else:
+        os.makedirs(r["out"], exist_ok=True)
+        runtime.write_text(path, json.dumps(r["argv"]) + "\n")
+        return
+    runtime.check(made_by == r["argv"], f"{r['out']} holds a run of other options (or one that joint_quality.py "
+                                        "did not make): choose another --out, or delete that folder")
+
+
 def evenly_spaced(groups, n):
     step = max(1, len(groups) // n)
     return groups[::step][:n]
@@ -146,9 +164,10 @@ def scored(run, task, adapter, groups, args):
     """A run's row for one task: its final validation loss and the scores of its greedy replies to the
     task's test prompts; kept in OUT/.../TASK_quality_row.json and reused while the prompts are the same."""
     path = os.path.join(run["out"], f"{task}_{ROW_FILE}")
-    if os.path.exists(path):
-        row = runtime.read_json(path, "quality row")
-        if isinstance(row, dict) and row.get("prompts") == len(groups) and row.get("adapter_bytes") == os.path.getsize(adapter):
+    if os.path.exists(path):  # checked field by field before it is used
+        row = check_record(runtime.read_json(path, "quality row"), row_fields(), path, "delete it to score the run again",
+                           required=("way", "seed", "task", "prompts", "adapter_bytes", "val_loss"))
+        if (row["prompts"], row["adapter_bytes"]) == (len(groups), os.path.getsize(adapter)):
             return row
     val = [r for r in read_metrics(os.path.join(run["out"], "metrics.jsonl")) if "val_loss" in r][-1]
     model, info = runtime.load_model(adapter=adapter, device=args.device)
@@ -158,6 +177,13 @@ def scored(run, task, adapter, groups, args):
            "val_loss": val.get(f"val_loss_{task}", val["val_loss"]), **scores(replies, [g["refs"] for g in groups])}
     runtime.write_text(path, json.dumps(row, indent=1) + "\n")
     return row
+
+
+def row_fields():
+    number = Bound(float, -3.4e38, 3.4e38)
+    return {"way": Bound(str, test=lambda v: v in WAYS, what=" or ".join(WAYS)), "seed": SEED, "task": TEXT,
+            "prompts": Bound(int, 1, 10**6), "adapter_bytes": Bound(int, 1, 2**53), "val_loss": number,
+            **{m: number for m in METRICS + MR_METRICS}}
 
 
 def format_table(rows, args):

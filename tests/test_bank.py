@@ -502,3 +502,19 @@ def test_joint_training_applies_adapter_dropout():
     assert not torch.allclose(one, two)  # two masks
     model.eval()
     assert torch.equal(model(x)[0], model(x)[0])
+
+
+def test_gathered_rows_follow_the_tasks_and_b(adapters):
+    """Each row's B is gathered once per set of tasks and reused (every decoding step), never stale:
+    a change to B inside the same tasks shows at once, and nothing is kept after them."""
+    model = mixed_model(adapters)
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    with bank.tasks(model, ["parse", "e2e", "poems"]), torch.no_grad():
+        first = model(x)[0]
+        assert model.task_rows.gathered  # kept for the next call
+        torch.testing.assert_close(model(x)[0], first, rtol=0, atol=0)
+        for m in model.modules():
+            if isinstance(m, bank.MixedLinear):
+                m.lora_B.mul_(2)
+        assert not torch.allclose(model(x)[0], first, atol=1e-4)
+    assert model.task_rows.gathered == {}

@@ -39,6 +39,7 @@ def test_three_ways_per_task_and_reuse(setting):
     assert all((a[k] == b[k]).all() for k in a if k.endswith("lora_A"))
     again = run(*cmd)
     assert "training" not in again.stdout and json.loads((out / "results.json").read_text()) == rows
+    assert len((out / "joint" / "seed4" / "b_predictions.txt").read_text().splitlines()) == 3
     other = run(*[c if c != "--max_iters=3" else "--max_iters=4" for c in cmd], check=False)
     assert other.returncode == 2 and "holds a run of other options" in other.stderr, other.stderr
     assert json.loads((out / "results.json").read_text()) == rows  # untouched

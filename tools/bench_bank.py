@@ -3,7 +3,7 @@ Serving a batch that mixes tasks: bank.py's mixed batch (A x once, each row's B)
 batch (adapter_names=, every present adapter's A and B on its rows) and against each task's merged
 model run on its rows in turn, on one transformers GPT-2-shaped base (random weights, or a stand-in base).
 
-    python tools/bench_bank.py                 # the table of docs/bank.md (3 min 44 s on 2 busy cores)
+    python tools/bench_bank.py                 # the first table of docs/bank.md (1 min 32 s, 2 idle cores)
     python tools/bench_bank.py --products      # the two ways of applying each row's B (bank.py's comment)
     python tools/bench_bank.py --device cuda --png bank.png --json bank.json    # on a GPU, with a figure
     python tools/bench_bank.py --init_from out-e2e-base     # a base train.py trained (config/e2e_base.py)
@@ -73,9 +73,12 @@ def options(argv=None):
                    "config.json and model.safetensors, as train.py writes (e.g. out-e2e-base)")
     p.add_argument("--png", type=TEXT, help="also draw tokens/s against the number of tasks into this file (needs matplotlib)")
     p.add_argument("--json", type=TEXT, help="also write every measured row and the settings into this file")
+    p.add_argument("--targets", type=TEXT, default=",".join(ADAPTER["targets"]),
+                   help="the adapted maps, comma-separated (transformers GPT-2 names; default attn.c_attn,attn.c_proj)")
     p.add_argument("--products", action="store_true", help="only the two per-row products (on the CPU)")
     args = p.parse_args(argv)
     args.tasks = [int(n) for n in args.tasks.split(",")]
+    args.targets = tuple(t.strip() for t in args.targets.split(","))
     # every task needs a row, or the batch would mix fewer tasks than the row of the table says
     check(args.rows >= max(args.tasks), f"--rows {args.rows} is fewer than {max(args.tasks)} tasks (--tasks): "
           "every task needs at least one row of the batch; raise --rows or lower --tasks")
@@ -176,14 +179,14 @@ def the_base(init_from):
 # ---- the contenders ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def task_files(n, folder, base):
+def task_files(n, folder, base, targets):
     """n adapter files around one A (task k > 0 as train.py's init_adapter with A frozen makes them),
     random B's, as bank tasks and as PEFT folders. -> ([adapter files], [PEFT folders])."""
     files, pefts, A = [], [], None
     for k in range(n):
         model = base.make()
         spec = None if A is None else "A=shared/frozen B=layer"
-        sharelora.add_adapters(model, sharelora.AdapterConfig(**ADAPTER, spec=spec, seed=0))
+        sharelora.add_adapters(model, sharelora.AdapterConfig(**{**ADAPTER, "targets": targets}, spec=spec, seed=0))
         g = torch.Generator().manual_seed(k)
         for key, p in sharelora.adapter_state_dict(model).items():
             p.copy_(A[key] if A is not None and key.endswith("lora_A") else torch.randn(p.shape, generator=g) * 0.02)
@@ -195,10 +198,10 @@ def task_files(n, folder, base):
     return files, pefts
 
 
-def contenders(n, folder, base, device):
+def contenders(n, folder, base, device, targets):
     """{name: generate(prompts, tasks) -> tokens} for n tasks, every model on `device`."""
     from peft import PeftModel
-    files, pefts = task_files(n, folder, base)
+    files, pefts = task_files(n, folder, base, targets)
     names = [f"t{k}" for k in range(n)]
     ours = bank.attach(base.make(), bank.Bank.build(dict(zip(names, files)))).to(device)
     peft = PeftModel.from_pretrained(base.make(), pefts[0], adapter_name=names[0])
@@ -209,7 +212,11 @@ def contenders(n, folder, base, device):
     for path in files:
         m = sharelora.load_adapter(base.make(), path)
         merged.append(sharelora.merge(m).to(device))
-    plain = base.make().to(device)
+    # frozen, as every adapted model's base is: torch.matmul folds (batch, 1, C) @ W into one product only
+    # when W requires grad or the input is contiguous, and transformers gives lm_head the prompt's last
+    # position as a strided view, so a frozen lm_head's first step expands W per row (17 ms of a 157 ms
+    # generation here) and a trainable one's does not: the bound would win by that alone
+    plain = base.make().requires_grad_(False).to(device)
     kw = dict(do_sample=False, use_cache=True)
 
     def run_bank(idx, new, tasks):
@@ -275,7 +282,7 @@ def timed(run, device):
 def measure(n, args, base, device):
     """One row: {tokens_per_s, adapter_bytes, cuda_peak_bytes, same_tokens} for n tasks mixed in the batch."""
     with tempfile.TemporaryDirectory() as folder:
-        runs, (files, pefts, ours, peft) = contenders(n, folder, base, device)
+        runs, (files, pefts, ours, peft) = contenders(n, folder, base, device, args.targets)
         vocab = ours.config.vocab_size
         g = torch.Generator().manual_seed(1)  # on the CPU: the same prompts on every device
         idx = torch.randint(1, vocab, (args.rows, args.prompt), generator=g).to(device)
@@ -366,7 +373,7 @@ def settings(args, base, device):
     import transformers
     random = f"random GPT-2 shape ({BASE['n_layer']} layers, {BASE['n_embd']} wide)"
     return {"base": args.init_from or random, "base_description": base.description, "base_name": base.name,
-            "adapter": {**ADAPTER, "targets": list(ADAPTER["targets"])}, "rows": args.rows, "prompt": args.prompt,
+            "adapter": {**ADAPTER, "targets": list(args.targets)}, "rows": args.rows, "prompt": args.prompt,
             "new": args.new, "repeats": args.repeats, "tasks": args.tasks, "device": device, "dtype": "float32",
             "machine": runtime.machine(device), "torch_threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
@@ -396,7 +403,8 @@ def plot(result, path):
     ax.set_xlabel("tasks mixed in the batch (log 2)")
     ax.set_ylabel("tokens/s (new tokens / median seconds)")
     s = result["settings"]
-    ax.set_title(f"{s['base']}: batch {s['rows']} rows x ({s['prompt']} + {s['new']}) tokens, {s['device']}", fontsize=10)
+    ax.set_title(f"{s['base']}, ShareA r = {s['adapter']['r']} on {', '.join(s['adapter']['targets'])}\n"
+                 f"batch {s['rows']} rows x ({s['prompt']} + {s['new']}) tokens, {s['device']}", fontsize=9)
     ax.legend()
     write_binary(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))  # whole or not at all
     plt.close(fig)
@@ -412,7 +420,7 @@ def bench(args):
         return products()
     device = runtime.pick_device(args.device)
     base = the_base(args.init_from)
-    print(f"base: {base.description}; adapter: {ADAPTER}; batch {args.rows} rows x ({args.prompt} prompt + {args.new} "
+    print(f"base: {base.description}; adapter: {dict(ADAPTER, targets=args.targets)}; batch {args.rows} rows x ({args.prompt} prompt + {args.new} "
           f"new) tokens, greedy, KV cache; device {device}; torch threads {torch.get_num_threads()}; "
           "tokens/s = new tokens / median seconds")
     print(f"{'tasks':>5} {'bank':>8} {'peft':>8} {'merged':>8} {'base':>8} {'bank/peft':>9} {'bank/base':>9} "

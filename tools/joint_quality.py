@@ -162,7 +162,8 @@ def evenly_spaced(groups, n):
 
 def scored(run, task, adapter, groups, args):
     """A run's row for one task: its final validation loss and the scores of its greedy replies to the
-    task's test prompts; kept in OUT/.../TASK_quality_row.json and reused while the prompts are the same."""
+    task's test prompts (written to TASK_predictions.txt beside); kept in TASK_quality_row.json there
+    and reused while the prompts and the adapter are the same."""
     path = os.path.join(run["out"], f"{task}_{ROW_FILE}")
     if os.path.exists(path):  # checked field by field before it is used
         row = check_record(runtime.read_json(path, "quality row"), row_fields(), path, "delete it to score the run again",
@@ -173,6 +174,7 @@ def scored(run, task, adapter, groups, args):
     model, info = runtime.load_model(adapter=adapter, device=args.device)
     prompts = [g["mr"] for g in groups]
     replies = decode_mrs(model, info, prompts, beam_size=1, max_new_tokens=room_to_generate(model, prompts))
+    runtime.write_text(os.path.join(run["out"], f"{task}_predictions.txt"), "".join(r + "\n" for r in replies))  # to read
     row = {"way": run["way"], "seed": run["seed"], "task": task, "prompts": len(groups), "adapter_bytes": os.path.getsize(adapter),
            "val_loss": val.get(f"val_loss_{task}", val["val_loss"]), **scores(replies, [g["refs"] for g in groups])}
     runtime.write_text(path, json.dumps(row, indent=1) + "\n")

@@ -124,7 +124,7 @@ def test_resume_under_torchrun_with_another_number_of_processes(launched, data, 
 
 def test_only_process_zero_speaks_and_writes(launched):
     tmp, p = launched
-    assert p.stdout.count("done: 4 steps") == 8  # 6 runs to step 4, 2 resumed ones: once each
+    assert p.stdout.count("done: 4 steps") == 9  # 6 runs to step 4, 2 resumed ones, the joint one: once each
     assert "2 processes, each 2 rows of every batch of 4" in p.stdout
     log = [json.loads(line) for line in (tmp / "e2e-sharea" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # one line per step, not one per process

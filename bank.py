@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 from dataclasses import asdict
 
 import torch
@@ -429,24 +430,39 @@ def joint_problem(config):
     return None
 
 
-class RoundRobin:
-    """Joint training's data: {task name: data.loader.Batches}, one task per batch, in turn. Training
-    batch i (train.py's step * grad_accum + micro-batch) is task step mod N's next one, so that every
-    batch is still a pure function of its number (resume needs no loader state), and get() tells the
-    model's MixedLinears which task it is (steer(model.task_rows) first). Validation goes task by task
-    (only())."""
+class JointBatches:
+    """Joint training's data: {task name: data.loader.Batches}, one task per batch. mix="round_robin":
+    step s is task s mod N's; "proportional": each step's task is drawn with a probability proportional
+    to its training tokens (as if the data sets were pooled: a task of 10x the data gets about 10x the
+    batches), from one random stream seeded by `seed`. Either way training batch i (train.py's step *
+    grad_accum + micro-batch) is that task's next one, a pure function of i (resume needs no loader
+    state), and get() tells the model's MixedLinears which task it is (steer(model.task_rows) first).
+    Validation goes task by task (only())."""
     kind = "tasks"
 
-    def __init__(self, batches, grad_accum=1):
+    def __init__(self, batches, grad_accum=1, mix="round_robin", seed=0):
         self.batches, self.names, self.grad_accum, self.task_rows = batches, list(batches), grad_accum, None
         self.data_dir = ", ".join(b.data_dir for b in batches.values())  # for messages naming the data
+        self.mix, self.schedule, self.turns = mix, [], [0] * len(self.names)  # proportional: (task, turn) per step
+        self.draws = random.Random(seed)
+        self.weights = [len(b.tokens["train"]) for b in batches.values()]
 
     def steer(self, task_rows):
         self.task_rows = task_rows
 
+    def task_of(self, step):
+        """(the task of training step `step`, how many steps before it were that task's)."""
+        if self.mix == "round_robin":
+            return step % len(self.names), step // len(self.names)
+        while len(self.schedule) <= step:  # drawn in order, in chunks: the same schedule for any max_iters
+            for task in self.draws.choices(range(len(self.names)), self.weights, k=1024):
+                self.schedule.append((task, self.turns[task]))
+                self.turns[task] += 1
+        return self.schedule[step]
+
     def get(self, split, i):
         step, micro = divmod(i, self.grad_accum)
-        task, turn = step % len(self.names), step // len(self.names)
+        task, turn = self.task_of(step)
         self.task_rows.set(task)
         return self.batches[self.names[task]].get(split, turn * self.grad_accum + micro)
 

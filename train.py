@@ -179,7 +179,7 @@ def validate(cfg):
 
 def load_data(cfg, ckpt):
     """The run's batches, and what its checkpoint records of the data (cfg.data_record). Joint training
-    (tasks): each task's folder, one task per batch in turn (bank.RoundRobin), each recorded alike."""
+    (tasks): each task's folder, one task per batch (bank.JointBatches), each recorded alike."""
     def batches_of(folder):
         return Batches(folder, cfg.batch_size, cfg.block_size, seed=cfg.seed, group_by_length=cfg.group_by_length)
     recorded = ckpt.get("data") if ckpt is not None and isinstance(ckpt.get("data"), dict) else {}
@@ -187,8 +187,8 @@ def load_data(cfg, ckpt):
         batches = batches_of(data_folder(cfg, recorded, cfg.data_dir or os.path.join(HERE, "data", cfg.dataset)))
         cfg.data_record = data_record(cfg, recorded, batches)
         return batches
-    joint = bank.RoundRobin({name: batches_of(data_folder(cfg, recorded.get(name), folder))
-                             for name, folder in task_folders(cfg.tasks).items()}, cfg.grad_accum)
+    joint = bank.JointBatches({name: batches_of(data_folder(cfg, recorded.get(name), folder))
+                               for name, folder in task_folders(cfg.tasks).items()}, cfg.grad_accum, cfg.task_mix, cfg.seed)
     cfg.data_record = {name: data_record(cfg, recorded.get(name), b) for name, b in joint.batches.items()}
     return joint
 

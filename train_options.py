@@ -42,6 +42,7 @@ class TrainConfig:
     dataset: str = "shakespeare"
     data_dir: str = ""
     tasks: str = ""  # NAME=DATA_DIR,NAME=DATA_DIR,...: train them jointly, one shared A, one B each (bank.py)
+    task_mix: str = "round_robin"  # tasks: each step's task in turn, or drawn in proportion to its training tokens
     # the adapter (see sharelora.py and docs/METHOD.md); adapter=none trains the whole model
     adapter: str = "sharea"  # lora | sharea | shareb | shareab | tied | vera | shareqkv | none
     spec: str = ""  # overrides the preset, e.g. "A=shared/frozen B=layer"
@@ -176,6 +177,7 @@ BOUNDS = {
     "tasks": Bound(str, test=lambda v: v == "" or task_folders(v) is not None,
                    what=f"NAME=DATA_DIR pairs separated by commas, 1 to {MAX_TASKS} distinct names of letters, digits, _ "
                         "or - (e.g. e2e=data/e2e,parse=data/e2e_parse), or empty"),
+    "task_mix": Bound(str, test=lambda v: v in ("round_robin", "proportional"), what="round_robin or proportional"),
     "out_dir": TEXT, "init_from": TEXT, "dataset": TEXT, "targets": TEXT,
     "adapter": Bound(str, test=lambda v: v.strip() != "", what="a preset name or none"),
     "decay": Bound(str, test=lambda v: v in ("linear", "cosine", "constant"), what="linear, cosine or constant"),
@@ -202,6 +204,7 @@ def check_options(cfg):
          f"smaller together with n_embd={cfg.n_embd}: a model from scratch of {width:.2g} parameters is beyond "
          f"{MAX_SCRATCH_PARAMETERS:.0e}"),
         ("min_lr", cfg.min_lr <= cfg.learning_rate, "in [0, learning_rate]"),
+        ("task_mix", cfg.tasks or cfg.task_mix == "round_robin", "round_robin without tasks: it says how tasks take turns"),
         ("quantize", cfg.quantize == "none" or cfg.adapter != "none",
          "none when adapter=none: a quantized base is frozen, so only an adapter can train on it"),
         # a base from scratch is saved as dequant(W) beside its adapter, and NF4 with double quantization

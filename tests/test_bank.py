@@ -442,6 +442,15 @@ def test_train_py_trains_tasks_jointly(data, tmp_path, monkeypatch):
     train.train(train.parse_args(frozen + [f"--data_dir={folders['parse']}", f"--out_dir={tmp_path / 'alone'}"]))
     b.add("more", tmp_path / "more.safetensors").add("alone", tmp_path / "alone" / "adapter.safetensors")
     assert b.names == ["e2e", "parse", "more", "alone"]
+    # tasks drawn by their sizes: stopped and resumed, the same run too
+    mix = [o for o in joint if o != "--adapter_dropout=0.1"] + ["--task_mix=proportional"]
+    drawn = train.train(train.parse_args(mix + [f"--out_dir={tmp_path / 'drawn'}", "--max_iters=8"]))
+    part = train.train(train.parse_args(mix + [f"--out_dir={tmp_path / 'part'}", "--max_iters=3"]))
+    assert part + train.train(train.parse_args(["--init_from=resume", f"--out_dir={tmp_path / 'part'}",
+                                                "--max_iters=8"])) == drawn
+    p = run("train.py", f"--init_from={base}", *TINY[5:], "--task_mix=proportional", f"--out_dir={tmp_path / 'y'}",
+            check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "task_mix" in p.stderr, p.stderr
     # other adapters are refused before anything loads
     p = run("train.py", f"--init_from={base}", *TINY[5:], "--adapter=lora", tasks, f"--out_dir={tmp_path / 'x'}",
             check=False)
@@ -518,3 +527,34 @@ def test_gathered_rows_follow_the_tasks_and_b(adapters):
                 m.lora_B.mul_(2)
         assert not torch.allclose(model(x)[0], first, atol=1e-4)
     assert model.task_rows.gathered == {}
+
+
+class _Recorded:
+    """A stand-in for data.loader.Batches: `size` training tokens; get() returns its calls."""
+    def __init__(self, name, size):
+        self.data_dir, self.tokens = name, {"train": [0] * size}
+
+    def get(self, split, i):
+        return (self.data_dir, split, i)
+
+
+@pytest.mark.parametrize("mix", ["round_robin", "proportional"])
+def test_joint_batches_take_turns_or_draw_by_size(mix):
+    """Each task's batches are its own 0, 1, 2, ... in order, whatever the mix; proportional draws the
+    tasks by their training tokens (3:1 here), the same schedule on every run, resumed or not."""
+    rows = bank.TaskRows(["big", "small"])
+    make = lambda: bank.JointBatches({"big": _Recorded("big", 3000), "small": _Recorded("small", 1000)},
+                                     grad_accum=2, mix=mix, seed=7)
+    joint = make()
+    joint.steer(rows)
+    got = [joint.get("train", i) for i in range(8000)]
+    for name in ("big", "small"):
+        mine = [i for n, _, i in got if n == name]
+        assert mine == list(range(len(mine)))  # its own batches, none skipped or repeated
+    share = sum(n == "big" for n, _, _ in got) / len(got)
+    assert share == (0.5 if mix == "round_robin" else pytest.approx(0.75, abs=0.03))
+    assert all(got[2 * s][0] == got[2 * s + 1][0] for s in range(4000))  # micro-batches of a step: one task
+    late = make()
+    late.steer(rows)
+    assert [late.get("train", i) for i in range(5000, 5010)] == got[5000:5010]  # a resumed run: the same
+    assert rows.index in (0, 1)

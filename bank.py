@@ -267,18 +267,24 @@ class TaskRows:
         reuses it: the gather is most of the cost of a step's mixed map otherwise (45 of 98 µs for the
         stand-in base's c_attn, 32 rows, 8 tasks; the product itself takes 5). It holds rows x r x d_out
         numbers per B while the tasks are set. Not while autograd records: the graph would be kept."""
-        if torch.is_grad_enabled() and B.requires_grad:
-            return B.to(dtype)[self.index].transpose(1, 2)
+        if not isinstance(B, nn.Parameter) or (torch.is_grad_enabled() and B.requires_grad):  # a fresh stack, or
+            return B.to(dtype)[self.index].transpose(1, 2)                                  # a graph: not kept
         key = (id(B), B._version, dtype)
         if key not in self.gathered:
             self.gathered[key] = B.to(dtype)[self.index].transpose(1, 2).contiguous()
         return self.gathered[key]
 
 
+def _stack(t):
+    """(tasks, ...) from a trainable bank's ParameterList (one Parameter per task); a tensor as it is."""
+    return torch.stack(list(t)) if isinstance(t, nn.ParameterList) else t
+
+
 class MixedLinear(nn.Module):
     """A frozen linear map plus s · v_t ⊙ B_t (u_t ⊙ A x), t being each row's task. v_t is folded into
     B_t once, here (diag(v_t) B_t, as AdaptedLinear folds it per call); u_t and s scale the r-wide
-    A x. B is stacked (tasks, d_out, r), u (tasks, r). dropout and memo are the AdaptedLinear's it
+    A x. B is stacked (tasks, d_out, r), u (tasks, r); in a trainable bank each is a ParameterList of
+    the tasks' own (d_out, r) and (r,). dropout and memo are the AdaptedLinear's it
     replaces (sharelora.project: adapter dropout in training; A x once for maps that share it)."""
 
     def __init__(self, base, A, B, u, scale, rows, task_rows, dropout, memo):
@@ -302,9 +308,10 @@ class MixedLinear(nn.Module):
             u = self.lora_u[index].to(x.dtype) if self.lora_u is not None else 1
             delta = F.linear(h * u, self.lora_B[index].to(x.dtype))
         else:
-            if self.lora_u is not None:
-                h = h * self.lora_u.to(x.dtype)[index][:, None, :]
-            delta = torch.bmm(h, self.task_rows.rows_of(self.lora_B, x.dtype))  # each row's B_t, gathered
+            B, u = (_stack(t) for t in (self.lora_B, self.lora_u))
+            if u is not None:
+                h = h * u.to(x.dtype)[index][:, None, :]
+            delta = torch.bmm(h, self.task_rows.rows_of(B, x.dtype))  # each row's B_t, gathered
         if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
             start, stop, period = self.rows
             delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
@@ -347,10 +354,18 @@ def attach(model, bank, trainable=False):
     def stacked(m, x, fold=None):
         keys = (sharelora._key(m.name, x, comps, m.group), fold and sharelora._key(m.name, fold, comps, m.group))
         if keys not in made:
-            t = bank.shared[keys[0]] if x == "A" else torch.stack([task["tensors"][keys[0]] for task in bank.tasks.values()])
-            if keys[1]:  # diag(v_t) B_t, once
-                t = torch.stack([task["tensors"][keys[1]] for task in bank.tasks.values()])[:, :, None] * t
-            made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=trainable and comps[x][1])
+            train = trainable and comps[x][1]
+            if x == "A":
+                made[keys] = nn.Parameter(bank.shared[keys[0]].to(m.lora_A.device), requires_grad=train)
+            elif trainable:  # one Parameter per task: a step of one task leaves the others' B, u and their
+                # optimizer state alone (no weight decay, no stale momentum: their gradients are None)
+                made[keys] = nn.ParameterList(nn.Parameter(task["tensors"][keys[0]].to(m.lora_A.device).clone(),
+                                                           requires_grad=train) for task in bank.tasks.values())
+            else:
+                t = torch.stack([task["tensors"][keys[0]] for task in bank.tasks.values()])
+                if keys[1]:  # diag(v_t) B_t, once
+                    t = torch.stack([task["tensors"][keys[1]] for task in bank.tasks.values()])[:, :, None] * t
+                made[keys] = nn.Parameter(t.to(m.lora_A.device), requires_grad=False)
         return made[keys]
 
     def mixed(m):  # an AdaptedLinear, and the one below it when two parts of a fused map are adapted
@@ -364,7 +379,12 @@ def attach(model, bank, trainable=False):
         parent_name, _, child = name.rpartition(".")
         if parent_name not in wrappers:  # the outer wrapper of a map
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mixed(m))
-    model.bank_tensors = {keys[0]: p for keys, p in made.items()}  # what collect() copies back after training
+    # what collect() copies back after training, and a checkpoint holds: the shared A under its own key,
+    # a trainable bank's tensors of each task under tasks.NAME.KEY (the bank file's names)
+    model.bank_tensors = {}
+    for (key, _), p in made.items():
+        each = zip(bank.names, p) if isinstance(p, nn.ParameterList) else [(None, p)]
+        model.bank_tensors.update({key if name is None else f"tasks.{name}.{key}": t for name, t in each})
     return model
 
 
@@ -411,9 +431,12 @@ def fresh(model, config, names, base=None):
 def collect(model, bank):
     """Copy the tensors a trainable attach() trained back into `bank` (then bank.save, bank.export)."""
     for key, p in model.bank_tensors.items():
-        if _is_a(key):
+        if key.startswith("tasks."):
+            name, _, key = key[len("tasks."):].partition(".")
+            bank.tasks[name]["tensors"][key] = p.detach().cpu().clone()
+        elif _is_a(key):
             bank.shared[key] = p.detach().cpu().clone()
-        else:
+        else:  # a stacked tensor of an inference attach(): row i is task i's
             for i, task in enumerate(bank.tasks.values()):
                 task["tensors"][key] = p[i].detach().cpu().clone()
     return bank
@@ -486,8 +509,8 @@ class JointBatches:
 def summary_of_training(model):
     """The line train.py prints for a joint run: the tasks, the shared A's and each task's parameters."""
     names = model.task_rows.names
-    shared = sum(p.numel() for k, p in model.bank_tensors.items() if _is_a(k) and p.requires_grad)
-    each = sum(p[0].numel() for k, p in model.bank_tensors.items() if not _is_a(k) and p.requires_grad)
+    shared = sum(p.numel() for k, p in model.bank_tensors.items() if not k.startswith("tasks.") and p.requires_grad)
+    each = sum(p.numel() for k, p in model.bank_tensors.items() if k.startswith(f"tasks.{names[0]}.") and p.requires_grad)
     return (f"{len(names)} tasks trained jointly ({', '.join(names)}): one shared A ({shared:,} trainable "
             f"parameters), each task its own B, u ({each:,} each)")
 

@@ -113,7 +113,11 @@ class Group(Single):
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
         device = next(p for p in model.parameters() if p.requires_grad).device
-        self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a joint run (bank.py) trains one task's B per step: the other tasks' get no gradient, which DDP
+        # must be told to expect
+        joint = hasattr(model, "bank_tensors")
+        self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                           find_unused_parameters=joint)
         return self.ddp
 
     def no_sync(self, last):

@@ -437,9 +437,8 @@ def copy_tensors(own, tensors, source, only_shared_keys=False):
 
 def make_optimizer(model, cfg, device):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a shared tensor appears once
-    matrix = lambda name, p: p.dim() >= 2 and not name.endswith("lora_u")  # a joint run stacks u: (tasks, r)
-    groups = [{"params": [p for n, p in params if matrix(n, p)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in params if not matrix(n, p)], "weight_decay": 0.0}]  # u, v, biases, norms
+    groups = [{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]  # u, v, biases, norms
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.startswith("cuda"))
 
@@ -458,7 +457,7 @@ def checkpoint(model, cfg, state, step, best_val):
         ckpt["base"] = runtime.base_reference(cfg.init_from, cfg.out_dir)
     if cfg.adapter == "none" or cfg.init_from == "scratch":  # no base to name: keep its weights
         ckpt["model"] = model.state_dict() if cfg.adapter == "none" else sharelora.base_state_dict(model)
-    if cfg.tasks:  # a joint run: the bank's stacked tensors (model.bank_tensors); bank.safetensors beside
+    if cfg.tasks:  # a joint run: the shared A and each task's tensors (model.bank_tensors); bank.safetensors beside
         ckpt["bank"] = {k: v.detach() for k, v in model.bank_tensors.items()}
     elif cfg.adapter != "none":
         ckpt["adapter"] = {k: v.detach() for k, v in sharelora.adapter_state_dict(model).items()}

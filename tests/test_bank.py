@@ -345,7 +345,8 @@ def test_joint_training_of_three_tasks_around_one_A(tmp_path):
     b = bank.fresh(model, config, ["t0", "t1", "t2"])
     bank.attach(model, b, trainable=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert sorted(p.dim() for p in trainable) == [2, 2] + [3] * 4  # the q and v A's; 2 layers x (q, v) stacked B's
+    assert [p.shape for p in trainable].count((32, 4)) == 12  # 2 layers x (q, v) x 3 tasks: each task's own B
+    assert [p.shape for p in trainable].count((4, 32)) == 2 and len(trainable) == 14  # the q and v A's
     optimizer = torch.optim.AdamW(trainable, lr=3e-2)
     g = torch.Generator().manual_seed(0)
     names = ["t0", "t1", "t2"] * 4
@@ -558,3 +559,29 @@ def test_joint_batches_take_turns_or_draw_by_size(mix):
     late.steer(rows)
     assert [late.get("train", i) for i in range(5000, 5010)] == got[5000:5010]  # a resumed run: the same
     assert rows.index in (0, 1)
+
+
+def test_a_step_of_one_task_leaves_the_others_alone():
+    """Joint training: each task's B and u are Parameters of their own, so a step on task 0's batch
+    leaves task 1's exactly as they were, even with weight decay and the momentum of task 1's own
+    earlier step (a stacked tensor would take both on every step)."""
+    model = tiny_gpt()
+    b = bank.fresh(model, sharelora.AdapterConfig(preset="sharea", spec="A=shared B=layer u=layer", r=4,
+                                                  targets=("q", "v")), ["a", "b"])
+    bank.attach(model, b, trainable=True)
+    A0 = {k: t.clone() for k, t in b.shared.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for task in (1, 0, 0, 0):
+        if task == 0 and "kept" not in locals():
+            kept = {k: p.detach().clone() for k, p in model.bank_tensors.items() if k.startswith("tasks.b.")}
+            assert any(t.abs().sum() > 0 for t in kept.values())  # task b has trained
+        model.task_rows.set(task)
+        opt.zero_grad()
+        model(x, x)[1].backward()
+        opt.step()
+    after = {k: p.detach() for k, p in model.bank_tensors.items() if k.startswith("tasks.b.")}
+    assert kept.keys() == after.keys() and len(kept) == 8  # 2 layers x (q, v) x (B, u)
+    assert all(torch.equal(kept[k], after[k]) for k in kept)
+    assert all(not torch.equal(A0[k], model.bank_tensors[k].detach()) for k in A0)  # the shared A trained on

@@ -339,9 +339,9 @@ def attach(model, bank, trainable=False):
     """Give the base `model` (in place) every task of the bank at once, for inference: each adapted map
     becomes a MixedLinear. The maps, groups and fused-map parts are found as sharelora.add_adapters
     finds them, with the first task's configuration. Returns the model; `with tasks(model, ...)` then
-    says which task each row of a batch is. trainable=True: the stacked tensors train as the
-    configuration says (joint training of fresh() tasks, one B per task, one A for all; collect() then
-    puts them back into the bank)."""
+    says which task each row of a batch is. trainable=True: the tensors train as the configuration
+    says (joint training of fresh() tasks: one A for all, each task's B and u Parameters of their own;
+    collect() then puts them back into the bank)."""
     config = next(iter(bank.tasks.values()))["config"]
     comps = config.components()
     if trainable and comps["v"][0] != "off":  # before any change to the model

@@ -153,6 +153,9 @@ class Bound:
 
 TEXT = Bound(str)  # every text option: a path, a name, a prompt
 SEED = Bound(int, 0, 2**32 - 1)  # what every random generator here accepts (numpy's, too)
+# torch threads: more than the machine's cores never helps, and 1,000 of them on 2 cores took the load
+# average to 285 (a benchmark's --threads, before this bound)
+THREADS = Bound(int, 1, os.cpu_count() or 1)
 
 
 def check_record(record, fields, where, fix, required=()):

@@ -29,7 +29,7 @@ from conftest import ROOT, TINY, load_script
 from data.common import UserError, read_meta, read_metrics
 from data.common import run as run_early
 from test_faults import Case, call
-from tools import analyze, bench_bank, compare, demo, evaluate_e2e, export, joint_quality
+from tools import analyze, bench, bench_bank, compare, demo, evaluate_e2e, export, joint_quality
 
 SCRIPTS = {  # script: (its parse-and-check stage, options every command needs, so that the rest is reached)
     "train.py": (train_options.early_options, []),
@@ -40,10 +40,19 @@ SCRIPTS = {  # script: (its parse-and-check stage, options every command needs, 
     "tools/analyze.py": (analyze.options, ["--adapter=a.safetensors"]),
     "tools/demo.py": (demo.options, []),
     "tools/bench_bank.py": (bench_bank.options, []),
+    "tools/bench.py": (bench.parse_args, []),
     "tools/joint_quality.py": (joint_quality.options, ["--init_from=gpt2"]),
     **{p: (load_script(p).options, []) for p in ("data/e2e/prepare.py", "data/e2e_refs/prepare.py",
                                                  "data/shakespeare/prepare.py")},
 }
+
+
+def test_every_script_with_options_is_in_scripts():
+    """A new script's options are drawn too: each file that declares options is listed above (bank.py's
+    are positional: its commands are tested in tests/test_bank.py)."""
+    declared = {str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("data/*/*.py")]
+                if "add_argument(" in p.read_text()}
+    assert declared - {"bank.py"} <= set(SCRIPTS)  # (train.py declares its options in train_options.py)
 
 
 def option_names(script):

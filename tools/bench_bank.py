@@ -29,7 +29,7 @@ from collections import namedtuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.common import (TEXT, Bound, Parser, check, check_record, committed_path, quiet_ctrl_c,  # noqa: E402
+from data.common import (TEXT, THREADS, Bound, Parser, check, check_record, committed_path, quiet_ctrl_c,  # noqa: E402
                          read_json_file, write_binary, write_json)
 from data.common import run as run_early  # noqa: E402
 from train_options import BOUNDS  # noqa: E402
@@ -67,7 +67,7 @@ def options(argv=None):
     p.add_argument("--repeats", type=Bound(int, 1, 1000), default=3, help="timed rounds, the contenders taking turns")
     p.add_argument("--device", type=BOUNDS["device"], default="auto",
                    help="auto (default): a GPU if there is one, as tools/bench.py; cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=Bound(int, 1, 1024), help="torch.set_num_threads (default: torch's own); on a "
+    p.add_argument("--threads", type=THREADS, help="torch.set_num_threads (default: torch's own); on a "
                    "busy machine 1 thread can be much faster than 2 that wait for each other")
     p.add_argument("--init_from", type=TEXT, help="a stand-in base instead of the random one: a folder with "
                    "config.json and model.safetensors, as train.py writes (e.g. out-e2e-base)")

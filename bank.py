@@ -110,6 +110,23 @@ def _is_a(key):
     return key.endswith(".lora_A")
 
 
+def _missing(base):
+    """Whether base names a local folder that is not there (a hub name is never missing here)."""
+    return base is not None and os.path.isabs(base) and not os.path.exists(base)
+
+
+def _first_difference(theirs, ours):
+    """'MAP: [d_out, d_in] against [...]' for the first map whose shape (or presence) differs."""
+    name = next(n for n in sorted(set(theirs) | set(ours)) if theirs.get(n) != ours.get(n))
+    return f"{name}: {theirs.get(name, 'absent')} against {ours.get(name, 'absent')}"
+
+
+def _checksum(metadata):
+    """sha256 of a bank file's metadata (every value, canonical JSON), 16 hex digits: a flipped byte of
+    the header that still reads (alpha 16.0 -> 36.0, a shape, a path) changes it."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def is_bank(path):
     """Whether path is a bank file (and not, say, an adapter file)."""
     try:
@@ -150,20 +167,25 @@ class Bank:
         """Add the adapter file at path as task `name`, refused in one sentence unless it was trained on
         the bank's base, in the bank's layout, around the bank's A. The other tasks are left as they are."""
         if not TASK_NAME.fullmatch(name) or name in self.tasks:
-            raise ValueError(f"task name {name!r} is {'taken' if name in self.tasks else 'not letters, digits, _ or -'}"
+            raise ValueError(f"task name {name!r} is {'a task of the bank already' if name in self.tasks else 'not 1 to 64 ASCII letters, digits, _ or -'}"
                              ": choose another")
         config, meta, tensors = _all_tensors(path)
-        base = _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path)))
-        if (base, meta["shapes"], meta.get("base_quantized")) != (self.base, self.shapes, self.quantized):
-            raise ValueError(f"{path} was trained on base {meta.get('base')!r} (quantized: {meta.get('base_quantized')}), "
-                             f"the bank's tasks on {self.base!r} (quantized: {self.quantized}), or on maps of other "
-                             "shapes: a bank holds adapters of one base")
         if self.tasks:
             first = next(iter(self.tasks.values()))["config"]
             if _layout(config) != _layout(first):
                 raise ValueError(f"{path} is a {config.describe()} adapter of r={config.r} on {','.join(config.targets)}, "
                                  f"the bank's are {first.describe()} of r={first.r} on {','.join(first.targets)}: a "
                                  "bank holds adapters of one layout (rank, scale, targets, placements)")
+        base = _absolute(meta.get("base"), os.path.dirname(os.path.abspath(path)))
+        if (base, meta.get("base_quantized")) != (self.base, self.quantized):
+            moved = (f" ({self.base} does not exist: a bank names its base relative to its own folder, so keep the "
+                     "bank where its base is found)" if _missing(self.base) else "")
+            raise ValueError(f"{path} was trained on base {base!r} (quantized: {meta.get('base_quantized')}), the bank's "
+                             f"tasks on {self.base!r} (quantized: {self.quantized}){moved}: a bank holds adapters of one base")
+        if meta["shapes"] != self.shapes:
+            raise ValueError(f"{path} was trained on maps of other shapes than the bank's tasks, so on another base "
+                             f"of that name (e.g. {_first_difference(meta['shapes'], self.shapes)}): a bank holds "
+                             "adapters of one base")
         differ = sorted(k for k in tensors.keys() & self.shared.keys() if not torch.equal(tensors[k], self.shared[k]))
         if differ or {k for k in tensors if _is_a(k)} != self.shared.keys():
             raise ValueError(f"{path}'s A ({(differ or sorted(self.shared))[0]}) is not the bank's: train the task with "
@@ -196,6 +218,7 @@ class Bank:
                     "base_quantized": json.dumps(self.quantized), "tasks": json.dumps(listing),
                     "shared": json.dumps({"count": sum(t.numel() for t in self.shared.values()),
                                           "fingerprint": _fingerprint(self.shared)})}
+        metadata["checksum"] = _checksum(metadata)
         sharelora._write_safetensors(path, tensors, metadata)
 
     @classmethod
@@ -210,6 +233,9 @@ class Bank:
                 raise ValueError("it is an adapter file, not a bank: build one with `python bank.py build`")
             if meta.get("format") != FORMAT:
                 raise ValueError("it has no bank metadata")
+            # (banks written before 2026-12-03 have no checksum: their tensors' fingerprints are still checked)
+            if "checksum" in meta and _checksum({k: v for k, v in meta.items() if k != "checksum"}) != meta["checksum"]:
+                raise ValueError("its metadata differs from its checksum (damaged?)")
             listing, shared = json.loads(meta["tasks"]), json.loads(meta["shared"])
             base, shapes, quantized = (json.loads(meta[k]) for k in ("base", "shapes", "base_quantized"))
             tasks = {e["name"]: {"config": AdapterConfig(**e["config"]), "source": e["source"],
@@ -229,6 +255,10 @@ class Bank:
         """Task `name` alone as a normal adapter file (sharelora.load_adapter, export_peft and export_merged
         take it), its frozen tensors included."""
         self._require(name)
+        if os.path.exists(path):
+            raise ValueError(f"{path} exists: export writes a new file, never over one (choose another name)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"the folder of {path} does not exist: create it first, or choose another place")
         task = self.tasks[name]
         sharelora._write_safetensors(path, {**self.shared, **task["tensors"]}, {
             "format": "sharelora", "version": "1", "config": json.dumps(asdict(task["config"])),
@@ -348,6 +378,10 @@ def attach(model, bank, trainable=False):
         raise ValueError("attach folds v into B, so a trainable bank cannot train v: train tasks without v "
                          "(u is fine) jointly, or train tasks with v one after another")
     sharelora.add_adapters(model, config)
+    shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(model)}
+    if bank.shapes is not None and shapes != bank.shapes:
+        raise ValueError(f"this model's maps are not those the bank's tasks were trained on "
+                         f"({_first_difference(shapes, bank.shapes)}): attach the bank to its own base ({bank.base})")
     model.task_rows = TaskRows(bank.names)
     made = {}  # (key, v's key) -> one tensor for every map that holds it: a shared A or B stays one tensor
 
@@ -398,6 +432,7 @@ def load(path, names=None, init_from=None, device="auto", dtype="auto", quantize
     names = names or b.names
     for name in names:
         b._require(name)
+    runtime.check(len(set(names)) == len(names), f"--tasks names a task twice ({','.join(names)}): name each once")
     device = runtime.pick_device(device)
     trained_on = b.quantized or "none"
     info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,
@@ -511,8 +546,9 @@ def summary_of_training(model):
     names = model.task_rows.names
     shared = sum(p.numel() for k, p in model.bank_tensors.items() if not k.startswith("tasks.") and p.requires_grad)
     each = sum(p.numel() for k, p in model.bank_tensors.items() if k.startswith(f"tasks.{names[0]}.") and p.requires_grad)
+    own = "B, u" if any(k.endswith(".lora_u") for k in model.bank_tensors) else "B"
     return (f"{len(names)} tasks trained jointly ({', '.join(names)}): one shared A ({shared:,} trainable "
-            f"parameters), each task its own B, u ({each:,} each)")
+            f"parameters), each task its own {own} ({each:,} each)")
 
 
 @contextlib.contextmanager
@@ -548,8 +584,13 @@ def main(argv=None):
         check(pairs and all(n and f for n, f in pairs), f"{args.command} takes NAME=ADAPTER_FILE items, e.g. "
               f"e2e=out-e2e/adapter.safetensors, not {' '.join(args.items) or 'none'}")
     check(args.command != "export" or len(args.items) == 2, "export takes the task's name and the adapter file to write")
+    check(args.command != "remove" or args.items, "remove takes the names of the tasks to remove")
+    names = [n for n, _ in pairs] if args.command in ("build", "add") else args.items if args.command == "remove" else []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    check(not twice, f"{args.command} names {twice[0] if twice else ''} twice: name each task once")
     check(args.command != "list" or not args.items, "list takes only the bank file")
-    check(args.command != "build" or not os.path.exists(args.bank), f"{args.bank} exists: use add, or another name")
+    check(args.command != "build" or not os.path.exists(args.bank), f"{args.bank} exists: "
+          f"{'choose a file name' if os.path.isdir(args.bank) else 'use add, or another name'}")
     if args.command == "build":
         Bank.build(dict(pairs)).save(args.bank)
     else:

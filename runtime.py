@@ -259,8 +259,10 @@ def base_reference(init_from, folder):
     return rel if rel == "." or rel.startswith("..") else os.path.join(".", rel)
 
 
-def resolve_base(reference, folder, what, fix="pass the base with --init_from=PATH, or move the run folder back beside it"):
-    """The base a run names, as a path to load (or a hub name). `what` names the file that named it."""
+def resolve_base(reference, folder, what, fix="pass the base with --init_from=PATH, or move the run folder back beside it",
+                 kind="the base model"):
+    """The base a run names, as a path to load (or a hub name). `what` names the file that named it;
+    kind, what the path is (the base model, or a data folder)."""
     if reference == "." or reference.startswith(("./", "../", ".\\", "..\\")):
         path = os.path.normpath(os.path.join(folder, reference))
     elif os.path.isabs(reference):
@@ -268,7 +270,7 @@ def resolve_base(reference, folder, what, fix="pass the base with --init_from=PA
     else:
         return reference  # a hub name
     if not os.path.exists(path):
-        fail(f"{what} was trained on the base model at {reference!r} (relative to its folder), but {path} "
+        fail(f"{what} was trained on {kind} at {reference!r} (relative to its folder), but {path} "
              f"does not exist: {fix}")
     return path
 
@@ -320,6 +322,9 @@ def _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize):
     elif out_dir is not None and os.path.exists(committed_path(out_dir, "model.safetensors")):
         info["base"] = os.path.dirname(committed_path(out_dir, "model.safetensors"))
     else:
+        if os.path.exists(committed_path(out_dir, "bank.safetensors")):
+            fail(f"{out_dir} is a joint run (train.py --tasks): it holds bank.safetensors, not one adapter: pass "
+                 f"--bank={os.path.join(out_dir, 'bank.safetensors')}, or export a task with `python bank.py export`")
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")
     trained_on = (meta.get("base_quantized") or "none") if adapter is not None else "none"

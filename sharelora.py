@@ -1063,6 +1063,9 @@ def read_adapter(path):
         tensors, meta = _read_safetensors(path)
     except (ValueError, OSError, RecursionError) as e:  # json's and unicode's errors are ValueErrors too
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {e}") from None
+    if meta.get("format") == "sharelora-bank":
+        raise ValueError(f"{path} is an adapter bank (bank.py), not an adapter file: export one of its tasks with "
+                         "`python bank.py export BANK TASK FILE`, or pass it as a bank (--bank)")
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is a safetensors file but not a sharelora adapter (no sharelora metadata)")
     config, meta = _parse_metadata(path, meta)

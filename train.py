@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -145,7 +146,9 @@ def start_or_resume(cfg, group):
         if runtime.has_checkpoint(cfg.out_dir):
             fail(f"out_dir {cfg.out_dir} holds a training run already: continue it with --init_from=resume, "
                  "or choose another out_dir (delete that one to start over)")
-        models = [f for f in ("model.safetensors", runtime.ADAPTER_FILE, bank.BANK_FILE) if os.path.exists(os.path.join(cfg.out_dir, f))]
+        # a model, or prepared data (a task's own folder given as out_dir), that a new run would write beside or over
+        models = [f for f in ("model.safetensors", runtime.ADAPTER_FILE, bank.BANK_FILE, "meta.json", "train.bin")
+                  if os.path.exists(os.path.join(cfg.out_dir, f))]
         check(not models, f"out_dir {cfg.out_dir} holds {models[0] if models else ''} but no checkpoint to resume, and a "
                           "new run would overwrite it: choose another out_dir (or move that file away)")
         return cfg, None
@@ -199,7 +202,8 @@ def data_folder(cfg, recorded, folder):
     to the run folder, like its base), so that a resume from any current folder reads the same data."""
     if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
         return runtime.resolve_base(recorded["path"], cfg.out_dir, f"the checkpoint in {cfg.out_dir}",
-                                    fix="put the data back there, or move the run folder back beside it")
+                                    fix="put the data back there, or move the run folder back beside it",
+                                    kind="the data folder")
     return os.path.abspath(folder)
 
 
@@ -393,24 +397,40 @@ def build_model(cfg, ckpt, dtype=torch.float32):
         model.bank = bank.fresh(model, adapter_config(cfg), list(task_folders(cfg.tasks)), base=cfg.init_from)
         bank.attach(model, model.bank, trainable=True)
         if cfg.init_adapter and ckpt is None:  # new tasks around an adapter's or a bank's A (the spec may freeze it)
-            shared = {k: t for k, t in init_tensors(cfg.init_adapter).items() if k.endswith(".lora_A")}
+            shared = {k: t for k, t in init_tensors(cfg.init_adapter, model).items() if k.endswith(".lora_A")}
             copy_tensors(model.bank_tensors, shared, f"init_adapter {cfg.init_adapter}", only_shared_keys=True)
         if ckpt is not None:
             copy_tensors(model.bank_tensors, ckpt["bank"], f"the checkpoint in {cfg.out_dir}")
     elif cfg.adapter != "none":
         sharelora.add_adapters(model, adapter_config(cfg))
         if cfg.init_adapter and ckpt is None:
-            copy_adapter(model, init_tensors(cfg.init_adapter), f"init_adapter {cfg.init_adapter}",
+            copy_adapter(model, init_tensors(cfg.init_adapter, model), f"init_adapter {cfg.init_adapter}",
                          only_shared_keys=True)  # take the tensors both adapters have; the spec decides what trains
         if ckpt is not None:
             copy_adapter(model, ckpt["adapter"], f"the checkpoint in {cfg.out_dir}")
     return model
 
 
-def init_tensors(path):
+def init_tensors(path, model):
     """init_adapter's tensors: an adapter file's, or an adapter bank's shared A (bank.py), so that a task
-    trained around it, with A frozen, can join that bank."""
-    return bank.Bank.read(path).shared if bank.is_bank(path) else sharelora.read_adapter(path)[2]
+    trained around it, with A frozen, can join that bank. Refused when the file was made on maps of other
+    shapes than this run's (another base)."""
+    if bank.is_bank(path):
+        b = bank.Bank.read(path)
+        shapes, tensors = b.shapes, b.shared
+    else:
+        _, meta, tensors = sharelora.read_adapter(path)
+        shapes = meta["shapes"]
+    ours = model.bank.shapes if hasattr(model, "bank") else \
+        {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(model)}
+    # a map of both of another shape, or a map of a target both adapt that only this run has (another depth);
+    # maps of targets only this run adapts are new ones (they start afresh: docs/beyond.md)
+    pattern = lambda name: re.sub(r"\.\d+(?=\.|$)", ".*", name)
+    theirs = {pattern(n) for n in shapes}
+    other = next((n for n in ours if shapes.get(n, ours[n]) != ours[n] or (n not in shapes and pattern(n) in theirs)), None)
+    check(other is None, f"init_adapter {path} was made on another base: its map {other} is "
+                         f"{shapes.get(other, 'absent')}, this run's {ours.get(other)}; train on the base it was made on")
+    return tensors
 
 
 def copy_adapter(model, tensors, source, only_shared_keys=False):

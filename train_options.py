@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 1337
 
 
-TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # it names a results folder and tensor keys: short, ASCII
 MAX_TASKS = 64  # a bank stacks every task's B: 64 x GPT-2 small's ShareA B's is 38 MB
 
 
@@ -175,8 +175,8 @@ BOUNDS = {
     "eval_interval": Bound(int, 1, 10**9), "log_interval": Bound(int, 1, 10**9), "eval_iters": Bound(int, 1, 10**6),
     "sample_tokens": Bound(int, 1, 2**20), "seed": SEED, "adapter_seed": SEED,
     "tasks": Bound(str, test=lambda v: v == "" or task_folders(v) is not None,
-                   what=f"NAME=DATA_DIR pairs separated by commas, 1 to {MAX_TASKS} distinct names of letters, digits, _ "
-                        "or - (e.g. e2e=data/e2e,parse=data/e2e_parse), or empty"),
+                   what=f"NAME=DATA_DIR pairs separated by commas, 1 to {MAX_TASKS} distinct names of 1 to 64 ASCII letters, "
+                        "digits, _ or - (e.g. e2e=data/e2e,parse=data/e2e_parse), or empty"),
     "task_mix": Bound(str, test=lambda v: v in ("round_robin", "proportional"), what="round_robin or proportional"),
     "out_dir": TEXT, "init_from": TEXT, "dataset": TEXT, "targets": TEXT,
     "adapter": Bound(str, test=lambda v: v.strip() != "", what="a preset name or none"),

@@ -93,7 +93,7 @@ def test_add_and_remove_leave_the_other_tasks_alone(adapters, tmp_path):
     b.add("parse", adapters["parse"]).remove("e2e")
     assert b.names == ["poems", "parse"]
     assert all(torch.equal(before["poems"][k], t) for k, t in b.tasks["poems"]["tensors"].items())
-    with pytest.raises(ValueError, match="taken"):
+    with pytest.raises(ValueError, match="a task of the bank already"):
         b.add("parse", adapters["parse"])
     with pytest.raises(ValueError, match="no task 'e2e'"):
         b.export("e2e", tmp_path / "x.safetensors")
@@ -585,3 +585,51 @@ def test_a_step_of_one_task_leaves_the_others_alone():
     assert kept.keys() == after.keys() and len(kept) == 8  # 2 layers x (q, v) x (B, u)
     assert all(torch.equal(kept[k], after[k]) for k in kept)
     assert all(not torch.equal(A0[k], model.bank_tensors[k].detach()) for k in A0)  # the shared A trained on
+
+
+def test_commands_that_would_lose_or_hide_something_are_refused(adapters, tmp_path):
+    """Found by an outside tester: export over an existing file (the bank itself, another run's adapter),
+    a name given twice, remove without names: each one line, exit 2, every file as it was."""
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bank.py"), *map(str, a)], capture_output=True, text=True)
+    out = tmp_path / "tasks.safetensors"
+    assert run("build", out, f"e2e={adapters['e2e']}", f"parse={adapters['parse']}").returncode == 0
+    before = {p: p.read_bytes() for p in (out, adapters["e2e"])}
+    for args in [("export", out, "e2e", out), ("export", out, "parse", adapters["e2e"]),
+                 ("export", out, "e2e", tmp_path / "nowhere" / "x.safetensors"), ("export", out, "e2e", tmp_path),
+                 ("build", tmp_path / "new.safetensors", f"e2e={adapters['e2e']}", f"e2e={adapters['parse']}"),
+                 ("add", out, f"x={adapters['poems']}", f"x={adapters['poems']}"), ("remove", out),
+                 ("build", tmp_path, f"e2e={adapters['e2e']}")]:
+        p = run(*args)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+    assert all(p.read_bytes() == b for p, b in before.items()) and not (tmp_path / "new.safetensors").exists()
+
+
+def test_every_flipped_byte_of_a_bank_header_is_refused(adapters, tmp_path):
+    """A bank's metadata is checksummed as its tensors are fingerprinted: a flip anywhere in the header
+    that still reads as JSON (alpha 16.0 -> 36.0, a shape, the base's path) is refused too."""
+    import struct
+    path = tmp_path / "tasks.safetensors"
+    bank.Bank.build(adapters).save(path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    g = torch.Generator().manual_seed(0)
+    spots = sorted(set(torch.randint(8, 8 + n, (300,), generator=g).tolist()))
+    text = data[8:8 + n].decode()
+    alpha = text.index("alpha")
+    spots += [8 + text.index("1", alpha), 8 + text.index("32", text.index("shapes"))]  # digits that stay valid JSON
+    for i in spots:
+        for bit in (0x01, 0x10):
+            damaged = tmp_path / "damaged.safetensors"
+            damaged.write_bytes(data[:i] + bytes([data[i] ^ bit]) + data[i + 1:])
+            try:
+                b = bank.Bank.read(damaged)
+            except ValueError:
+                continue
+            raise AssertionError(f"byte {i} ^ {bit:#x} ({chr(data[i])!r}) was read: {b.summary()}")
+
+
+def test_a_bank_on_another_base_is_refused(adapters):
+    """Its maps' shapes are the bank's record of its base: another one is refused before any batch."""
+    other = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, vocab_size=64, block_size=64))
+    with pytest.raises(ValueError, match="not those the bank's tasks were trained on"):
+        bank.attach(other, bank.Bank.build(adapters))

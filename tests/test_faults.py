@@ -172,7 +172,7 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
     "init_adapter of another rank": ("train.py", lambda c: c.train(f"--init_from={c.base}", "--adapter=lora", "--r=4",
                                                                    f"--init_adapter={c.adapter}"), "use the same r"),
     "init_adapter of another width": ("train.py", lambda c: c.train("--n_embd=48", "--adapter=lora", "--r=2",
-                                                                    f"--init_adapter={c.adapter}"), "use the same r"),
+                                                                    f"--init_adapter={c.adapter}"), "was made on another base"),
     "init_from garbage .safetensors": ("train.py", lambda c: c.train(f"--init_from={c.file('x.safetensors', os.urandom(300))}"),
                                        "not a readable weights file"),
     "init_from truncated .safetensors": ("train.py", lambda c: c.train(
@@ -310,7 +310,27 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                           "--limit must be"),
     "prepare text too short": ("data/shakespeare/prepare.py", lambda c: ["--src", c.file("t.txt", "Hi."), "--out", c.tmp / "o"],
                                "too short"),
+    # banks (bank.py), as an outside tester tried them
+    "out_dir a prepared data folder": ("train.py", lambda c: c.train(f"--out_dir={c.e2e_copy()}"), "holds meta.json"),
+    "init_adapter of another depth": ("train.py", lambda c: c.train("--n_layer=3", "--adapter=lora", "--r=2",
+                                                                    f"--init_adapter={c.adapter}"), "was made on another base"),
+    "a bank where an adapter goes": ("sample.py", lambda c: [f"--adapter={_bank(c)}", "--max_new_tokens=1"],
+                                     "is an adapter bank"),
+    "evaluate a joint run's folder": ("tools/evaluate_e2e.py", lambda c: [f"--out_dir={c.file('joint/bank.safetensors', b'x').parent}",
+                                                                        f"--data_dir={c.data['e2e']}"], "is a joint run"),
+    "evaluate a bank's task twice": ("tools/evaluate_e2e.py", lambda c: [f"--bank={_bank(c)}", "--tasks=a,a", "--limit=1",
+                                                                       f"--data_dir={c.data['e2e']}"], "names a task twice"),
+    "evaluate a bank into a run folder": ("tools/evaluate_e2e.py", lambda c: [
+        f"--bank={_bank(c)}", "--limit=1", f"--data_dir={c.data['e2e']}", f"--results_dir={c.copy(c.trained / 'adapted', 'run')}"],
+        "which a bank's evaluation did not write"),
 }
+
+
+def _bank(c):
+    import bank
+    path = c.tmp / "tasks.safetensors"
+    bank.Bank.build({"a": c.adapter}).save(path)
+    return path
 
 
 def snapshot(*roots):

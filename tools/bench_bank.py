@@ -18,6 +18,7 @@ the adapter bytes each way holds in memory and in files, for N tasks; on CUDA al
 contender's generation needs beyond the models (torch.cuda.max_memory_allocated).
 """
 import copy
+import json
 import os
 import platform
 import re
@@ -90,6 +91,8 @@ def options(argv=None):
         if path is not None:  # checked now rather than after minutes of measuring
             check(path.endswith(ending) and not os.path.isdir(path),
                   f"--{option} {path} must be a file name ending in {ending}")
+            check(not os.path.exists(path) or ours(path), f"--{option} {path} exists and is not a figure or table "
+                  "that bench_bank.py wrote: choose another name (nothing is overwritten)")
             check(os.path.isdir(os.path.dirname(path) or "."),
                   f"--{option} {path}: its folder does not exist; create it first")
     if args.png:
@@ -98,6 +101,21 @@ def options(argv=None):
         except ImportError:
             p.error("--png needs matplotlib: pip install matplotlib (or leave out --png)")
     return args
+
+
+def ours(path):
+    """Whether path holds what an earlier run of this benchmark wrote (a PNG; a JSON of settings and
+    rows), which a new run may replace."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(".png"):
+        return head == b"\x89PNG\r\n\x1a\n"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and {"settings", "rows"} <= data.keys()
 
 
 def stand_in_folder(path):
@@ -420,6 +438,7 @@ def bench(args):
         return products()
     device = runtime.pick_device(args.device)
     base = the_base(args.init_from)
+    sharelora.add_adapters(base.make(), sharelora.AdapterConfig(**{**ADAPTER, "targets": args.targets}))  # bad targets: now
     print(f"base: {base.description}; adapter: {dict(ADAPTER, targets=args.targets)}; batch {args.rows} rows x ({args.prompt} prompt + {args.new} "
           f"new) tokens, greedy, KV cache; device {device}; torch threads {torch.get_num_threads()}; "
           "tokens/s = new tokens / median seconds")

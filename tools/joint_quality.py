@@ -31,6 +31,7 @@ WAYS = ("separate", "sequence", "joint")
 FROZEN_A = "A=shared/frozen B=layer"  # sequence: the first task's A, only B trains (ShareA's layout)
 ROW_FILE = "quality_row.json"  # a scored run's figures, beside its adapter
 COMMAND_FILE = "quality_command.json"  # the train.py options a run was started with: whose run a folder holds
+OURS = (*WAYS, "quality.md", "results.json", ".lock", ".staging", ".committed")  # what --out may hold
 
 
 def seed_list(text):
@@ -113,6 +114,9 @@ def measure_all(args):
     for r in plan:  # every run's options checked before the first one starts
         train.validate(train.parse_args(r["argv"]))
     prompts = {name: evenly_spaced(read_references(folder, "test"), args.eval_prompts) for name, folder in args.tasks.items()}
+    foreign = sorted(set(os.listdir(args.out)) - set(OURS)) if os.path.isdir(args.out) else []
+    runtime.check(not foreign, f"--out {args.out} holds {', '.join(foreign[:3])}, which joint_quality.py did not write: "
+                               "choose a new or empty folder")
     runtime.writable_folder(args.out, "--out")
     rows = []
     with runtime.own_folder(args.out, "--out"):  # one measurement at a time here; each train.py owns its run folder
@@ -124,11 +128,12 @@ def measure_all(args):
                 print(f"== {r['way']}, seed {r['seed']}: {'resuming' if resume else 'training'} in {r['out']}", flush=True)
                 argv = ["--init_from=resume", f"--out_dir={r['out']}"] if resume else r["argv"]
                 if runtime.run_child([sys.executable, os.path.join(ROOT, "train.py"), *argv]) != 0:
-                    runtime.fail(f"training {r['way']} (seed {r['seed']}) in {r['out']} failed; its error is above")
+                    sys.exit(2)  # train.py said why, in one line
             if r["way"] == "joint":  # each task of the run's bank alone, as an adapter file
                 joint = bank.Bank.read(os.path.join(r["out"], bank.BANK_FILE))
                 for name, path in r["adapters"].items():
-                    joint.export(name, path)
+                    if not os.path.exists(path):
+                        joint.export(name, path)
             rows += [scored(r, name, adapter, prompts[name], args) for name, adapter in r["adapters"].items()]
         table = format_table(rows, args)
 
@@ -143,6 +148,8 @@ def mine(r):
     """Make sure r's folder holds r's run, or nothing yet (then claim it): a run of other options, or a
     folder joint_quality.py did not make, is refused, never reused or overwritten."""
     path = os.path.join(r["out"], COMMAND_FILE)
+    if os.path.exists(path) and os.listdir(r["out"]) == [COMMAND_FILE]:  # claimed, never started (a bad option)
+        os.remove(path)
     if os.path.exists(path):
         made_by = runtime.read_json(path, "run command")
     elif os.path.exists(r["out"]) and os.listdir(r["out"]):
@@ -201,7 +208,8 @@ def format_table(rows, args):
             if rs:
                 cells = [spread([r[c] for r in rs]) for c in columns]
                 digits = [3 if c in ("val_loss", "nist", "cider") else 2 for c in columns]
-                lines.append(f"| {way} | " + " | ".join(f"{m:.{d}f} ± {s:.{d}f}" for (m, s), d in zip(cells, digits)) + " |")
+                cell = (lambda m, s, d: f"{m:.{d}f} ± {s:.{d}f}") if len(rs) > 1 else (lambda m, s, d: f"{m:.{d}f}")
+                lines.append(f"| {way} | " + " | ".join(cell(m, s, d) for (m, s), d in zip(cells, digits)) + " |")
     seeds = ",".join(map(str, args.seeds))
     lines.append(f"\nsequence's first task is separate's; base {args.init_from}; sharea, r = {args.r}, targets {args.targets}; {args.max_iters} steps of "
                  f"batch {args.batch_size} per task (joint: {args.max_iters * len(args.tasks)} in all), lr "

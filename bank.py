@@ -596,7 +596,8 @@ def main(argv=None):
     else:
         b = Bank.read(args.bank)
         if args.command == "export":
-            return b.export(*args.items)
+            b.export(*args.items)
+            return print(f"wrote {args.items[1]}: task {args.items[0]} alone, an adapter file")
         for name, path in pairs if args.command == "add" else []:
             b.add(name, path)
         for name in args.items if args.command == "remove" else []:

@@ -59,8 +59,9 @@ def options(argv):
     args = p.parse_args(argv)
     check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
           "pass both files to score them, or neither to decode a model's")
-    check(args.predictions is None or (args.out_dir is None and args.adapter is None and args.limit is None),
-          "--predictions scores a file without a model: leave out --out_dir, --adapter and --limit")
+    check(args.predictions is None or (args.out_dir is None and args.adapter is None and args.bank is None
+                                       and args.limit is None),
+          "--predictions scores a file without a model: leave out --out_dir, --adapter, --bank and --limit")
     check(args.results_dir is None or not os.path.isfile(args.results_dir),
           f"--results_dir {args.results_dir} is a file, not a folder: choose a folder name")
     check(args.predictions is not None or args.out_dir is not None or args.adapter is not None or args.bank is not None,

@@ -12,7 +12,7 @@ import threading
 import torch
 
 import sharelora
-from data.common import (COMMITTED, STAGING, Parser, UserError, check, check_folder_target, committed_path,  # noqa: F401
+from data.common import (COMMITTED, STAGING, Parser, UserError, check, check_folder_target, committed_path, torchrun_rank,  # noqa: F401
                          fail, finish_set, own_folder, report, run_child, write_folder, write_set,
                          write_text)  # torch-free: data/ and train.py use them too
 from model import GPT
@@ -410,8 +410,10 @@ def trim_log(path, step):
 def no_empty_folder_left(path):
     """Around a command that creates the folder `path`: if the command ends (fails, mostly) with
     nothing written in a folder it created, the folder goes again, so that a failed start leaves no
-    trace. os.rmdir removes only an empty folder: nothing written is ever removed."""
-    created = not os.path.exists(path)
+    trace. os.rmdir removes only an empty folder: nothing written is ever removed. Under torchrun only
+    process 0, which makes the folder, removes it: another process that failed first would take it away
+    under process 0's first write (seen: "cannot write in out_dir (No such file or directory)")."""
+    created = not os.path.exists(path) and torchrun_rank() == "0"
     try:
         yield
     finally:

@@ -433,6 +433,8 @@ def load(path, names=None, init_from=None, device="auto", dtype="auto", quantize
     for name in names:
         b._require(name)
     runtime.check(len(set(names)) == len(names), f"--tasks names a task twice ({','.join(names)}): name each once")
+    runtime.check(init_from is not None or not _missing(b.base), f"{path} names its base {b.base}, which does not exist "
+                  "(a bank names a local base relative to its own folder: was it moved?): pass the base with --init_from")
     device = runtime.pick_device(device)
     trained_on = b.quantized or "none"
     info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,

@@ -633,3 +633,27 @@ def test_a_bank_on_another_base_is_refused(adapters):
     other = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, vocab_size=64, block_size=64))
     with pytest.raises(ValueError, match="not those the bank's tasks were trained on"):
         bank.attach(other, bank.Bank.build(adapters))
+
+
+def test_a_moved_bank_names_init_from_and_runs_with_it(served, tmp_path):
+    """A bank copied away from its base: refused in one sentence that says to pass the base, and with
+    --init_from evaluated as where it was made."""
+    import shutil
+    import runtime
+    from test_evaluate_e2e import GROUPS
+    path, _ = served
+    moved = tmp_path / "elsewhere" / "deep" / "bank.safetensors"
+    moved.parent.mkdir(parents=True)
+    shutil.copy(path, moved)
+    data = tmp_path / "e2e"
+    data.mkdir()
+    (data / "test_refs.json").write_text(json.dumps(GROUPS))
+    (data / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))
+    common = ["--data_dir", str(data), "--beam_size", "1", "--max_new_tokens", "4", "--device", "cpu", "--dtype", "float32"]
+    with pytest.raises(runtime.UserError, match="pass the base with --init_from"):
+        ev.main(["--bank", str(moved), *common])
+    ev.main(["--bank", str(moved), "--init_from", str(tmp_path / "base"), *common])
+    ev.main(["--bank", str(path), *common])
+    for name in ("one", "two", "three"):
+        assert (moved.parent / "e2e_test" / name / "predictions.txt").read_text() == \
+            (path.parent / "e2e_test" / name / "predictions.txt").read_text()

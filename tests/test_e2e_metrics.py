@@ -191,7 +191,7 @@ def test_bad_files_get_one_line(leave_one_out, tmp_path, case):
         bad.write_text("\n\n")
         argv, expect = ["--predictions", pred, "--references", bad], "holds no reference"
     elif case == "with --limit":
-        argv, expect = ["--predictions", pred, "--references", ref, "--limit", "3"], "leave out --out_dir, --adapter, --bank and --limit"
+        argv, expect = ["--predictions", pred, "--references", ref, "--limit", "3"], "leave out --out_dir, --adapter, --bank, --init_from and --limit"
     else:
         bad.write_text("x")
         argv, expect = ["--predictions", pred, "--references", ref, "--results_dir", bad], "is a file, not a folder"

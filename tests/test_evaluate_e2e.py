@@ -271,7 +271,7 @@ def test_cli(data_dir, tmp_path, monkeypatch, capsys, beam_size):
     out_dir = tmp_path / "run"
     ev.main(["--out_dir", str(out_dir), "--data_dir", str(data_dir), "--beam_size", str(beam_size),
              "--max_new_tokens", "6", "--limit", "2", "--device", "cpu"])
-    assert calls == [dict(out_dir=str(out_dir), adapter=None, device="cpu", dtype="auto", quantize="auto")]
+    assert calls == [dict(out_dir=str(out_dir), adapter=None, init_from=None, device="cpu", dtype="auto", quantize="auto")]
     results = out_dir / "e2e_test"
     scores = json.loads((results / "scores.json").read_text())
     assert scores["mrs"] == 2 and scores["beam_size"] == beam_size and 0 <= scores["bleu"] <= 100

@@ -40,6 +40,8 @@ def options(argv):
     p.add_argument("--bank", type=TEXT, help="an adapter bank (bank.py): every task of --tasks decodes the MRs, in "
                    "mixed batches; results in RESULTS_DIR/TASK")
     p.add_argument("--tasks", type=TEXT, help="with --bank: the tasks to evaluate, e.g. e2e,other (default: all of the bank's)")
+    p.add_argument("--init_from", type=TEXT, help="the base, instead of the one the adapter or bank names (e.g. "
+                   "when it was moved away from it)")
     p.add_argument("--data_dir", type=TEXT, default="data/e2e", help="where data/e2e/prepare.py wrote its files")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--beam_size", type=Bound(int, 1, 100, what="a whole number in [1, 100] (the papers use 10; "
@@ -60,8 +62,8 @@ def options(argv):
     check((args.predictions is None) == (args.references is None), "--predictions and --references go together: "
           "pass both files to score them, or neither to decode a model's")
     check(args.predictions is None or (args.out_dir is None and args.adapter is None and args.bank is None
-                                       and args.limit is None),
-          "--predictions scores a file without a model: leave out --out_dir, --adapter, --bank and --limit")
+                                       and args.limit is None and args.init_from is None),
+          "--predictions scores a file without a model: leave out --out_dir, --adapter, --bank, --init_from and --limit")
     check(args.results_dir is None or not os.path.isfile(args.results_dir),
           f"--results_dir {args.results_dir} is a file, not a folder: choose a folder name")
     check(args.predictions is not None or args.out_dir is not None or args.adapter is not None or args.bank is not None,
@@ -413,12 +415,12 @@ RESULTS = ("predictions.txt", "references.txt", "scores.json")  # one set: writt
 def decode_and_score(args, groups, sep, results_dir):
     if args.bank is not None:
         import bank
-        model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, device=args.device,
-                                dtype=args.dtype, quantize=args.quantize)
+        model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, init_from=args.init_from,
+                                device=args.device, dtype=args.dtype, quantize=args.quantize)
     else:
         check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before loading and decoding
-        model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                                 quantize=args.quantize)
+        model, info = load_model(out_dir=args.out_dir, adapter=args.adapter, init_from=args.init_from, device=args.device,
+                                 dtype=args.dtype, quantize=args.quantize)
     if info.get("quantize", "none") != info.get("trained_on", "none"):
         print(f"note: the base runs with{base_note(info)}", file=sys.stderr)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "

@@ -378,7 +378,7 @@ def attach(model, bank, trainable=False):
         raise ValueError("attach folds v into B, so a trainable bank cannot train v: train tasks without v "
                          "(u is fine) jointly, or train tasks with v one after another")
     sharelora.add_adapters(model, config)
-    shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(model)}
+    shapes = sharelora.map_shapes(model)
     if bank.shapes is not None and shapes != bank.shapes:
         raise ValueError(f"this model's maps are not those the bank's tasks were trained on "
                          f"({_first_difference(shapes, bank.shapes)}): attach the bank to its own base ({bank.base})")
@@ -436,14 +436,9 @@ def load(path, names=None, init_from=None, device="auto", dtype="auto", quantize
     runtime.check(init_from is not None or not _missing(b.base), f"{path} names its base {b.base}, which does not exist "
                   "(a bank names a local base relative to its own folder: was it moved?): pass the base with --init_from")
     device = runtime.pick_device(device)
-    trained_on = b.quantized or "none"
     info = {"base": init_from or b.base, "adapter": path, "tasks": names, "device": device,
-            "dtype": runtime.pick_dtype(dtype, device), "trained_on": trained_on,
-            "quantize": trained_on if quantize == "auto" else runtime.check_kind(quantize)}
-    model = runtime.load_base(info["base"])
-    if info["quantize"] != "none":  # before attach, as train.py quantizes before the adapters wrap its layers
-        runtime.quantize_base(model, info["quantize"], compute_dtype=info["dtype"])
-    attach(model, b)
+            "dtype": runtime.pick_dtype(dtype, device)}
+    model = attach(runtime.base_as_trained(info, b.quantized or "none", quantize), b)
     return runtime.place(model, device, info["dtype"]).eval(), info
 
 
@@ -456,7 +451,7 @@ def fresh(model, config, names, base=None):
     import copy
     start = sharelora.add_adapters(copy.deepcopy(model), config)
     tensors = {k: t.detach().clone() for k, t in sharelora.adapter_state_dict(start).items()}
-    shapes = {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(start)}
+    shapes = sharelora.map_shapes(start)
     base = base or getattr(model, "name_or_path", None)
     base = os.path.abspath(base) if base and os.path.exists(base) else base
     return Bank({k: t for k, t in tensors.items() if _is_a(k)}, base, shapes, None,

@@ -328,20 +328,28 @@ def _load_model(out_dir, adapter, init_from, device, dtype, merge, quantize):
         fail(f"found neither {ADAPTER_FILE} nor model.safetensors in {out_dir}: pass out_dir of a "
              "training run, an adapter file, or init_from")
     trained_on = (meta.get("base_quantized") or "none") if adapter is not None else "none"
-    info.update(quantize=trained_on if quantize == "auto" else check_kind(quantize), trained_on=trained_on)
     device = pick_device(device)
     info.update(device=device, dtype=pick_dtype(dtype, device))
-    model = load_base(info["base"])
-    if info["quantize"] != "none":
-        if adapter is None:
-            fail(f"quantize={info['quantize']} is for a base under an adapter, and {out_dir} holds a whole model")
-        quantize_base(model, info["quantize"], compute_dtype=info["dtype"])
+    if adapter is None and quantize not in ("auto", "none"):
+        fail(f"quantize={check_kind(quantize)} is for a base under an adapter, and {out_dir} holds a whole model")
+    model = base_as_trained(info, trained_on, quantize)
     if adapter is not None:
         sharelora.load_adapter(model, adapter)
         if merge and info["quantize"] == "none":
             sharelora.merge(model)  # inference at the base model's cost
     place(model, device, info["dtype"]).eval()
     return model, info
+
+
+def base_as_trained(info, trained_on, quantize):
+    """The base info["base"] loaded and, before any adapter wraps its layers (as train.py does it),
+    quantized: quantize=auto as the adapters were trained (trained_on: none, nf4 or int8), else as
+    asked. Records both in info ("quantize", "trained_on"); info["dtype"] is the compute dtype."""
+    info.update(quantize=trained_on if quantize == "auto" else check_kind(quantize), trained_on=trained_on)
+    model = load_base(info["base"])
+    if info["quantize"] != "none":
+        quantize_base(model, info["quantize"], compute_dtype=info["dtype"])
+    return model
 
 
 def base_note(info):

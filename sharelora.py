@@ -924,6 +924,12 @@ def _map_dims(m):
     return m.lora_B.size(0), m.lora_A.size(1)
 
 
+def map_shapes(model):
+    """{map name: [d_out, d_in]} of every adapted map: what an adapter file records of its base
+    ("shapes"), to compare a file with a model."""
+    return {m.name: list(_map_dims(m)) for m in adapted_layers(model)}
+
+
 def _fingerprint(t):
     t = t.detach().double().cpu()
     return [float(t.sum()), float((t * t).sum())]
@@ -955,7 +961,7 @@ def save_adapter(model, path, base=None):
         "format": "sharelora", "version": "1",
         "config": json.dumps(asdict(config)),
         "base": json.dumps(base if base is not None else getattr(model, "name_or_path", None)),
-        "shapes": json.dumps({m.name: list(_map_dims(m)) for m in layers}),  # (d_out, d_in) of each map
+        "shapes": json.dumps(map_shapes(model)),  # (d_out, d_in) of each map
         "groups": json.dumps({m.name: m.group for m in layers}),  # what layer_pattern grouped: never re-run from a file
         "regenerated": json.dumps(regenerated),
         # trained on a quantized base (QLoRA, QShareA): the adapter learned against dequant(W)

@@ -421,8 +421,7 @@ def init_tensors(path, model):
     else:
         _, meta, tensors = sharelora.read_adapter(path)
         shapes = meta["shapes"]
-    ours = model.bank.shapes if hasattr(model, "bank") else \
-        {m.name: list(sharelora._map_dims(m)) for m in sharelora.adapted_layers(model)}
+    ours = model.bank.shapes if hasattr(model, "bank") else sharelora.map_shapes(model)  # (attach took the maps)
     # a map of both of another shape, or a map of a target both adapt that only this run has (another depth);
     # maps of targets only this run adapts are new ones (they start afresh: docs/beyond.md)
     pattern = lambda name: re.sub(r"\.\d+(?=\.|$)", ".*", name)

@@ -158,6 +158,16 @@ SEED = Bound(int, 0, 2**32 - 1)  # what every random generator here accepts (num
 THREADS = Bound(int, 1, os.cpu_count() or 1)
 
 
+def distinct_numbers(text, bound):
+    """[n, ...] from "1,2,4": whole numbers, each within `bound` (a Bound) and none twice; None for
+    anything else (an option's test: --seeds, --tasks of the benchmarks)."""
+    parts = text.split(",")
+    if not all(re.fullmatch(r"[0-9]{1,20}", p) for p in parts):
+        return None
+    values = [int(p) for p in parts]
+    return values if len(set(values)) == len(values) and not any(bound.problem(v) for v in values) else None
+
+
 def check_record(record, fields, where, fix, required=()):
     """record, a value read from a JSON file (`where` names the file and line), after checking that it
     is an object whose `required` keys are present and whose keys in `fields` ({key: Bound}) have
@@ -522,14 +532,16 @@ def write_folder(dest, write, option, ours, marker):
         raise write_failed(e, failed, f"{dest} is kept as it was" if os.path.exists(dest) else None, what=dest) from None
 
 
-def check_folder_target(dest, option, ours, marker):
+def check_folder_target(dest, option, ours, marker=None):
     """Refuse, in one sentence, a destination folder that holds anything this command did not write, or
-    one that cannot be made; called before the work (decoding, merging), and by write_folder again."""
+    one that cannot be made; called before the work (decoding, merging), and by write_folder again.
+    ours: the names the command writes there; marker: the one of them whose presence says the folder is
+    the command's (None: any of ours, say a folder per task, or a half-done measurement's runs)."""
     if os.path.exists(dest) and not os.path.isdir(dest):
         fail(f"{option} {dest} is a file, not a folder: choose a folder name")
     names = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
     foreign = [n for n in names if n not in ours]
-    if names and (foreign or marker not in names):
+    if names and (foreign or (marker is not None and marker not in names)):
         fail(f"{option} {dest} holds {', '.join((foreign or names)[:3])}, which this command did not write "
              "there, and would replace it: choose a new or empty folder")
     above = os.path.dirname(os.path.abspath(dest))

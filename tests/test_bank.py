@@ -313,15 +313,21 @@ def test_sample_py_takes_a_bank_and_several_tasks(served, capsys):
     assert e.value.code == 2 and "no task 'four'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("beam_size", [1, 3])
-def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size):
-    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
+def refs_folder(tmp_path):
+    """A data folder evaluate_e2e.py reads: test_evaluate_e2e's MRs and references, meta.json last."""
     from test_evaluate_e2e import GROUPS
-    path, files = served
     data = tmp_path / "e2e"
     data.mkdir()
     (data / "test_refs.json").write_text(json.dumps(GROUPS))
     (data / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))  # prepare.py's, last
+    return data
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size):
+    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
+    path, files = served
+    data = refs_folder(tmp_path)
     common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
               "--dtype", "float32"]
     ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])
@@ -640,15 +646,11 @@ def test_a_moved_bank_names_init_from_and_runs_with_it(served, tmp_path):
     --init_from evaluated as where it was made."""
     import shutil
     import runtime
-    from test_evaluate_e2e import GROUPS
     path, _ = served
     moved = tmp_path / "elsewhere" / "deep" / "bank.safetensors"
     moved.parent.mkdir(parents=True)
     shutil.copy(path, moved)
-    data = tmp_path / "e2e"
-    data.mkdir()
-    (data / "test_refs.json").write_text(json.dumps(GROUPS))
-    (data / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))
+    data = refs_folder(tmp_path)
     common = ["--data_dir", str(data), "--beam_size", "1", "--max_new_tokens", "4", "--device", "cpu", "--dtype", "float32"]
     with pytest.raises(runtime.UserError, match="pass the base with --init_from"):
         ev.main(["--bank", str(moved), *common])

@@ -322,7 +322,7 @@ CASES = {  # name: (script, lambda case: argv, a phrase the message must hold)
                                                                        f"--data_dir={c.data['e2e']}"], "names a task twice"),
     "evaluate a bank into a run folder": ("tools/evaluate_e2e.py", lambda c: [
         f"--bank={_bank(c)}", "--limit=1", f"--data_dir={c.data['e2e']}", f"--results_dir={c.copy(c.trained / 'adapted', 'run')}"],
-        "which a bank's evaluation did not write"),
+        "which this command did not write there"),
 }
 
 

@@ -54,3 +54,12 @@ def test_three_ways_per_task_and_reuse(setting):
 def test_bad_options_get_one_line(option):
     p = run("tools/joint_quality.py", "--init_from=x", option, check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_an_out_folder_of_other_files_is_refused(setting, tmp_path):
+    tmp, base, parse = setting
+    (tmp_path / "notes.txt").write_text("mine")
+    p = run("tools/joint_quality.py", f"--init_from={base}", f"--tasks=a={parse},b={parse}", "--seeds=1",
+            "--max_iters=1", f"--out={tmp_path}", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "which this command did not write" in p.stderr, p.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["notes.txt"]

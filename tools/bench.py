@@ -286,7 +286,8 @@ def parse_args(argv=None):
                    help="auto: bfloat16 on CUDA (frozen base weights; adapters stay float32; autocast), float32 on CPU")
     p.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="gpt2: 124M config, random weights")
     p.add_argument("--batch_size", type=small, default=4)
-    p.add_argument("--block_size", type=Bound(int, 1, 1024), default=256, help="at most the models' context, 1,024")
+    context = min(m["block_size"] for m in MODELS.values())  # every model of the benchmark: 1,024
+    p.add_argument("--block_size", type=Bound(int, 1, context), default=256, help=f"at most the models' context, {context:,}")
     p.add_argument("--repeats", type=count, default=10, help="timed rounds, contenders taking turns")
     p.add_argument("--warmup", type=Bound(int, 0, 10**6), default=2)
     p.add_argument("--only", type=TEXT, default=",".join(SECTIONS),

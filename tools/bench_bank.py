@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -30,10 +29,10 @@ from collections import namedtuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.common import (TEXT, THREADS, Bound, Parser, check, check_record, committed_path, quiet_ctrl_c,  # noqa: E402
-                         read_json_file, write_binary, write_json)
+from data.common import (TEXT, THREADS, Bound, Parser, check, check_record, committed_path, distinct_numbers,  # noqa: E402
+                         quiet_ctrl_c, read_json_file, write_binary, write_json)
 from data.common import run as run_early  # noqa: E402
-from train_options import BOUNDS  # noqa: E402
+from train_options import BOUNDS, MAX_TASKS  # noqa: E402
 
 # GPT-2's width and heads (768, 12) with 4 of its 12 layers and a smaller vocabulary, so that a run fits in
 # about a minute on 2 CPU cores; the adapter: ShareA, r = 8, on attn.c_attn and attn.c_proj (maps that
@@ -45,17 +44,9 @@ CONTENDERS = ("bank", "peft", "merged", "base")  # the order of the columns, of 
 
 # ---- the command line, checked before torch loads -------------------------------------------------
 
-TASK_COUNT = Bound(int, 1, 64)
-
-
-def task_counts_ok(text):
-    """'1,2,4': whole numbers in TASK_COUNT's range, each once (the figure has one point per count)."""
-    parts = text.split(",")
-    return (all(re.fullmatch(r"[0-9]{1,3}", p) and TASK_COUNT.problem(int(p)) is None for p in parts)
-            and len(set(map(int, parts))) == len(parts))
-
-
-TASK_COUNTS = Bound(str, test=task_counts_ok, what="whole numbers in [1, 64] separated by commas, each once, like 1,2,4,8")
+TASK_COUNT = Bound(int, 1, MAX_TASKS)  # a bank's tasks
+TASK_COUNTS = Bound(str, test=lambda v: distinct_numbers(v, TASK_COUNT) is not None,
+                    what=f"whole numbers in [1, {MAX_TASKS}] separated by commas, each once, like 1,2,4,8")
 
 
 def options(argv=None):
@@ -78,7 +69,7 @@ def options(argv=None):
                    help="the adapted maps, comma-separated (transformers GPT-2 names; default attn.c_attn,attn.c_proj)")
     p.add_argument("--products", action="store_true", help="only the two per-row products (on the CPU)")
     args = p.parse_args(argv)
-    args.tasks = [int(n) for n in args.tasks.split(",")]
+    args.tasks = distinct_numbers(args.tasks, TASK_COUNT)
     args.targets = tuple(t.strip() for t in args.targets.split(","))
     # every task needs a row, or the batch would mix fewer tasks than the row of the table says
     check(args.rows >= max(args.tasks), f"--rows {args.rows} is fewer than {max(args.tasks)} tasks (--tasks): "

@@ -428,9 +428,7 @@ def decode_and_score(args, groups, sep, results_dir):
     max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)
     names = info.get("tasks") or [None]  # a bank: every task decodes every MR, all in mixed batches
     if args.bank is not None:  # results_dir holds a folder per task and nothing else; each checked first
-        foreign = sorted(set(os.listdir(results_dir)) - set(names)) if os.path.isdir(results_dir) else []
-        check(not foreign, f"--results_dir {results_dir} holds {', '.join(foreign[:3])}, which a bank's evaluation "
-                           "did not write there (it writes a folder per task): choose a new or empty folder")
+        check_folder_target(results_dir, "--results_dir", names)
     for name in names if args.bank is not None else ():
         check_folder_target(os.path.join(results_dir, name), "--results_dir", RESULTS, "scores.json")
     predictions = decode_mrs(model, info, [g["mr"] for g in groups] * len(names), sep, args.beam_size, max_new_tokens,

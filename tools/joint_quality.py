@@ -23,7 +23,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import SEED, TEXT, Bound, Parser, check_record, quiet_ctrl_c, read_metrics  # noqa: E402
+from data.common import SEED, TEXT, Bound, Parser, check_record, distinct_numbers, quiet_ctrl_c, read_metrics  # noqa: E402
 from data.common import run as run_early  # noqa: E402
 from train_options import BOUNDS, task_folders  # noqa: E402
 
@@ -34,19 +34,13 @@ COMMAND_FILE = "quality_command.json"  # the train.py options a run was started 
 OURS = (*WAYS, "quality.md", "results.json", ".lock", ".staging", ".committed")  # what --out may hold
 
 
-def seed_list(text):
-    """[seeds] from "1,2,3"; None unless whole numbers in [0, 2**32), none twice."""
-    seeds = [int(s) for s in text.split(",")] if all(s.strip().isdigit() for s in text.split(",")) else []
-    return seeds if seeds and len(set(seeds)) == len(seeds) and not any(SEED.problem(s) for s in seeds) else None
-
-
 def options(argv):
     p = Parser(prog="tools/joint_quality.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--init_from", type=TEXT, required=True, help="the base, a local folder or hub name (the same for every run)")
     p.add_argument("--tasks", type=Bound(str, test=lambda v: task_folders(v) is not None and len(task_folders(v)) >= 2,
                                          what="NAME=DATA_DIR pairs, at least two, comma-separated"),
                    default="e2e=data/e2e,parse=data/e2e_parse")
-    p.add_argument("--seeds", type=Bound(str, test=lambda v: seed_list(v) is not None,
+    p.add_argument("--seeds", type=Bound(str, test=lambda v: distinct_numbers(v, SEED) is not None,
                                          what="whole numbers in [0, 2**32) separated by commas, none twice"), default="1,2,3")
     p.add_argument("--max_iters", type=Bound(int, 1, 10**7), default=300, help="steps per task (a joint run takes N times as many)")
     p.add_argument("--batch_size", type=BOUNDS["batch_size"], default=8)
@@ -58,7 +52,7 @@ def options(argv):
     p.add_argument("--device", type=BOUNDS["device"], default="auto")
     p.add_argument("--out", type=TEXT, default="out-joint-quality")
     args = p.parse_args(argv)
-    args.tasks, args.seeds = task_folders(args.tasks), seed_list(args.seeds)
+    args.tasks, args.seeds = task_folders(args.tasks), distinct_numbers(args.seeds, SEED)
     return args
 
 
@@ -114,9 +108,7 @@ def measure_all(args):
     for r in plan:  # every run's options checked before the first one starts
         train.validate(train.parse_args(r["argv"]))
     prompts = {name: evenly_spaced(read_references(folder, "test"), args.eval_prompts) for name, folder in args.tasks.items()}
-    foreign = sorted(set(os.listdir(args.out)) - set(OURS)) if os.path.isdir(args.out) else []
-    runtime.check(not foreign, f"--out {args.out} holds {', '.join(foreign[:3])}, which joint_quality.py did not write: "
-                               "choose a new or empty folder")
+    runtime.check_folder_target(args.out, "--out", OURS)
     runtime.writable_folder(args.out, "--out")
     rows = []
     with runtime.own_folder(args.out, "--out"):  # one measurement at a time here; each train.py owns its run folder

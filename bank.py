@@ -291,18 +291,33 @@ class TaskRows:
         if torch.is_tensor(self.index):
             self.set(self.index[rows.to(self.index.device)])
 
-    def rows_of(self, B, dtype):
-        """Each row's B_t, transposed: (rows, r, d_out), from B stacked (tasks, d_out, r). Gathered once
-        for the rows' tasks and kept until they change, so that every decoding step of a generation
-        reuses it: the gather is most of the cost of a step's mixed map otherwise (45 of 98 µs for the
-        stand-in base's c_attn, 32 rows, 8 tasks; the product itself takes 5). It holds rows x r x d_out
-        numbers per B while the tasks are set. Not while autograd records: the graph would be kept."""
-        if not isinstance(B, nn.Parameter) or (torch.is_grad_enabled() and B.requires_grad):  # a fresh stack, or
-            return B.to(dtype)[self.index].transpose(1, 2)                                  # a graph: not kept
-        key = (id(B), B._version, dtype)
-        if key not in self.gathered:
-            self.gathered[key] = B.to(dtype)[self.index].transpose(1, 2).contiguous()
-        return self.gathered[key]
+    def factor(self, m, dtype):
+        """What the MixedLinear m multiplies its r-wide A x by: s · diag(u_t) · B_t^T (v_t is in B_t
+        already), with zero columns for the other parts of a fused map (m.rows); (r, d_out) for one task's
+        batch, (rows, r, d_out) for a batch of one task per row. Made once per set of tasks and kept
+        until they change, so that every decoding step of a generation reuses it: the per-step product
+        is then one addmm or baddbmm onto the base map's output, with no gather, scale, pad or add
+        (python tools/bench_bank.py --products). It holds rows x r x d_out numbers per B (d_out the
+        fused map's whole width) while the tasks are set. Not while autograd records: the graph would
+        be kept; nor for a fresh stack (a trainable bank's ParameterList, not for inference)."""
+        B, u = m.lora_B, m.lora_u
+        keep = all(t is None or (isinstance(t, nn.Parameter) and not (torch.is_grad_enabled() and t.requires_grad))
+                   for t in (B, u))
+        key = (id(B), id(u), m.rows, m.scale, B._version, u is not None and u._version, dtype) if keep else None
+        if key in self.gathered:  # a B (and u) shared by several maps: one entry
+            return self.gathered[key]
+        if not isinstance(self.index, int):
+            B, u = _stack(B), _stack(u)
+        W = B[self.index].to(dtype) * m.scale  # (d_out, r) or (rows, d_out, r)
+        if u is not None:
+            W = W * u[self.index].to(dtype).unsqueeze(-2)
+        if m.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
+            start, stop, period = m.rows
+            W = F.pad(W.unflatten(-2, (-1, stop - start)), (0, 0, start, period - stop)).flatten(-3, -2)
+        W = W.transpose(-1, -2).contiguous()
+        if key:
+            self.gathered[key] = W
+        return W
 
 
 def _stack(t):
@@ -312,10 +327,11 @@ def _stack(t):
 
 class MixedLinear(nn.Module):
     """A frozen linear map plus s · v_t ⊙ B_t (u_t ⊙ A x), t being each row's task. v_t is folded into
-    B_t once, here (diag(v_t) B_t, as AdaptedLinear folds it per call); u_t and s scale the r-wide
-    A x. B is stacked (tasks, d_out, r), u (tasks, r); in a trainable bank each is a ParameterList of
-    the tasks' own (d_out, r) and (r,). dropout and memo are the AdaptedLinear's it
-    replaces (sharelora.project: adapter dropout in training; A x once for maps that share it)."""
+    B_t once, at attach (diag(v_t) B_t, as AdaptedLinear folds it per call); s and u_t into each
+    row's factor, once per set of tasks (TaskRows.factor). B is stacked (tasks, d_out, r), u (tasks, r);
+    in a trainable bank each is a ParameterList of the tasks' own (d_out, r) and (r,). dropout and memo
+    are the AdaptedLinear's it replaces (sharelora.project: adapter dropout in training; A x once for
+    maps that share it)."""
 
     def __init__(self, base, A, B, u, scale, rows, task_rows, dropout, memo):
         super().__init__()
@@ -332,36 +348,31 @@ class MixedLinear(nn.Module):
             raise ValueError(f"the batch has {x.size(0)} rows and the bank was told the tasks of "
                              f"{'none' if index is None else index.numel()}: wrap the call in "
                              "`with bank.tasks(model, [one task per row])`")
+        y = self.base(x)
+        factor = self.task_rows.factor(self, y.dtype)
         # (rows, T, r): A x once for every task; and once for q, k and v when they share A (share=all)
-        h = sharelora.project(x, self.lora_A, self.dropout, self.memo, self.lora_A) * self.scale
-        if isinstance(index, int):  # the whole batch is one task: its B_t, no gather
-            u = self.lora_u[index].to(x.dtype) if self.lora_u is not None else 1
-            delta = F.linear(h * u, self.lora_B[index].to(x.dtype))
-        else:
-            B, u = (_stack(t) for t in (self.lora_B, self.lora_u))
-            if u is not None:
-                h = h * u.to(x.dtype)[index][:, None, :]
-            delta = torch.bmm(h, self.task_rows.rows_of(B, x.dtype))  # each row's B_t, gathered
-        if self.rows is not None:  # a part of a fused map (AdaptedLinear.rows): zeros for the other parts
-            start, stop, period = self.rows
-            delta = F.pad(delta.unflatten(-1, (-1, stop - start)), (start, period - stop)).flatten(-2)
-        return self.base(x) + delta
+        h = sharelora.project(x, self.lora_A, self.dropout, self.memo, self.lora_A).to(y.dtype)
+        if factor.dim() == 2:  # the whole batch is one task: y + h · factor
+            return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), factor).view(y.shape)
+        rows = x.size(0)  # each row's own factor, one batched product
+        return torch.baddbmm(y.reshape(rows, -1, y.size(-1)), h.reshape(rows, -1, h.size(-1)), factor).view(y.shape)
 
 
-# Each row's B_t is gathered (B[index], a (d_out x r) copy per row) and applied in one batched product,
-# rather than looping over the tasks present with index_select / index_copy_ (what PEFT's mixed batch
-# does, there with A too). Measured with `python tools/bench_bank.py --products` (2026-12-02 22:40, AMD EPYC,
-# 2 cores, torch 2.13.0 CPU, 2 threads, load 0.9; 64 rows, d_out 768, r 8; microseconds per map, median of 5):
-#     tasks  positions   per task   gathered           tasks  positions   per task   gathered
-#       2        1          58        200                8       32          547        271
-#       8        1         133        111               16        1          230        126
-#       2       32         709        349               16       32         1147        401
-# The loop wins only a decoding step of 2 tasks; whole generations (tools/bench_bank.py's model, 32 rows
-# of 16 + 16 tokens) came out equal within the machine's noise (634-709 against 645-697 tokens/s at 8
-# tasks, four alternating runs each). The gather is kept: one product with no loop, faster from 8 tasks on,
-# and no host-device synchronisation (the loop must find each task's rows), which matters on GPUs. And
-# the gather happens once per set of tasks, not once per decoding step (TaskRows.rows_of): the rows' B's
-# are the same for the whole generation, so the per-step product is the bmm alone (5 µs of 45).
+# Each row's s · diag(u_t) · B_t^T is gathered once per set of tasks (TaskRows.factor) and added onto
+# the base map's output in one batched product, rather than looping over the tasks present with
+# index_select / index_copy_ (what PEFT's mixed batch does, there with A too), or gathering in every call.
+# Measured with `python tools/bench_bank.py --products` (2026-12-03 15:02, AMD EPYC, 2 cores, torch 2.13.0
+# CPU, 2 threads, load 0.1; 64 rows, d_out 768, r 8; microseconds per map for y + the rows' B_t h, the
+# median of 5):
+#     tasks  positions   per task   gathered   kept           tasks  positions   per task   gathered   kept
+#       2        1          320        344      39              8       32          9774       5989     554
+#       8        1          474        413      35             16        1           723        359      34
+#       2       32         8542       6789     433             16       32          9404       6114     441
+# The kept factor wins everywhere, by 8x to 21x. A decoding step's mixed map is then the base map, A x and
+# one baddbmm (the stand-in base's c_attn, 32 rows, 8 tasks: 52 µs the base map alone, 78 the three
+# products, 93 to 120 the whole MixedLinear call with its Python, on this noisy 2-core VM).
+# No loop also means no host-device synchronisation (the loop must find each task's rows), which
+# matters on GPUs.
 
 
 @torch.no_grad()

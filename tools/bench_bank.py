@@ -4,7 +4,7 @@ batch (adapter_names=, every present adapter's A and B on its rows) and against 
 model run on its rows in turn, on one transformers GPT-2-shaped base (random weights, or a stand-in base).
 
     python tools/bench_bank.py                 # the first table of docs/bank.md (1 min 32 s, 2 idle cores)
-    python tools/bench_bank.py --products      # the two ways of applying each row's B (bank.py's comment)
+    python tools/bench_bank.py --products      # three ways of applying each row's B (bank.py's comment)
     python tools/bench_bank.py --device cuda --png bank.png --json bank.json    # on a GPU, with a figure
     python tools/bench_bank.py --init_from out-e2e-base     # a base train.py trained (config/e2e_base.py)
     python tools/bench_bank.py --tasks 1,2 --rows 4 --new 2 --repeats 1         # seconds: a smoke test
@@ -67,7 +67,7 @@ def options(argv=None):
     p.add_argument("--json", type=TEXT, help="also write every measured row and the settings into this file")
     p.add_argument("--targets", type=TEXT, default=",".join(ADAPTER["targets"]),
                    help="the adapted maps, comma-separated (transformers GPT-2 names; default attn.c_attn,attn.c_proj)")
-    p.add_argument("--products", action="store_true", help="only the two per-row products (on the CPU)")
+    p.add_argument("--products", action="store_true", help="only the three ways of the per-row product (on the CPU)")
     args = p.parse_args(argv)
     args.tasks = distinct_numbers(args.tasks, TASK_COUNT)
     args.targets = tuple(t.strip() for t in args.targets.split(","))
@@ -326,21 +326,26 @@ def per_task_product(h, B, index):
 
 
 def gathered_product(h, B, index):
-    """bank.MixedLinear's way: every row's B gathered, one batched product."""
+    """Every row's B gathered, one batched product: the gather in every call."""
     return torch.bmm(h, B[index].transpose(1, 2))
 
 
 def products(rows=64, d_out=768, r=8, n_tasks=(2, 8, 16), positions=(1, 32), repeats=200):
-    """Microseconds per call (the median of 5 timings) of the two ways of applying each row's B_t."""
+    """Microseconds per call (the median of 5 timings) of three ways of adding each row's B_t h to the
+    base map's output y: a loop over the tasks present, a gather in every call, and bank.py's way (the
+    rows' B_t gathered once per set of tasks, bank.TaskRows.factor; each call one baddbmm onto y)."""
     g = torch.Generator().manual_seed(0)
     print(f"{rows} rows, d_out {d_out}, r {r}, torch threads {torch.get_num_threads()}: microseconds per map")
-    print(f"{'tasks':>5} {'positions':>9} {'per task':>9} {'gathered':>9}")
+    print(f"{'tasks':>5} {'positions':>9} {'per task':>9} {'gathered':>9} {'kept':>9}")
     for tasks in n_tasks:
         B, index = torch.randn(tasks, d_out, r, generator=g), torch.arange(rows) % tasks
+        kept = B[index].transpose(1, 2).contiguous()
         for T in positions:
-            h = torch.randn(rows, T, r, generator=g)
-            us = [_median_us(lambda: f(h, B, index), max(repeats // T, 5)) for f in (per_task_product, gathered_product)]
-            print(f"{tasks:>5} {T:>9} {us[0]:>9.0f} {us[1]:>9.0f}")
+            h, y = torch.randn(rows, T, r, generator=g), torch.randn(rows, T, d_out, generator=g)
+            ways = (lambda: y + per_task_product(h, B, index), lambda: y + gathered_product(h, B, index),
+                    lambda: torch.baddbmm(y, h, kept))
+            us = [_median_us(f, max(repeats // T, 5)) for f in ways]
+            print(f"{tasks:>5} {T:>9} {us[0]:>9.0f} {us[1]:>9.0f} {us[2]:>9.0f}")
 
 
 def _median_us(f, calls):

@@ -3,7 +3,7 @@ Serving a batch that mixes tasks: bank.py's mixed batch (A x once, each row's B)
 batch (adapter_names=, every present adapter's A and B on its rows) and against each task's merged
 model run on its rows in turn, on one transformers GPT-2-shaped base (random weights, or a stand-in base).
 
-    python tools/bench_bank.py                 # the first table of docs/bank.md (1 min 32 s, 2 idle cores)
+    python tools/bench_bank.py --repeats=7     # the first table of docs/bank.md (2 min 43 s, 2 idle cores)
     python tools/bench_bank.py --products      # three ways of applying each row's B (bank.py's comment)
     python tools/bench_bank.py --device cuda --png bank.png --json bank.json    # on a GPU, with a figure
     python tools/bench_bank.py --init_from out-e2e-base     # a base train.py trained (config/e2e_base.py)

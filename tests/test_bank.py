@@ -324,13 +324,16 @@ def refs_folder(tmp_path):
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
-def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size):
+def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size, capsys):
     """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
     path, files = served
     data = refs_folder(tmp_path)
     common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
               "--dtype", "float32"]
     ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])
+    printed = capsys.readouterr().out  # a task's inputs are its prompts: a parsing task's are sentences, not MRs
+    from test_evaluate_e2e import GROUPS
+    assert all(f"test ({name}): {len(GROUPS)} prompts," in printed for name in ("two", "three")), printed
     for name in ("two", "three"):
         ev.main(["--adapter", str(files[name]), "--results_dir", str(tmp_path / f"alone_{name}"), *common])
         mixed = (path.parent / "e2e_test" / name / "predictions.txt").read_text()

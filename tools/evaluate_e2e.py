@@ -457,7 +457,8 @@ def write_results(args, groups, predictions, info, results_dir, task=None):
     write_folder(results_dir, write, "--results_dir", RESULTS, "scores.json")
     pred_path, ref_path = (os.path.join(results_dir, f) for f in RESULTS[:2])
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-    print(f"{args.split}{'' if task is None else f' ({task})'}: {len(groups)} MRs, {how}: {format_scores(scores)}")
+    inputs = "MRs" if task is None else "prompts"  # a bank's task may read sentences (data/e2e_parse), not MRs
+    print(f"{args.split}{'' if task is None else f' ({task})'}: {len(groups)} {inputs}, {how}: {format_scores(scores)}")
     print(f"wrote {pred_path}, {ref_path} (the official scorer's layout) and scores.json")
 
 

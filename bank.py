@@ -25,7 +25,7 @@ base's identity and shapes, and per task its configuration, parameter count and 
     python bank.py export tasks.safetensors e2e e2e_alone.safetensors
     python bank.py list tasks.safetensors
     python sample.py --bank=tasks.safetensors --tasks=e2e,parse --start="..."      # every task, one batch
-    python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse       # scores per task
+    python tools/evaluate_e2e.py --bank=tasks.safetensors --tasks=e2e,parse=data/e2e_parse  # scores per task
     python train.py --init_from=BASE --tasks=e2e=data/e2e,parse=data/e2e_parse    # tasks trained jointly (part 3)
 
 docs/bank.md has the measurement against PEFT's mixed batch.
@@ -226,7 +226,8 @@ class Bank:
         """The bank in a file that save wrote; a ValueError naming the file for anything else, or for a
         tensor whose bytes no longer match the fingerprint taken when it was saved."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no bank file at {path}")
+            raise FileNotFoundError(f"no bank file at {path}: give the path of a file that `python bank.py build` "
+                                    "or a joint train.py run (out_dir/bank.safetensors) wrote")
         try:
             tensors, meta = sharelora._read_safetensors(path)
             if meta.get("format") == "sharelora":
@@ -248,7 +249,8 @@ class Bank:
                 if _fingerprint(held) != e["fingerprint"]:
                     raise ValueError(f"the tensors of {e['name']} differ from their fingerprint (damaged?)")
         except (ValueError, KeyError, TypeError, OSError) as e:  # json's errors are ValueErrors
-            raise ValueError(f"{path} is not a readable adapter bank: {e}") from None
+            raise ValueError(f"{path} is not a readable adapter bank: {e}; build it again (python bank.py build) "
+                             "or copy it again from where it was made") from None
         return bank
 
     def export(self, name, path):
@@ -466,7 +468,7 @@ def fresh(model, config, names, base=None):
     base = base or getattr(model, "name_or_path", None)
     base = os.path.abspath(base) if base and os.path.exists(base) else base
     return Bank({k: t for k, t in tensors.items() if _is_a(k)}, base, shapes, None,
-                {n: {"config": config, "source": "(trained jointly)",
+                {n: {"config": config, "source": "a joint train.py run",
                      "tensors": {k: t.clone() for k, t in tensors.items() if not _is_a(k)}} for n in names})
 
 
@@ -579,10 +581,21 @@ def tasks(model, names):
 
 # ---- 4. The command line -------------------------------------------------------------------------
 
+COMMANDS = """commands:
+  build BANK NAME=ADAPTER ...  a new bank of adapter files trained around one A (train.py --init_adapter)
+  add BANK NAME=ADAPTER ...    more tasks; the others are left as they are
+  remove BANK NAME ...         tasks out of the bank (not its last one)
+  export BANK NAME FILE        one task alone, a normal adapter file again (never over an existing file)
+  list BANK                    each task's parameters and fingerprint, then the shared A and the base
+e.g. python bank.py build tasks.safetensors e2e=out-e2e/adapter.safetensors parse=out-parse/adapter.safetensors
+(docs/bank.md: training tasks around one A, mixed batches, the measurement)"""
+
+
 def main(argv=None):
-    """build BANK NAME=ADAPTER...; add BANK NAME=ADAPTER...; remove BANK NAME...; export BANK NAME FILE; list BANK."""
+    from argparse import RawDescriptionHelpFormatter
     from runtime import Parser, check
-    p = Parser(prog="bank.py", description="Build, change, list or export an adapter bank (see bank.py's docstring).")
+    p = Parser(prog="bank.py", description="Build, change, list or export an adapter bank.", epilog=COMMANDS,
+               formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("build", "add", "remove", "export", "list"))
     p.add_argument("bank", help="the bank file")
     p.add_argument("items", nargs="*", help="build, add: NAME=ADAPTER_FILE ...; remove: NAME ...; export: NAME FILE")

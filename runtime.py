@@ -5,6 +5,7 @@ device and precision choices, atomic checkpoint files, and loading a base model 
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -281,9 +282,24 @@ def load_base(init_from, **overrides):
     try:
         return GPT.from_pretrained(init_from, **overrides)
     except FileNotFoundError as e:
+        maker = None if os.path.exists(init_from) else config_writing(init_from)
+        check(maker is None, f"init_from {init_from!r} is not a folder here: it is the base that `python train.py "
+                             f"{maker}` trains (its comment lists its steps); run that first, or give the folder's path")
         if "hugging face hub" not in str(e).lower():
             raise
         fail(f"{e}, or run `make demo`, which trains a stand-in base here (then init_from=out-demo/base)")
+
+
+def config_writing(out_dir):
+    """The config/ file whose out_dir is `out_dir` (a base another of this project's runs trains:
+    config/cpu_demo_e2e.py's out-cpu-demo), or None."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    wanted = re.compile(rf"^out_dir\s*=\s*[\"']{re.escape(os.path.normpath(out_dir))}[\"']", re.M)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+            if name.endswith(".py") and wanted.search(f.read()):
+                return os.path.join("config", name)
+    return None
 
 
 def load_model(out_dir=None, adapter=None, init_from=None, device="auto", dtype="auto", merge=True, quantize="auto"):

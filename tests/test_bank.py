@@ -14,6 +14,7 @@ import torch
 import bank
 import sharelora
 from conftest import ROOT, hf_model
+from data.common import UserError
 from model import GPT, GPTConfig
 from tools import evaluate_e2e as ev
 
@@ -313,35 +314,44 @@ def test_sample_py_takes_a_bank_and_several_tasks(served, capsys):
     assert e.value.code == 2 and "no task 'four'" in capsys.readouterr().err
 
 
-def refs_folder(tmp_path):
-    """A data folder evaluate_e2e.py reads: test_evaluate_e2e's MRs and references, meta.json last."""
+def refs_folder(tmp_path, groups=None, name="e2e"):
+    """A data folder evaluate_e2e.py reads (groups: test_evaluate_e2e's MRs and references unless
+    given), meta.json last."""
     from test_evaluate_e2e import GROUPS
-    data = tmp_path / "e2e"
+    data = tmp_path / name
     data.mkdir()
-    (data / "test_refs.json").write_text(json.dumps(GROUPS))
+    (data / "test_refs.json").write_text(json.dumps(groups or GROUPS))
     (data / "meta.json").write_text(json.dumps({"kind": "examples", "separator": " ||"}))  # prepare.py's, last
     return data
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size, capsys):
-    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone."""
+    """evaluate_e2e.py --bank --tasks: each task's predictions, decoded in mixed batches, are its own alone,
+    on its own prompts (NAME=DATA_DIR; a bare NAME reads --data_dir)."""
+    from test_evaluate_e2e import GROUPS
     path, files = served
     data = refs_folder(tmp_path)
-    common = ["--data_dir", str(data), "--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu",
-              "--dtype", "float32"]
-    ev.main(["--bank", str(path), "--tasks", "two,three", "--batch_size", "4", *common])
+    reversed_groups = [{"mr": ref, "refs": [g["mr"]]} for g in GROUPS for ref in g["refs"][:1]]  # as data/e2e_parse
+    parse = refs_folder(tmp_path, reversed_groups, "e2e_parse")
+    common = ["--beam_size", str(beam_size), "--max_new_tokens", "6", "--device", "cpu", "--dtype", "float32"]
+    ev.main(["--bank", str(path), "--tasks", f"two,three={parse}", "--batch_size", "4", "--data_dir", str(data), *common])
     printed = capsys.readouterr().out  # a task's inputs are its prompts: a parsing task's are sentences, not MRs
-    from test_evaluate_e2e import GROUPS
     assert all(f"test ({name}): {len(GROUPS)} prompts," in printed for name in ("two", "three")), printed
-    for name in ("two", "three"):
-        ev.main(["--adapter", str(files[name]), "--results_dir", str(tmp_path / f"alone_{name}"), *common])
-        mixed = (path.parent / "e2e_test" / name / "predictions.txt").read_text()
-        assert mixed == (tmp_path / f"alone_{name}" / "predictions.txt").read_text()
-        assert json.loads((path.parent / "e2e_test" / name / "scores.json").read_text())["task"] == name
+    for name, folder, groups in (("two", data, GROUPS), ("three", parse, reversed_groups)):
+        ev.main(["--adapter", str(files[name]), "--results_dir", str(tmp_path / f"alone_{name}"),
+                 "--data_dir", str(folder), *common])
+        mixed = path.parent / "e2e_test" / name
+        assert (mixed / "predictions.txt").read_text() == (tmp_path / f"alone_{name}" / "predictions.txt").read_text()
+        assert (mixed / "references.txt").read_text().split("\n\n")[0].split("\n")[0] == groups[0]["refs"][0]
+        scores = json.loads((mixed / "scores.json").read_text())
+        assert scores["task"] == name and scores["data_dir"] == str(folder) and scores["mrs"] == len(groups)
+    assert "slot_f1" in scores and "slot_f1" not in json.loads((path.parent / "e2e_test" / "two" / "scores.json").read_text())
     assert not (path.parent / "e2e_test" / "one").exists()
     texts = [(path.parent / "e2e_test" / n / "predictions.txt").read_text() for n in ("two", "three")]
     assert texts[0] != texts[1]  # the tasks write different texts
+    with pytest.raises(UserError, match="NAME=DATA_DIR"):  # a folder left empty: one sentence (exit 2 from the shell)
+        ev.main(["--bank", str(path), "--tasks", "two,three=", *common])
 
 
 def test_joint_training_of_three_tasks_around_one_A(tmp_path):

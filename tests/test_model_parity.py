@@ -236,6 +236,15 @@ def test_offline_hub_name_raises_file_not_found_naming_a_local_directory(tmp_pat
         msg = str(e.value)
         assert "local directory" in msg or "directory" in msg
         assert "gpt2" in msg
+    # a base one of config/'s runs trains (config/cpu_demo_e2e.py's out-cpu-demo), missing: that run is named
+    import runtime
+    from data.common import UserError
+    monkeypatch.chdir(tmp_path)
+    for name in ("out-cpu-demo", "./out-e2e-base"):
+        with pytest.raises(UserError, match=r"python train.py config/(cpu_demo|e2e_base).py` trains"):
+            runtime.load_base(name)
+    with pytest.raises(UserError, match="Hugging Face hub.*make demo"):  # a name no config writes
+        runtime.load_base("out-nobody-trains")
     assert no_network == []
 
 

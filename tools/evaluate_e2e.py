@@ -37,9 +37,10 @@ def options(argv):
     p.add_argument("--predictions", type=TEXT, help="score this file (one text per line) instead of decoding; needs --references")
     p.add_argument("--references", type=TEXT, help="with --predictions: each MR's references on consecutive lines, a blank line between MRs")
     p.add_argument("--adapter", type=TEXT, help="an adapter file, instead of out_dir's")
-    p.add_argument("--bank", type=TEXT, help="an adapter bank (bank.py): every task of --tasks decodes the MRs, in "
-                   "mixed batches; results in RESULTS_DIR/TASK")
-    p.add_argument("--tasks", type=TEXT, help="with --bank: the tasks to evaluate, e.g. e2e,other (default: all of the bank's)")
+    p.add_argument("--bank", type=TEXT, help="an adapter bank (bank.py): every task of --tasks decodes its test prompts, "
+                   "all tasks in mixed batches; results in RESULTS_DIR/TASK")
+    p.add_argument("--tasks", type=TEXT, help="with --bank: the tasks to evaluate, NAME (its prompts from --data_dir) or "
+                   "NAME=DATA_DIR each, e.g. e2e,parse=data/e2e_parse (default: all of the bank's, on --data_dir)")
     p.add_argument("--init_from", type=TEXT, help="the base, instead of the one the adapter or bank names (e.g. "
                    "when it was moved away from it)")
     p.add_argument("--data_dir", type=TEXT, default="data/e2e", help="where data/e2e/prepare.py wrote its files")
@@ -72,6 +73,12 @@ def options(argv):
     check(args.bank is None or (args.out_dir is None and args.adapter is None and args.predictions is None),
           "--bank holds its own adapters: leave out --out_dir, --adapter and --predictions")
     check(args.tasks is None or args.bank is not None, "--tasks chooses tasks of a --bank: give the bank file too")
+    items = [item.partition("=") for item in (args.tasks or "").split(",")] if args.tasks is not None else []
+    check(all(name.strip() and (not eq or folder.strip()) for name, eq, folder in items),
+          f"--tasks takes NAME or NAME=DATA_DIR items separated by commas (e.g. e2e,parse=data/e2e_parse), "
+          f"not {args.tasks!r}")
+    args.task_names = [name for name, _, _ in items] or None  # bank.load refuses a name given twice
+    args.task_data = {name: folder or args.data_dir for name, _, folder in items}  # each task's prompts
     return args
 
 
@@ -402,20 +409,24 @@ def main(argv=None):
     args = options(argv)
     if args.predictions is not None:
         return score_files(args)
-    groups, sep = read_references(args.data_dir, args.split, with_separator=True)
-    groups = groups[:args.limit]
+    # every data folder a task reads, before any model loads: (groups, separator) of its test prompts
+    folders = set(args.task_data.values()) or {args.data_dir}
+    data = {f: read_references(f, args.split, with_separator=True) for f in sorted(folders)}
+    data = {f: (groups[:args.limit], sep) for f, (groups, sep) in data.items()}
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter or args.bank) or ".",
                                                    f"e2e_{args.split}")
-    decode_and_score(args, groups, sep, results_dir)
+    decode_and_score(args, data, results_dir)
 
 
 RESULTS = ("predictions.txt", "references.txt", "scores.json")  # one set: written together, as one folder
 
 
-def decode_and_score(args, groups, sep, results_dir):
+def decode_and_score(args, data, results_dir):
+    """data: {data folder: (groups, separator)}, every folder a task reads (args.task_data; --data_dir
+    for a task that names none, and without a bank)."""
     if args.bank is not None:
         import bank
-        model, info = bank.load(args.bank, args.tasks.split(",") if args.tasks else None, init_from=args.init_from,
+        model, info = bank.load(args.bank, args.task_names, init_from=args.init_from,
                                 device=args.device, dtype=args.dtype, quantize=args.quantize)
     else:
         check_folder_target(results_dir, "--results_dir", RESULTS, "scores.json")  # before loading and decoding
@@ -425,21 +436,25 @@ def decode_and_score(args, groups, sep, results_dir):
         print(f"note: the base runs with{base_note(info)}", file=sys.stderr)
     check(args.beam_size <= model.config.vocab_size, f"--beam_size must be at most the vocabulary size "
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
-    max_new_tokens = room_to_generate(model, [g["mr"] for g in groups], sep, args.max_new_tokens, args.split)
-    names = info.get("tasks") or [None]  # a bank: every task decodes every MR, all in mixed batches
+    names = info.get("tasks") or [None]  # a bank: every task decodes its own prompts, all in mixed batches
+    folder = {name: args.task_data.get(name, args.data_dir) for name in names}
+    prompts = [g["mr"] + data[folder[n]][1] for n in names for g in data[folder[n]][0]]  # MR + its separator
+    max_new_tokens = room_to_generate(model, prompts, "", args.max_new_tokens, args.split)
     if args.bank is not None:  # results_dir holds a folder per task and nothing else; each checked first
         check_folder_target(results_dir, "--results_dir", names)
     for name in names if args.bank is not None else ():
         check_folder_target(os.path.join(results_dir, name), "--results_dir", RESULTS, "scores.json")
-    predictions = decode_mrs(model, info, [g["mr"] for g in groups] * len(names), sep, args.beam_size, max_new_tokens,
+    predictions = decode_mrs(model, info, prompts, "", args.beam_size, max_new_tokens,
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size,
-                             tasks=[n for n in names for _ in groups] if names != [None] else None)
-    for k, name in enumerate(names):
-        write_results(args, groups, predictions[k * len(groups):(k + 1) * len(groups)], info,
-                      results_dir if name is None else os.path.join(results_dir, name), name)
+                             tasks=[n for n in names for _ in data[folder[n]][0]] if names != [None] else None)
+    for name in names:
+        groups = data[folder[name]][0]
+        write_results(args, groups, predictions[:len(groups)], info,
+                      results_dir if name is None else os.path.join(results_dir, name), name, folder[name])
+        predictions = predictions[len(groups):]
 
 
-def write_results(args, groups, predictions, info, results_dir, task=None):
+def write_results(args, groups, predictions, info, results_dir, task=None, data_dir=None):
     """Score the predictions (the five E2E metrics; slot F1 and exact MR when the references are MRs:
     data/e2e_parse), write them in the official layout and scores.json, print the scores."""
     scores = score(predictions, [g["refs"] for g in groups])
@@ -452,7 +467,8 @@ def write_results(args, groups, predictions, info, results_dir, task=None):
     def write(folder):  # the three files as one set: a kill or a full disk leaves the previous set whole
         write_official_layout(folder, predictions, groups)
         write_text(os.path.join(folder, "scores.json"), json.dumps(
-            {**scores, "mrs": len(groups), **settings, "task": task, "model": info}, indent=1, default=str) + "\n")
+            {**scores, "mrs": len(groups), **settings, "task": task, "data_dir": data_dir, "model": info}, indent=1,
+            default=str) + "\n")
 
     write_folder(results_dir, write, "--results_dir", RESULTS, "scores.json")
     pred_path, ref_path = (os.path.join(results_dir, f) for f in RESULTS[:2])

@@ -190,7 +190,9 @@ class Bank:
         if differ or {k for k in tensors if _is_a(k)} != self.shared.keys():
             raise ValueError(f"{path}'s A ({(differ or sorted(self.shared))[0]}) is not the bank's: train the task with "
                              f"--init_adapter=<a task of the bank> and A frozen (--spec=\"A=shared/frozen B=layer\")")
-        self.tasks[name] = {"config": config, "source": os.path.basename(path),
+        where = os.path.abspath(path)  # its folder and name, which say which run it came from
+        self.tasks[name] = {"config": config, "source": os.path.join(os.path.basename(os.path.dirname(where)),
+                                                                     os.path.basename(where)),
                             "tensors": {k: t for k, t in tensors.items() if not _is_a(k)}}
         return self
 

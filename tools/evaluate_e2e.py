@@ -51,7 +51,7 @@ def options(argv):
     p.add_argument("--no_repeat_ngram_size", type=Bound(int, 0, 1024), default=4,
                    help="0: allow repeats; beam search only (greedy ignores it)")
     p.add_argument("--max_new_tokens", type=Bound(int, 1, 2**20), default=64, help="99%% of the test references are under 50 tokens")
-    p.add_argument("--limit", type=Bound(int, 1, 10**7), help="only the first N MRs (a quick look)")
+    p.add_argument("--limit", type=Bound(int, 1, 10**7), help="only the first N prompts (a quick look)")
     p.add_argument("--batch_size", type=Bound(int, 1, 2**16), default=32,
                    help="prompts decoded together (beam search: each with beam_size rows in the batch)")
     p.add_argument("--device", type=BOUNDS["device"], default="auto")
@@ -389,14 +389,14 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
     return [one_line(decode(o)) for o in outs]
 
 
-def read_references(data_dir, split, with_separator=False):
+def read_references(data_dir, split, with_separator=False, fix="run `python data/e2e/prepare.py` (or pass --data_dir)"):
     """The {"mr", "refs"} groups of data_dir/<split>_refs.json, checked, (and the separator between MR
     and reference). meta.json is written last by prepare.py: without it the references may be a stale
-    half of two preparations, so it is required."""
-    meta = read_meta(data_dir, "run `python data/e2e/prepare.py` (or pass --data_dir)")
+    half of two preparations, so it is required. fix: what the refusal tells the user to do."""
+    meta = read_meta(data_dir, fix)
     path = os.path.join(data_dir, f"{split}_refs.json")
     if not os.path.exists(path):
-        fail(f"{path} does not exist: run `python data/e2e/prepare.py` first (or pass --data_dir)")
+        fail(f"{path} does not exist: {fix}")
     groups = read_json(path, "references file")
     check(isinstance(groups, list) and groups and all(
         isinstance(g, dict) and isinstance(g.get("mr"), str) and isinstance(g.get("refs"), list) and g["refs"]
@@ -410,8 +410,12 @@ def main(argv=None):
     if args.predictions is not None:
         return score_files(args)
     # every data folder a task reads, before any model loads: (groups, separator) of its test prompts
+    named = {folder: name for name, folder in args.task_data.items() if folder != args.data_dir}  # by --tasks
+    fix = lambda f: (f"--tasks gives task {named[f]} the folder {f}: prepare it (python data/e2e/prepare.py, with "
+                     "--reverse for E2E reversed) or give the task's prepared folder") if f in named else \
+        "run `python data/e2e/prepare.py` (or pass --data_dir)"
     folders = set(args.task_data.values()) or {args.data_dir}
-    data = {f: read_references(f, args.split, with_separator=True) for f in sorted(folders)}
+    data = {f: read_references(f, args.split, with_separator=True, fix=fix(f)) for f in sorted(folders)}
     data = {f: (groups[:args.limit], sep) for f, (groups, sep) in data.items()}
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter or args.bank) or ".",
                                                    f"e2e_{args.split}")
@@ -473,8 +477,8 @@ def write_results(args, groups, predictions, info, results_dir, task=None, data_
     write_folder(results_dir, write, "--results_dir", RESULTS, "scores.json")
     pred_path, ref_path = (os.path.join(results_dir, f) for f in RESULTS[:2])
     how = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-    inputs = "MRs" if task is None else "prompts"  # a bank's task may read sentences (data/e2e_parse), not MRs
-    print(f"{args.split}{'' if task is None else f' ({task})'}: {len(groups)} {inputs}, {how}: {format_scores(scores)}")
+    # prompts: E2E's are MRs, E2E reversed's (data/e2e_parse) sentences
+    print(f"{args.split}{'' if task is None else f' ({task})'}: {len(groups)} prompts, {how}: {format_scores(scores)}")
     print(f"wrote {pred_path}, {ref_path} (the official scorer's layout) and scores.json")
 
 

@@ -352,7 +352,7 @@ def test_evaluate_e2e_takes_a_bank_and_several_tasks(served, tmp_path, beam_size
     assert texts[0] != texts[1]  # the tasks write different texts
     with pytest.raises(UserError, match="NAME=DATA_DIR"):  # a folder left empty: one sentence (exit 2 from the shell)
         ev.main(["--bank", str(path), "--tasks", "two,three=", *common])
-    with pytest.raises(UserError, match=r"--tasks gives task three the folder .*nowhere: prepare it"):  # not --data_dir's hint
+    with pytest.raises(UserError, match=r"no prepared data in .*nowhere .*: prepare it for --tasks' task three"):  # not --data_dir's hint
         ev.main(["--bank", str(path), "--tasks", f"two,three={tmp_path / 'nowhere'}", "--data_dir", str(data), *common])
     assert "(from two/adapter.safetensors)" in bank.Bank.read(path).summary()  # its folder says which run it was
 

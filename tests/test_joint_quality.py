@@ -63,3 +63,12 @@ def test_an_out_folder_of_other_files_is_refused(setting, tmp_path):
             "--max_iters=1", f"--out={tmp_path}", check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "which this command did not write" in p.stderr, p.stderr
     assert sorted(q.name for q in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_task_folder_without_data_names_the_task(setting, tmp_path):
+    """The folder --tasks gives a task is that task's to prepare (joint_quality has no --data_dir to point at)."""
+    tmp, base, parse = setting
+    p = run("tools/joint_quality.py", f"--init_from={base}", f"--tasks=a={parse},b={tmp_path / 'none'}", "--seeds=1",
+            "--max_iters=1", f"--out={tmp_path / 'out'}", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "for --tasks' task b" in p.stderr, p.stderr
+    assert "--data_dir" not in p.stderr and not (tmp_path / "out").exists()

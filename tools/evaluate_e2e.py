@@ -389,6 +389,11 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
     return [one_line(decode(o)) for o in outs]
 
 
+def task_folder_fix(task):
+    """What to do about a data folder that --tasks NAME=DATA_DIR gave a task (not --data_dir's)."""
+    return f"prepare it for --tasks' task {task} (`python data/e2e/prepare.py`; `--reverse` for E2E reversed)"
+
+
 def read_references(data_dir, split, with_separator=False, fix="run `python data/e2e/prepare.py` (or pass --data_dir)"):
     """The {"mr", "refs"} groups of data_dir/<split>_refs.json, checked, (and the separator between MR
     and reference). meta.json is written last by prepare.py: without it the references may be a stale
@@ -411,11 +416,9 @@ def main(argv=None):
         return score_files(args)
     # every data folder a task reads, before any model loads: (groups, separator) of its test prompts
     named = {folder: name for name, folder in args.task_data.items() if folder != args.data_dir}  # by --tasks
-    fix = lambda f: (f"--tasks gives task {named[f]} the folder {f}: prepare it (python data/e2e/prepare.py, with "
-                     "--reverse for E2E reversed) or give the task's prepared folder") if f in named else \
-        "run `python data/e2e/prepare.py` (or pass --data_dir)"
     folders = set(args.task_data.values()) or {args.data_dir}
-    data = {f: read_references(f, args.split, with_separator=True, fix=fix(f)) for f in sorted(folders)}
+    data = {f: read_references(f, args.split, with_separator=True, **({"fix": task_folder_fix(named[f])} if f in named else {}))
+            for f in sorted(folders)}
     data = {f: (groups[:args.limit], sep) for f, (groups, sep) in data.items()}
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter or args.bank) or ".",
                                                    f"e2e_{args.split}")

@@ -3,6 +3,7 @@ data/loader.py's batches of E2E examples: length grouping pads little, shows eve
 exactly once, and is a pure function of (split, index, seed); random batches stay as they were.
 On the E2E subset the tests prepare (2,000 training rows; the README gives the full set's figures).
 """
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.loader import Batches  # noqa: E402
+from data.loader import VARIANTS, Batches  # noqa: E402
 
 
 @pytest.mark.parametrize("batch_size", [8, 16, 32])
@@ -70,10 +71,21 @@ def test_grouped_batches_are_still_random(data):
 
 def test_missing_data_names_the_script_that_makes_it(tmp_path):
     """A folder named after a shipped data set gets its script; any other folder the scripts with --out."""
-    with pytest.raises(FileNotFoundError, match=r"run python data/e2e/prepare.py first"):
-        Batches(tmp_path / "e2e", 8, 64)
+    with pytest.raises(FileNotFoundError, match=rf"run python data/e2e/prepare.py --out {tmp_path / 'e2e'} first"):
+        Batches(tmp_path / "e2e", 8, 64)  # not data/e2e, where the script writes by default: told where
     elsewhere = tmp_path / "mine"
     with pytest.raises(FileNotFoundError) as e:
         Batches(elsewhere, 8, 64)
     for name in ("e2e", "shakespeare"):
         assert f"python data/{name}/prepare.py --out {elsewhere}" in str(e.value)
+
+
+@pytest.mark.parametrize("folder", sorted(VARIANTS))
+def test_a_folder_a_script_writes_with_an_option_gets_that_option(folder, tmp_path):
+    """data/e2e_parse (E2E reversed) is what e2e/prepare.py --reverse writes: the hint is that command, not
+    e2e/prepare.py --out data/e2e_parse, which would put forward E2E there; and the script says so itself."""
+    with pytest.raises(FileNotFoundError, match=f"run {VARIANTS[folder]} --out {tmp_path / folder} first"):
+        Batches(tmp_path / folder, 8, 64)
+    script, option = VARIANTS[folder].split()[1:3]
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert f"{option}, data/{folder}" in " ".join(shown.split()), shown  # its --out help: the default folder

@@ -246,6 +246,25 @@ META_FIELDS = {"kind": Bound(str, test=lambda v: v in ("stream", "examples"), wh
                "vocab_size": Bound(int, 1, 2**20), "eot": Bound(int, 0, 2**20)}
 
 
+# folders a prepare.py writes with an option (its --out help says so): the option is the hint, since the
+# script's plain run would fill the folder with other data (E2E, not E2E reversed) under the right name
+VARIANTS = {"e2e_parse": "python data/e2e/prepare.py --reverse", "e2e_refs_mrs": "python data/e2e_refs/prepare.py --with_mrs"}
+
+
+def prepare_command(data_dir):
+    """The command that prepares data_dir: for a folder named after a data set of ours (data/e2e) or a
+    variant of one (VARIANTS), its script (told where, if not in data/); for any other, every script, told where."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    here = os.path.dirname(os.path.abspath(__file__))
+    shipped = sorted(d for d in os.listdir(here) if os.path.isfile(os.path.join(here, d, "prepare.py")))
+    elsewhere = "" if os.path.abspath(data_dir) == os.path.join(here, name) else f" --out {data_dir}"
+    if name in shipped:
+        return f"python data/{name}/prepare.py{elsewhere}"
+    if name in VARIANTS:
+        return VARIANTS[name] + elsewhere
+    return " or ".join(f"python data/{d}/prepare.py --out {data_dir}" for d in shipped)
+
+
 def read_meta(data_dir, fix):
     """A prepared data folder's meta.json (written last by every prepare.py, so its presence means the
     folder is complete), checked: kind stream or examples, a text separator, sizes in range."""

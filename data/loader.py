@@ -21,27 +21,16 @@ import os
 
 import torch
 
-from data.common import read_meta
+from data.common import prepare_command, read_meta
 
 EOT = 50256
 GROUP_WINDOW = 100  # batches sorted together: larger windows pad less but make batches less random
-# folders a prepare.py writes with an option (its --out help says so): the option is the hint, since the
-# script's plain run would fill the folder with other data (E2E, not E2E reversed) under the right name
-VARIANTS = {"e2e_parse": "python data/e2e/prepare.py --reverse", "e2e_refs_mrs": "python data/e2e_refs/prepare.py --with_mrs"}
 
 
 class Batches:
 
     def __init__(self, data_dir, batch_size, block_size, seed=0, group_by_length=True):
-        name = os.path.basename(os.path.normpath(data_dir))
-        here = os.path.dirname(os.path.abspath(__file__))
-        shipped = sorted(d for d in os.listdir(here) if os.path.isfile(os.path.join(here, d, "prepare.py")))
-        # a folder named after a data set of ours (data/e2e): its script (told where, if not there); any
-        # other: the scripts, told where
-        elsewhere = "" if os.path.abspath(data_dir) == os.path.join(here, name) else f" --out {data_dir}"
-        how = (f"python data/{name}/prepare.py{elsewhere}" if name in shipped else
-               VARIANTS[name] + elsewhere if name in VARIANTS else
-               " or ".join(f"python data/{d}/prepare.py --out {data_dir}" for d in shipped))
+        how = prepare_command(data_dir)
         self.redo = f"run {how} again"
         if not os.path.exists(os.path.join(data_dir, "meta.json")):  # (a FileNotFoundError, as for the .bin files)
             raise FileNotFoundError(f"no prepared data in {data_dir}: run {how} first")

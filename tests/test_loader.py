@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.loader import VARIANTS, Batches  # noqa: E402
+from data.common import VARIANTS  # noqa: E402
+from data.loader import Batches  # noqa: E402
 
 
 @pytest.mark.parametrize("batch_size", [8, 16, 32])

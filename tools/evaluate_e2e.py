@@ -25,7 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the project's modules
 sys.path.insert(0, ROOT)
-from data.common import TEXT, Bound, Parser, check, quiet_ctrl_c, read_meta, write_text
+from data.common import TEXT, Bound, Parser, check, prepare_command, quiet_ctrl_c, read_meta, write_text
 from train_options import BOUNDS
 from data.common import run as run_early
 
@@ -389,15 +389,13 @@ def decode_mrs(model, info, mrs, sep=" ||", beam_size=10, max_new_tokens=64, len
     return [one_line(decode(o)) for o in outs]
 
 
-def task_folder_fix(task):
-    """What to do about a data folder that --tasks NAME=DATA_DIR gave a task (not --data_dir's)."""
-    return f"prepare it for --tasks' task {task} (`python data/e2e/prepare.py`; `--reverse` for E2E reversed)"
-
-
-def read_references(data_dir, split, with_separator=False, fix="run `python data/e2e/prepare.py` (or pass --data_dir)"):
+def read_references(data_dir, split, with_separator=False, task=None):
     """The {"mr", "refs"} groups of data_dir/<split>_refs.json, checked, (and the separator between MR
     and reference). meta.json is written last by prepare.py: without it the references may be a stale
-    half of two preparations, so it is required. fix: what the refusal tells the user to do."""
+    half of two preparations, so it is required. task: the task whose folder --tasks NAME=DATA_DIR made
+    data_dir (the refusal then says so, not --data_dir)."""
+    how = f"`{prepare_command(data_dir)}`"
+    fix = f"run {how} (or pass --data_dir)" if task is None else f"prepare it for --tasks' task {task} ({how})"
     meta = read_meta(data_dir, fix)
     path = os.path.join(data_dir, f"{split}_refs.json")
     if not os.path.exists(path):
@@ -406,7 +404,7 @@ def read_references(data_dir, split, with_separator=False, fix="run `python data
     check(isinstance(groups, list) and groups and all(
         isinstance(g, dict) and isinstance(g.get("mr"), str) and isinstance(g.get("refs"), list) and g["refs"]
         and all(isinstance(r, str) for r in g["refs"]) for g in groups),
-        f"{path} is not a list of {{\"mr\": text, \"refs\": [text, ...]}}: run `python data/e2e/prepare.py` again")
+        f"{path} is not a list of {{\"mr\": text, \"refs\": [text, ...]}}: {fix} again")
     return (groups, meta.get("separator", " ||")) if with_separator else groups
 
 
@@ -416,9 +414,8 @@ def main(argv=None):
         return score_files(args)
     # every data folder a task reads, before any model loads: (groups, separator) of its test prompts
     named = {folder: name for name, folder in args.task_data.items() if folder != args.data_dir}  # by --tasks
-    folders = set(args.task_data.values()) or {args.data_dir}
-    data = {f: read_references(f, args.split, with_separator=True, **({"fix": task_folder_fix(named[f])} if f in named else {}))
-            for f in sorted(folders)}
+    data = {f: read_references(f, args.split, with_separator=True, task=named.get(f))
+            for f in sorted(set(args.task_data.values()) or {args.data_dir})}
     data = {f: (groups[:args.limit], sep) for f, (groups, sep) in data.items()}
     results_dir = args.results_dir or os.path.join(args.out_dir or os.path.dirname(args.adapter or args.bank) or ".",
                                                    f"e2e_{args.split}")
@@ -445,7 +442,8 @@ def decode_and_score(args, data, results_dir):
                                                      f"({model.config.vocab_size}), not {args.beam_size}")
     names = info.get("tasks") or [None]  # a bank: every task decodes its own prompts, all in mixed batches
     folder = {name: args.task_data.get(name, args.data_dir) for name in names}
-    prompts = [g["mr"] + data[folder[n]][1] for n in names for g in data[folder[n]][0]]  # MR + its separator
+    groups = {name: data[folder[name]][0] for name in names}
+    prompts = [g["mr"] + data[folder[n]][1] for n in names for g in groups[n]]  # MR + its separator
     max_new_tokens = room_to_generate(model, prompts, "", args.max_new_tokens, args.split)
     if args.bank is not None:  # results_dir holds a folder per task and nothing else; each checked first
         check_folder_target(results_dir, "--results_dir", names)
@@ -453,12 +451,11 @@ def decode_and_score(args, data, results_dir):
         check_folder_target(os.path.join(results_dir, name), "--results_dir", RESULTS, "scores.json")
     predictions = decode_mrs(model, info, prompts, "", args.beam_size, max_new_tokens,
                              args.length_penalty, args.no_repeat_ngram_size, args.batch_size,
-                             tasks=[n for n in names for _ in data[folder[n]][0]] if names != [None] else None)
+                             tasks=[n for n in names for _ in groups[n]] if names != [None] else None)
     for name in names:
-        groups = data[folder[name]][0]
-        write_results(args, groups, predictions[:len(groups)], info,
+        write_results(args, groups[name], predictions[:len(groups[name])], info,
                       results_dir if name is None else os.path.join(results_dir, name), name, folder[name])
-        predictions = predictions[len(groups):]
+        predictions = predictions[len(groups[name]):]
 
 
 def write_results(args, groups, predictions, info, results_dir, task=None, data_dir=None):

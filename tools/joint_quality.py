@@ -64,7 +64,7 @@ import bank  # noqa: E402  (after the options were checked)
 import runtime  # noqa: E402
 from tools.compare import spread, trained  # noqa: E402
 from tools.e2e_metrics import MR_METRICS, METRICS, NAMES, scores  # noqa: E402
-from tools.evaluate_e2e import decode_mrs, read_references, room_to_generate, task_folder_fix  # noqa: E402
+from tools.evaluate_e2e import decode_mrs, read_references, room_to_generate  # noqa: E402
 
 
 def main(argv=None):
@@ -107,7 +107,7 @@ def measure_all(args):
     plan = runs(args)
     for r in plan:  # every run's options checked before the first one starts
         train.validate(train.parse_args(r["argv"]))
-    prompts = {name: evenly_spaced(read_references(folder, "test", fix=task_folder_fix(name)), args.eval_prompts)
+    prompts = {name: evenly_spaced(read_references(folder, "test", task=name), args.eval_prompts)
                for name, folder in args.tasks.items()}
     runtime.check_folder_target(args.out, "--out", OURS)
     runtime.writable_folder(args.out, "--out")
